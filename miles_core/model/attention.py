@@ -1,0 +1,114 @@
+"""Attention: GQA (Llama, Qwen3, Qwen3-MoE; optional q/k RMSNorm) and MLA (DeepSeek-V3).
+
+Both compute through `torch.nn.functional.scaled_dot_product_attention`, which picks the flash /
+memory-efficient kernels on CUDA and the math path on the CPU. MLA keeps its compressed latent
+(`kv_lora_rank` normed latent + one shared rope key) separate from the up-projection so that a KV
+cache can store the latent instead of full per-head K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miles_core.model.config import ModelConfig
+from miles_core.model.layers import RMSNorm
+from miles_core.model.rope import apply_rope, softmax_scale
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q: [B, T, Hq, D], k: [B, S, Hkv, D], v: [B, S, Hkv, Dv]; mask: None (causal) or bool [B, 1, T, S]."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for SDPA
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)  # [B, T, Hq, Dv]
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = d**-0.5
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [B, T, H] -> q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D], rope applied."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask=None):
+        q, k, v = self.qkv(x, cos, sin)
+        out = attend(q, k, v, mask, self.scale)
+        return self.o_proj(out.flatten(2))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention with low-rank q (optional) and kv projections, decoupled rope."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, self.n_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank, self.interleave = cfg.kv_lora_rank, cfg.rope_interleave
+        qk_dim = self.nope + self.rope_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=cfg.attention_bias)
+        self.scale = softmax_scale(cfg)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.nope + self.rope_dim)
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+        return torch.cat([q_nope, apply_rope(q_rot, cos, sin, self.interleave)], dim=-1)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [B, T, H] -> (normed latent [B, T, kv_rank], rope key [B, T, 1, rope_dim]): what a cache stores."""
+        b, t, _ = x.shape
+        c, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        k_rot = apply_rope(k_rot.view(b, t, 1, self.rope_dim), cos, sin, self.interleave)
+        return self.kv_a_layernorm(c), k_rot
+
+    def expand(self, c: torch.Tensor, k_rot: torch.Tensor):
+        """Latent [B, S, kv_rank] + rope key [B, S, 1, R] -> k [B, S, Hq, nope+R], v [B, S, Hq, Dv]."""
+        b, s, _ = c.shape
+        kv = self.kv_b_proj(c).view(b, s, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(b, s, self.n_heads, self.rope_dim)], dim=-1)
+        return k, v
+
+    def forward(self, x, cos, sin, mask=None):
+        q = self.query(x, cos, sin)
+        k, v = self.expand(*self.latent(x, cos, sin))
+        out = attend(q, k, v, mask, self.scale)
+        return self.o_proj(out.flatten(2))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
