@@ -26,6 +26,7 @@ app = typer.Typer(
 # Each module defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = [
     "flows.commands.model",
+    "flows.commands.eval",
 ]
 
 

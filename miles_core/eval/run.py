@@ -11,6 +11,7 @@ plainly while it is missing, rather than pretending.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,7 +95,7 @@ def _rescore(samples: pa.Table, sources: Sequence[str], reward: str | None, stri
     rows = annotate_rows(rows, scores)
     for row, prompt in zip(rows, matched, strict=True):
         row["source"] = prompt.source
-        row["metadata"] = {**row["metadata"], "source": prompt.source}
+        row["metadata"] = json.dumps({**row["metadata"], "source": prompt.source}, default=str)
     return pa.Table.from_pylist(rows), scores.counts()
 
 
