@@ -26,9 +26,7 @@ def _group_index(rewards: Tensor, group_ids: Tensor | None) -> tuple[Tensor, Ten
     """Flatten to (rewards [N], group index [N] in 0..G-1, G); groups ordered by sorted id."""
     if group_ids is None:
         if rewards.dim() != 2:
-            raise ValueError(
-                f"rewards without group_ids must be [num_groups, group_size], got {tuple(rewards.shape)}"
-            )
+            raise ValueError(f"rewards without group_ids must be [num_groups, group_size], got {tuple(rewards.shape)}")
         g, s = rewards.shape
         index = torch.arange(g, device=rewards.device).repeat_interleave(s)  # [G*S]
         return rewards.reshape(-1), index, g

@@ -34,9 +34,7 @@ def _entropy_from_logp(logp: Tensor) -> Tensor:
     return -(p * safe).sum(-1)
 
 
-def _by_rows(
-    logits: Tensor, chunk_size: int | None, fn: Callable[[slice], tuple[Tensor, ...]]
-) -> list[Tensor]:
+def _by_rows(logits: Tensor, chunk_size: int | None, fn: Callable[[slice], tuple[Tensor, ...]]) -> list[Tensor]:
     """Apply fn to row slices of the flattened [N, V] logits and concatenate each output."""
     n = logits.numel() // logits.shape[-1]
     step = chunk_size or max(n, 1)
@@ -64,9 +62,7 @@ def logprobs_and_entropy(
     return logp.reshape(tokens.shape), entropy.reshape(tokens.shape)
 
 
-def token_logprobs(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None
-) -> Tensor:
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
     """log softmax(logits / T)[token]: [B, T, V], [B, T] int64 -> [B, T] float32 (see module doc)."""
     flat = logits.reshape(-1, logits.shape[-1])  # [N, V]
     ids = tokens.reshape(-1, 1)  # [N, 1]

@@ -28,9 +28,7 @@ from miles_core.rl.masking import as_bool, masked_fill_zero, masked_mean, masked
 ISLevel = Literal["token", "sequence", "geometric"]
 
 
-def rollout_log_ratio(
-    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, level: ISLevel = "token"
-) -> Tensor:
+def rollout_log_ratio(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, level: ISLevel = "token") -> Tensor:
     """log(pi_old / pi_rollout) [B, T], 0 on padding, detached.
 
     level: "token" per token; "sequence" the sequence's summed log ratio on each of its tokens;
@@ -45,9 +43,7 @@ def rollout_log_ratio(
     elif level == "geometric":
         seq = masked_mean(lr, m, dim=-1)  # [B]
     else:
-        raise ValueError(
-            f"unknown importance-sampling level {level!r}; expected token, sequence or geometric"
-        )
+        raise ValueError(f"unknown importance-sampling level {level!r}; expected token, sequence or geometric")
     return masked_fill_zero(seq[:, None].expand_as(lr), m)
 
 
