@@ -27,6 +27,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "flows.commands.model",
     "flows.commands.eval",
+    "flows.commands.quantize",
 ]
 
 

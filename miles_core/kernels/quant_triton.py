@@ -1,0 +1,216 @@
+"""Triton kernels for the quantized paths. Imported only through `load()` in fp8_gemm.py /
+w4a16_gemm.py, so that miles_core imports without triton.
+
+- `fp8_act_quant_kernel`: 1x128 dynamic activation quantization (bf16/fp32 -> e4m3 + fp32 scale per
+  row and 128 columns), scales written through arbitrary strides so that `torch._scaled_mm` gets
+  its column-major scale layout without a transpose copy.
+- `w4a16_kernel`: y = x @ dequant(W)^T for packed int4 W (compressed-tensors layout). The nibbles
+  are unpacked in registers to exact small integers in bf16, the tile's dot runs on tensor cores,
+  and the group scale multiplies the fp32 partial sum (one multiply per output per group instead
+  of one per weight, and no rounding of q*scale to bf16). Split-K (fp32 atomics) keeps the GPU busy
+  at decode sizes, where the whole cost is streaming the 4-bit weights once.
+- `grouped_*_kernel`: the same for MoE experts, rows sorted by expert; a program's tile -> expert
+  map is computed on the device from the per-expert tile counts (no host sync, no padding of rows).
+- `grouped_fp8_kernel`: FP8 block-scaled grouped GEMM (1x128 activation and 128x128 weight scales
+  applied to each 128-deep partial product in fp32, the DeepSeek-V3 recipe).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def fp8_act_quant_kernel(
+    X, Q, S, M, M_ALLOC, K, stride_xm, stride_qm, stride_sm, stride_sk, EPS, BM: tl.constexpr, BLOCK: tl.constexpr
+):
+    # X: [M, K]; Q: [M_alloc, K] fp8; S: scale [M_alloc, ceil(K/BLOCK)] with strides (stride_sm, stride_sk).
+    # Rows in [M, M_alloc) (padding for cuBLAS) are written as zeros with scale EPS/448.
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [BM]
+    scale = amax / FP8_MAX
+    q = tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX)
+    out_mask = (rows[:, None] < M_ALLOC) & (cols[None, :] < K)
+    tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=out_mask)
+    tl.store(S + rows * stride_sm + pid_k * stride_sk, scale, mask=rows < M_ALLOC)
+
+
+@triton.jit
+def _unpack_int4(wp, BN: tl.constexpr, BK: tl.constexpr):
+    # wp: [BN, BK // 8] int32 -> [BN, BK] int32 in [-8, 7]; column 8j+i is nibble i of word j.
+    shifts = tl.arange(0, 8) * 4
+    nib = (wp[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BK/8, 8]
+    return tl.reshape(nib, (BN, BK)) - 8
+
+
+@triton.jit
+def w4a16_kernel(
+    X,
+    W,
+    S,
+    Y,
+    M,
+    N,
+    K,
+    kb_per_split,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_ym,
+    GROUP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # X: [M, K] bf16 (fp16/fp32 also run: the interpreter tests); W: [N, ceil(K/8)] int32;
+    # S: [N, ceil(K/GROUP)]; Y: [M, N] (fp32 when SPLIT_K > 1).
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    k_words = (K + 7) // 8
+    # kb_per_split = ceil(ceil(K / BK) / SPLIT_K) K blocks per split (the last may run past K: masked)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i in range(0, kb_per_split):
+        k0 = (pid_k * kb_per_split + i) * BK
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(
+            X + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0
+        )
+        words = k0 // 8 + tl.arange(0, BK // 8)
+        wp = tl.load(
+            W + cols[:, None] * stride_wn + words[None, :],
+            mask=(cols[:, None] < N) & (words[None, :] < k_words),
+            other=0,
+        )
+        w = _unpack_int4(wp, BN, BK).to(x.dtype)  # exact small integers in x's dtype (bf16 on the GPU)
+        s = tl.load(S + cols * stride_sn + k0 // GROUP, mask=cols < N, other=0.0).to(tl.float32)
+        acc += tl.dot(x, tl.trans(w)) * s[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _expert_tile(TILE_END, ROW_START, COUNTS, E, pid, E_P2: tl.constexpr, BM: tl.constexpr):
+    # Which expert owns tile `pid`, and that tile's row range; e == E when pid is past the last tile.
+    es = tl.arange(0, E_P2)
+    ends = tl.load(TILE_END + es, mask=es < E, other=2147483647)
+    e = tl.sum((ends <= pid).to(tl.int32))
+    e_safe = tl.minimum(e, E - 1)
+    first = tl.load(TILE_END + e_safe - 1, mask=e_safe > 0, other=0)
+    r0 = tl.load(ROW_START + e_safe) + (pid - first) * BM
+    r1 = tl.load(ROW_START + e_safe) + tl.load(COUNTS + e_safe)
+    return e, e_safe, r0, r1
+
+
+@triton.jit
+def grouped_w4a16_kernel(
+    X,
+    W,
+    S,
+    Y,
+    TILE_END,
+    ROW_START,
+    COUNTS,
+    E,
+    N,
+    K,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_ym,
+    GROUP: tl.constexpr,
+    E_P2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N].
+    e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
+    if e >= E:
+        return
+    rows = r0 + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    k_words = tl.cdiv(K, 8)
+    W += e_safe.to(tl.int64) * stride_we
+    S += e_safe.to(tl.int64) * stride_se
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(
+            X + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < r1) & (ks[None, :] < K), other=0.0
+        )
+        words = k0 // 8 + tl.arange(0, BK // 8)
+        wp = tl.load(
+            W + cols[:, None] * stride_wn + words[None, :],
+            mask=(cols[:, None] < N) & (words[None, :] < k_words),
+            other=0,
+        )
+        w = _unpack_int4(wp, BN, BK).to(x.dtype)  # exact small integers in x's dtype (bf16 on the GPU)
+        s = tl.load(S + cols * stride_sn + k0 // GROUP, mask=cols < N, other=0.0).to(tl.float32)
+        acc += tl.dot(x, tl.trans(w)) * s[None, :]
+    mask = (rows[:, None] < r1) & (cols[None, :] < N)
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_fp8_kernel(
+    A,
+    SA,
+    B,
+    SB,
+    Y,
+    TILE_END,
+    ROW_START,
+    COUNTS,
+    E,
+    N,
+    K,
+    stride_am,
+    stride_sam,
+    stride_be,
+    stride_bn,
+    stride_sbe,
+    stride_sbn,
+    stride_ym,
+    E_P2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # A: [M, K] fp8 rows sorted by expert, SA: [M, ceil(K/128)] fp32; B: [E, N, K] fp8,
+    # SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]. BK == 128 and BN divides 128.
+    e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
+    if e >= E:
+        return
+    rows = r0 + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    B += e_safe.to(tl.int64) * stride_be
+    SB += e_safe.to(tl.int64) * stride_sbe + (tl.program_id(1) * BN // 128) * stride_sbn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BK)):
+        ks = kb * BK + tl.arange(0, BK)
+        a = tl.load(
+            A + rows[:, None] * stride_am + ks[None, :], mask=(rows[:, None] < r1) & (ks[None, :] < K), other=0.0
+        )
+        b = tl.load(
+            B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0
+        )
+        sa = tl.load(SA + rows * stride_sam + kb, mask=rows < r1, other=0.0)
+        sb = tl.load(SB + kb)
+        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+    mask = (rows[:, None] < r1) & (cols[None, :] < N)
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)

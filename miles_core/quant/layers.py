@@ -1,0 +1,196 @@
+"""Layers that run on quantized weights, and `quantize_model_` that swaps them into a model.
+
+- `Fp8Linear`: float8_e4m3fn weight in 128x128 blocks + fp32 `weight_scale_inv`; activations are
+  quantized on the fly in 1x128 tiles. CUDA: Triton act-quant + cuBLAS block-scaled GEMM; CPU: the
+  reference (dequantize, matmul in fp32).
+- `Int4Linear`: W4A16, `weight_packed` int32 + `weight_scale` (compressed-tensors layout). CUDA bf16:
+  Triton GEMM dequantizing in-kernel (M <= 256); CPU: the reference.
+- `QuantExperts`: the routed experts of one MoE layer (stacked gate_up [E, 2I, H], down [E, H, I])
+  in FP8 or INT4, with the same interface as the model core's `Experts` (`forward(x, weights,
+  experts)`, `sorted_forward(xs, counts)`), running the grouped kernels.
+
+Buffer names equal the HF on-disk names, so a layer's state_dict is its checkpoint slice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from miles_core.errors import MilesError
+from miles_core.quant.fp8 import fp8_block_quantize
+from miles_core.quant.hf_format import DEFAULT_KEEP
+from miles_core.quant.int4 import int4_group_quantize, pack_int4
+
+__all__ = ["Fp8Linear", "Int4Linear", "QuantExperts", "quantize_model_"]
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # [N, K] float8_e4m3fn
+        self.register_buffer("weight_scale_inv", weight_scale_inv.float())  # [ceil(N/128), ceil(K/128)]
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._scale_b: torch.Tensor | None = None  # cuBLAS layout of the scales, made on first CUDA call
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pow2: bool = False) -> Fp8Linear:
+        q, s = fp8_block_quantize(linear.weight.detach(), pow2=pow2)
+        return cls(q, s, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from miles_core.kernels.fp8_gemm import fp8_linear, prepare_weight_scale
+
+        if x.is_cuda and (self._scale_b is None or self._scale_b.device != x.device):
+            self._scale_b = prepare_weight_scale(self.weight_scale_inv)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self._scale_b if x.is_cuda else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128"
+
+
+class Int4Linear(nn.Module):
+    def __init__(
+        self,
+        weight_packed: torch.Tensor,
+        weight_scale: torch.Tensor,
+        in_features: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = weight_packed.shape[0], in_features, group_size
+        self.register_buffer("weight_packed", weight_packed)  # [N, ceil(K/8)] int32
+        self.register_buffer("weight_scale", weight_scale)  # [N, ceil(K/g)]
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, scale_dtype=torch.bfloat16) -> Int4Linear:
+        q, s = int4_group_quantize(linear.weight.detach(), group_size, scale_dtype)
+        return cls(pack_int4(q), s, linear.in_features, group_size, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from miles_core.kernels.w4a16_gemm import w4a16_linear
+
+        return w4a16_linear(x, self.weight_packed, self.weight_scale, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+class QuantExperts(nn.Module):
+    """Routed experts on FP8 or INT4 weights; drop-in for the model core's `Experts`."""
+
+    def __init__(
+        self,
+        fmt: str,
+        act,
+        gate_up: dict[str, torch.Tensor],
+        down: dict[str, torch.Tensor],
+        hidden: int,
+        inter: int,
+        group_size: int = 128,
+    ):
+        super().__init__()
+        self.fmt, self.act, self.hidden, self.inter, self.group_size = fmt, act, hidden, inter, group_size
+        for name, t in gate_up.items():
+            self.register_buffer(f"gate_up_{name}", t)
+        for name, t in down.items():
+            self.register_buffer(f"down_{name}", t)
+        self.weight_transform = None  # the Experts interface; quantized weights take no transform
+
+    @classmethod
+    def from_experts(
+        cls, experts: nn.Module, fmt: str, group_size: int = 128, pow2: bool = False, scale_dtype=torch.bfloat16
+    ) -> QuantExperts:
+        w1, w2 = experts.gate_up_proj.detach(), experts.down_proj.detach()  # [E, 2I, H], [E, H, I]
+        e, two_i, h = w1.shape
+        if fmt == "fp8":
+            if (two_i // 2) % 128:
+                raise MilesError(
+                    "FP8 experts need moe_intermediate_size divisible by 128 (blocks must not "
+                    f"straddle gate and up rows); got {two_i // 2}"
+                )
+            (q1, s1), (q2, s2) = fp8_block_quantize(w1, pow2=pow2), fp8_block_quantize(w2, pow2=pow2)
+            parts = ({"weight": q1, "weight_scale_inv": s1}, {"weight": q2, "weight_scale_inv": s2})
+        elif fmt == "int4":
+            (q1, s1), (q2, s2) = (int4_group_quantize(w, group_size, scale_dtype) for w in (w1, w2))
+            parts = (
+                {"weight_packed": pack_int4(q1), "weight_scale": s1},
+                {"weight_packed": pack_int4(q2), "weight_scale": s2},
+            )
+        else:
+            raise MilesError(f"unknown quantization format {fmt!r}; use 'fp8' or 'int4'")
+        return cls(fmt, experts.act, parts[0], parts[1], h, two_i // 2, group_size)
+
+    def _linear(self, xs: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "fp8":
+            from miles_core.kernels.fp8_gemm import grouped_fp8_linear
+
+            w, s = getattr(self, f"{which}_weight"), getattr(self, f"{which}_weight_scale_inv")
+            return grouped_fp8_linear(xs, w, s, counts)
+        from miles_core.kernels.w4a16_gemm import grouped_w4a16_linear
+
+        p, s = getattr(self, f"{which}_weight_packed"), getattr(self, f"{which}_weight_scale")
+        return grouped_w4a16_linear(xs, p, s, counts, self.group_size)
+
+    def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs: [M, H] rows sorted by expert, counts: [E] -> [M, H] expert outputs (unweighted)."""
+        gate, up = self._linear(xs, "gate_up", counts).chunk(2, dim=-1)  # [M, I] each
+        return self._linear(self.act(gate) * up, "down", counts)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x: [N, H], weights/experts: [N, k] -> [N, H]; the same permutation as the model core's Experts."""
+        n, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        ys = self.sorted_forward(x[order // k], counts)
+        y = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)
+        return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
+
+    @property
+    def num_experts(self) -> int:
+        return getattr(self, "gate_up_weight" if self.fmt == "fp8" else "gate_up_weight_packed").shape[0]
+
+
+def _is_experts(module: nn.Module) -> bool:
+    return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and hasattr(module, "act")
+
+
+def quantize_model_(
+    model: nn.Module,
+    fmt: str,
+    group_size: int = 128,
+    scope: str | None = None,
+    keep: Iterable[str] = DEFAULT_KEEP,
+    pow2: bool = False,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> list[str]:
+    """Swap, in place, the model's Linear layers (scope 'linear') and routed experts for quantized
+    ones; returns the names swapped. Same selection as the checkpoint writer: `keep` regexes are
+    matched against `<module>.weight` (embeddings, lm_head, norms and routers stay high precision).
+    Default scope: 'linear' for fp8, 'experts' for int4."""
+    if fmt not in ("fp8", "int4"):
+        raise MilesError(f"unknown quantization format {fmt!r}; use 'fp8' or 'int4'")
+    scope = scope or ("experts" if fmt == "int4" else "linear")
+    keep = tuple(keep)
+    swaps = []
+    for name, module in model.named_modules():
+        if _is_experts(module):
+            swaps.append((name, QuantExperts.from_experts(module, fmt, group_size, pow2, scale_dtype)))
+        elif scope == "linear" and type(module) is nn.Linear:
+            if any(re.search(p, f"{name}.weight") for p in keep):
+                continue
+            if fmt == "fp8":
+                swaps.append((name, Fp8Linear.from_linear(module, pow2)))
+            else:
+                swaps.append((name, Int4Linear.from_linear(module, group_size, scale_dtype)))
+    for name, new in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return [n for n, _ in swaps]
