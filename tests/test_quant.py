@@ -260,7 +260,7 @@ def _read(path):
     for name in os.listdir(path):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(path, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f})
+                out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return out
 
 
