@@ -105,8 +105,9 @@ def _is_torch_dist(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _as_hf_dir(src: str) -> Iterator[str]:
-    """Yield an HF folder for `src`: itself, or a temporary conversion of a torch_dist checkpoint."""
+def _as_hf_dir(src: str, scratch: str) -> Iterator[str]:
+    """Yield an HF folder for `src`: itself, or a temporary conversion of a torch_dist checkpoint
+    (written under `scratch`, beside the output, where there is room for a model)."""
     if not os.path.isdir(src):
         raise MilesError(f"checkpoint {src} does not exist or is not a directory")
     if os.path.exists(os.path.join(src, "config.json")) and any(n.endswith(".safetensors") for n in os.listdir(src)):
@@ -121,7 +122,8 @@ def _as_hf_dir(src: str) -> Iterator[str]:
             f"{src} is a torch_dist checkpoint, and this build has no torch_dist -> HF converter "
             "(miles_core.checkpoint.torch_dist_to_hf); convert it to HF first"
         ) from e
-    with tempfile.TemporaryDirectory(prefix="miles-quant-src-") as tmp:
+    os.makedirs(scratch, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".miles-quant-src-", dir=scratch) as tmp:
         hf = os.path.join(tmp, "hf")
         torch_dist_to_hf(src, hf)
         yield hf
@@ -174,7 +176,7 @@ def quantize_checkpoint(
         raise MilesError(f"int4 group size must be a positive multiple of 8, got {group_size}")
     scope = scope or default_scope(format)
     keep = tuple(keep)
-    with _as_hf_dir(str(src)) as hf_dir:
+    with _as_hf_dir(str(src), os.path.dirname(os.path.abspath(str(out_dir)))) as hf_dir:
         with open(os.path.join(hf_dir, "config.json")) as f:
             config = json.load(f)
         if config.get("quantization_config"):

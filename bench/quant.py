@@ -1,0 +1,180 @@
+# ruff: noqa: B023 (each lambda is timed at once, inside its loop iteration)
+"""Quantized GEMMs against bf16, on the GPU, with the baselines measured in the same run.
+
+    PYTHONPATH=. python bench/quant.py            # the table (about 2 minutes on an H100)
+    PYTHONPATH=. python bench/quant.py --sweep    # also sweep W4A16 tile configs per M
+
+Rows (median of triton.testing.do_bench, which flushes L2 before each repetition):
+- FP8 block-scaled linear (Triton 1x128 act-quant + cuBLAS 1x128 x 128x128 `scaled_mm`) vs bf16
+  `x @ w.t()`, on large GEMMs; also the cuBLAS call alone (activations pre-quantized).
+- W4A16 (Triton, in-kernel dequant) vs bf16 on 14336x4096 and 4096x14336 weights at M=1..256.
+- Grouped experts: Triton grouped FP8 and grouped W4A16 vs bf16 `torch._grouped_mm`.
+Every timed kernel is first checked against the reference (relative error printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from miles_core.kernels import fp8_gemm, w4a16_gemm
+from miles_core.kernels.w4a16_gemm import W4A16Config
+from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
+
+ROWS: list[tuple] = []
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def row(group, shape, base_us, us, err, note=""):
+    ROWS.append((group, shape, base_us, us, base_us / us, err, note))
+    speed = f"bf16 {base_us:9.1f} us  quant {us:9.1f} us  {base_us / us:5.2f}x"
+    print(f"  {group:<22} {shape:<28} {speed}  err {err:.1e} {note}", flush=True)
+
+
+def fp8_dense():
+    for m, n, k in [(8192, 8192, 8192), (4096, 14336, 4096), (4096, 4096, 14336), (16384, 7168, 2048)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda") * 0.02
+        wq, ws = fp8_block_quantize(w)
+        wb = w.bfloat16()
+        sb = fp8_gemm.prepare_weight_scale(ws)
+        y = fp8_gemm.fp8_linear(x, wq, ws, scale_b=sb)
+        err = rel(y, x.float() @ fp8_gemm.fp8_block_dequantize(wq, ws).t())
+        base = bench(lambda: x @ wb.t())
+        t = bench(lambda: fp8_gemm.fp8_linear(x, wq, ws, scale_b=sb))
+        tflops = 2 * m * n * k / t / 1e6
+        row("fp8 linear", f"{m}x{n}x{k}", base, t, err, f"{tflops:.0f} TFLOP/s")
+        a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)
+        t2 = bench(lambda: fp8_gemm._scaled_mm(a, wq.t(), sa, sb, torch.bfloat16))
+        row("fp8 scaled_mm alone", f"{m}x{n}x{k}", base, t2, err, f"{2 * m * n * k / t2 / 1e6:.0f} TFLOP/s")
+
+
+def _cfgs(*specs):
+    return [W4A16Config(bm=a, bn=b, bk=c, split_k=d, num_warps=e, num_stages=f) for a, b, c, d, e, f in specs]
+
+
+# Candidate tiles per M range (bm, bn, bk, split_k, num_warps, num_stages).
+W4_SWEEP = {
+    16: _cfgs(
+        (16, 32, 128, 1, 4, 4),
+        (16, 64, 128, 1, 4, 4),
+        (16, 64, 128, 2, 4, 4),
+        (16, 64, 128, 4, 4, 4),
+        (16, 128, 128, 4, 4, 4),
+        (16, 32, 128, 4, 2, 4),
+        (16, 128, 128, 8, 4, 4),
+        (16, 64, 64, 4, 4, 6),
+    ),
+    64: _cfgs(
+        (16, 64, 128, 2, 4, 4),
+        (32, 64, 128, 2, 4, 4),
+        (64, 64, 128, 2, 4, 4),
+        (64, 128, 128, 1, 4, 3),
+        (64, 128, 64, 2, 4, 4),
+        (64, 64, 128, 1, 4, 4),
+    ),
+    256: _cfgs(
+        (64, 128, 128, 1, 4, 3),
+        (128, 128, 64, 1, 8, 3),
+        (128, 128, 128, 1, 8, 3),
+        (64, 256, 64, 1, 8, 3),
+        (128, 64, 128, 1, 4, 3),
+    ),
+}
+
+
+def w4a16_dense(sweep: bool):
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, s = int4_group_quantize(w, 128)
+        p = pack_int4(q)
+        wb = w4a16_gemm.dequantize_packed(p, s, k, 128, torch.bfloat16)
+        for m in (1, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wb.float().t()
+            base = bench(lambda: x @ wb.t())
+            y = w4a16_gemm.w4a16_linear(x, p, s, 128)
+            t = bench(lambda: w4a16_gemm.w4a16_linear(x, p, s, 128))
+            cfg = w4a16_gemm.default_config(m, n, k)
+            row("w4a16 linear", f"M={m} {n}x{k}", base, t, rel(y, ref), f"default {cfg}")
+            if sweep:
+                best = None
+                for c in W4_SWEEP[16 if m <= 16 else 64 if m <= 64 else 256]:
+                    try:
+                        e = rel(w4a16_gemm.w4a16_linear(x, p, s, 128, config=c), ref)
+                        tc = bench(lambda c=c: w4a16_gemm.w4a16_linear(x, p, s, 128, config=c))
+                    except Exception as ex:  # a config that does not compile is skipped, and said
+                        print(f"    skip {c}: {type(ex).__name__}")
+                        continue
+                    print(f"    sweep M={m} {n}x{k} {c}: {tc:.1f} us ({base / tc:.2f}x) err {e:.1e}", flush=True)
+                    if best is None or tc < best[0]:
+                        best = (tc, c, e)
+                row("w4a16 best of sweep", f"M={m} {n}x{k}", base, best[0], best[2], f"{best[1]}")
+
+
+def grouped():
+    cases = [
+        ("8 experts, 2048 rows each", 8, 4096, 4096, [2048] * 8),
+        ("Qwen3-30B gate_up, 4096 rows", 128, 1536, 2048, None),
+        ("Qwen3-30B down, 4096 rows", 128, 2048, 768, None),
+        ("Qwen3-30B gate_up, 512 rows", 128, 1536, 2048, "decode"),
+    ]
+    g = torch.Generator().manual_seed(0)
+    for name, e, n, k, spec in cases:
+        if spec is None or spec == "decode":
+            rows = 4096 if spec is None else 512
+            counts = torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e)
+        else:
+            counts = torch.tensor(spec)
+        counts = counts.cuda()
+        m = int(counts.sum())
+        xs = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(e, n, k, device="cuda") * 0.02
+        wb = w.bfloat16()
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        yb = torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs)
+        base = bench(lambda: torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs))
+        wq, ws = fp8_block_quantize(w)
+        y = fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts)
+        t = bench(lambda: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts))
+        row("grouped fp8", name, base, t, rel(y, yb), f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s")
+        q, s = int4_group_quantize(w, 128)
+        p = pack_int4(q)
+        y = w4a16_gemm.grouped_w4a16_linear(xs, p, s, counts, 128)
+        t = bench(lambda: w4a16_gemm.grouped_w4a16_linear(xs, p, s, counts, 128))
+        row("grouped w4a16", name, base, t, rel(y, yb), f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only", default="fp8,w4a16,grouped")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    only = args.only.split(",")
+    for name, fn in [("fp8", fp8_dense), ("w4a16", lambda: w4a16_dense(args.sweep)), ("grouped", grouped)]:
+        if name in only:
+            try:
+                fn()
+            except Exception as ex:  # keep the rest of the table; the failure is printed
+                print(f"!! {name} failed: {type(ex).__name__}: {str(ex)[:500]}", flush=True)
+    print("\n| what | shape | bf16 us | quant us | speed-up | rel err | note |")
+    print("|---|---|---|---|---|---|---|")
+    for grp, shape, b, t, sp, err, note in ROWS:
+        print(f"| {grp} | {shape} | {b:.1f} | {t:.1f} | {sp:.2f}x | {err:.1e} | {note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

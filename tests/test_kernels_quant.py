@@ -1,0 +1,216 @@
+"""Quantized-GEMM kernels held to their pure-torch references.
+
+CPU: each Triton kernel runs under the Triton interpreter (TRITON_INTERPRET=1, in a subprocess so
+that no other test sees interpreted kernels) on tiny shapes. The interpreter cannot do bf16 or
+round to fp8 correctly (a value that rounds up to the next power of two comes out halved), so
+there the GEMMs run in fp16/fp32 and the FP8 inputs are built exactly representable; the GPU
+tests cover bf16 and rounding.
+
+GPU (`-m gpu`): many random shapes against the CPU reference, outputs poisoned (the caching
+allocator's free memory filled with 0xFF = NaN) before every run so that an unwritten element
+fails. Bounds, as ||out - ref|| / ||ref||: act-quant bit-exact; W4A16 5e-3 (bf16 output rounding,
+2^-9, on fp32 sums of exactly dequantized weights); FP8 GEMMs 5e-3 (same quantized operands as the
+reference, fp32 accumulation, bf16 output).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from miles_core.kernels import fp8_gemm, w4a16_gemm
+from miles_core.kernels.w4a16_gemm import W4A16Config
+from miles_core.quant import fp8_act_quantize_reference, fp8_block_quantize, int4_group_quantize, pack_int4
+
+triton = pytest.importorskip("triton")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+# ---- interpreter (CPU) -------------------------------------------------------------------------
+
+
+def _fix_interpreter_for_numpy2() -> None:
+    # Triton 3.6's interpreter turns scalars into 1-element arrays and calls int() on them for
+    # `range(n)`, which NumPy >= 2.4 refuses; index through the one element instead.
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def _exact_fp8_input(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    # x whose 1x128 tiles quantize without rounding: e4m3 values times a power-of-two tile scale,
+    # with one element of each tile at +-448 so that the tile's scale is exactly that power of two.
+    q = torch.randn(m, k, generator=gen).clamp(-400, 400).to(torch.float8_e4m3fn).float()
+    q[:, ::128] = 448.0
+    tile_scale = torch.exp2(torch.randint(-8, 4, (m, -(-k // 128)), generator=gen).float())
+    return q * tile_scale.repeat_interleave(128, 1)[:, :k]
+
+
+def interp_act_quant() -> None:
+    g = torch.Generator().manual_seed(1)
+    for m, k, pad, col in [(5, 200, 4, True), (16, 128, 1, False), (33, 384, 4, True)]:
+        x = _exact_fp8_input(m, k, g)
+        q, s = fp8_gemm.fp8_act_quant_triton(x, pad, col)
+        rq, rs = fp8_act_quantize_reference(x)
+        assert torch.equal(q[:m].float(), rq.float()) and torch.equal(s[:m], rs), (m, k)
+        assert q.shape[0] % pad == 0 and torch.equal(q[m:].float(), torch.zeros(q.shape[0] - m, k))
+        assert s.shape[1] == 1 or (s.stride(0) == 1) == col
+
+
+def interp_w4a16() -> None:
+    g = torch.Generator().manual_seed(2)
+    for m, n, k, group, cfg in [
+        (1, 96, 256, 64, W4A16Config(bm=16, bn=32, bk=64)),
+        (3, 40, 200, 32, W4A16Config(bm=16, bn=32, bk=32, split_k=3)),
+        (17, 64, 128, 128, W4A16Config(bm=16, bn=64, bk=64, split_k=2)),
+    ]:
+        x = torch.randn(m, k, generator=g)
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)
+        y = w4a16_gemm.w4a16_linear_triton(x, pack_int4(q), s, group, cfg)
+        ref = w4a16_gemm.w4a16_linear_reference(x, pack_int4(q), s, group)
+        assert _rel(y, ref) < 1e-5, (m, n, k, _rel(y, ref))
+
+
+def interp_grouped() -> None:
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([3, 0, 17, 1, 0])
+    m = int(counts.sum())
+    xs = torch.randn(m, 96, generator=g)
+    q, s = int4_group_quantize(torch.randn(5, 40, 96, generator=g), 32, torch.float32)
+    y = w4a16_gemm.grouped_w4a16_linear_triton(xs, pack_int4(q), s, counts, 32, W4A16Config(bm=16, bn=32, bk=32))
+    ref = w4a16_gemm.grouped_w4a16_linear_reference(xs, pack_int4(q), s, counts, 32)
+    assert _rel(y, ref) < 1e-5, _rel(y, ref)
+    xs = _exact_fp8_input(m, 256, g)
+    wq, ws = fp8_block_quantize(torch.randn(5, 192, 256, generator=g))
+    y = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64)
+    ref = fp8_gemm.grouped_fp8_linear_reference(xs, wq, ws, counts)
+    assert _rel(y, ref) < 1e-5, _rel(y, ref)
+
+
+def _run_interpreted(check: str) -> None:
+    code = f"import tests.test_kernels_quant as t; t._fix_interpreter_for_numpy2(); t.{check}()"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("check", ["interp_act_quant", "interp_w4a16", "interp_grouped"])
+def test_triton_kernels_match_reference_in_interpreter(check):
+    _run_interpreted(check)
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+
+def _poison() -> None:
+    # Fill the caching allocator's free blocks with 0xFF (NaN in fp32/bf16/e4m3) so that outputs
+    # allocated next start as NaN: an element a kernel forgets to write fails the comparison.
+    free = torch.cuda.mem_get_info()[0]
+    buf = torch.empty(min(1 << 30, free // 4), dtype=torch.uint8, device="cuda")
+    buf.fill_(0xFF)
+    del buf
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_fp8_act_quant_bit_exact():
+    g = torch.Generator().manual_seed(10)
+    for m, k in [(1, 128), (3, 200), (64, 4096), (257, 1000), (4096, 7168)]:
+        x = (torch.randn(m, k, generator=g) * 3).bfloat16()
+        for pad, col in [(1, False), (4, True)]:
+            _poison()
+            q, s = fp8_gemm.fp8_act_quant(x.cuda(), pad, col)
+            rq, rs = fp8_act_quantize_reference(x)
+            assert torch.equal(q[:m].cpu().float(), rq.float()) and torch.equal(s[:m].cpu(), rs), (m, k)
+            assert not q.float().isnan().any() and not s.isnan().any()
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_fp8_linear_matches_reference():
+    g = torch.Generator().manual_seed(11)
+    for m, n, k in [(1, 256, 128), (5, 384, 512), (128, 1024, 896), (300, 2048, 4096), (1000, 4096, 2048)]:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        wq, ws = fp8_block_quantize(torch.randn(n, k, generator=g) * 0.05)
+        ref = fp8_gemm.fp8_linear_reference(x.float(), wq, ws)
+        _poison()
+        y = fp8_gemm.fp8_linear(x.cuda(), wq.cuda(), ws.cuda())
+        assert y.shape == (m, n) and not y.isnan().any()
+        assert _rel(y.cpu(), ref) < 5e-3, (m, n, k, _rel(y.cpu(), ref))
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_w4a16_matches_reference_many_shapes_and_configs():
+    g = torch.Generator().manual_seed(12)
+    cfgs = [None, W4A16Config(bm=16, bn=32, bk=128, split_k=4), W4A16Config(bm=64, bn=128, bk=64, num_warps=8)]
+    for m, n, k, group in [
+        (1, 4096, 4096, 128),
+        (7, 1000, 1024, 128),
+        (16, 14336, 512, 64),
+        (64, 512, 1408, 128),
+        (100, 768, 2048, 32),
+        (256, 2048, 768, 128),
+        (300, 256, 256, 128),
+    ]:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, group)
+        p = pack_int4(q)
+        ref = w4a16_gemm.w4a16_linear_reference(x.float(), p, s, group)
+        for cfg in cfgs:
+            _poison()
+            y = w4a16_gemm.w4a16_linear(x.cuda(), p.cuda(), s.cuda(), group, config=cfg)
+            assert not y.isnan().any()
+            assert _rel(y.cpu(), ref) < 5e-3, (m, n, k, group, cfg, _rel(y.cpu(), ref))
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_grouped_kernels_match_reference():
+    g = torch.Generator().manual_seed(13)
+    for e, n, k, total in [(4, 256, 128, 10), (8, 1536, 2048, 512), (128, 768, 2048, 4096), (16, 2048, 768, 3)]:
+        counts = torch.multinomial(torch.rand(e, generator=g), total, replacement=True, generator=g)
+        counts = torch.bincount(counts, minlength=e)
+        counts[0] = 0  # an expert with no rows
+        m = int(counts.sum())
+        xs = torch.randn(m, k, generator=g).bfloat16()
+        q, s = int4_group_quantize(torch.randn(e, n, k, generator=g) * 0.05, 128)
+        p = pack_int4(q)
+        ref = w4a16_gemm.grouped_w4a16_linear_reference(xs.float(), p, s, counts, 128)
+        _poison()
+        y = w4a16_gemm.grouped_w4a16_linear(xs.cuda(), p.cuda(), s.cuda(), counts.cuda(), 128)
+        assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("int4", e, n, k, _rel(y.cpu(), ref))
+        wq, ws = fp8_block_quantize(torch.randn(e, n, k, generator=g) * 0.05)
+        ref = fp8_gemm.grouped_fp8_linear_reference(xs.float(), wq, ws, counts)
+        _poison()
+        y = fp8_gemm.grouped_fp8_linear(xs.cuda(), wq.cuda(), ws.cuda(), counts.cuda())
+        assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("fp8", e, n, k, _rel(y.cpu(), ref))
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_quantized_layers_match_cpu_layers():
+    from miles_core.quant import Fp8Linear, Int4Linear
+
+    lin = torch.nn.Linear(1024, 512)
+    x = torch.randn(9, 1024).bfloat16()
+    for layer in (Fp8Linear.from_linear(lin), Int4Linear.from_linear(lin, 128)):
+        with torch.no_grad():
+            ref = layer(x.float())
+            y = layer.cuda()(x.cuda())
+        assert _rel(y.cpu(), ref) < 5e-3, type(layer)
