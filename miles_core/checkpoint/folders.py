@@ -82,7 +82,8 @@ def resolve_iteration_dir(ckpt: str, iteration: int | None = None) -> str:
     if iteration is None:
         tracker = os.path.join(ckpt, TRACKER)
         if os.path.exists(tracker):
-            text = open(tracker).read().strip()
+            with open(tracker) as f:
+                text = f.read().strip()
             if text != "release" and not text.isdigit():
                 raise MilesError(f"{tracker} holds {text!r}, neither an iteration number nor 'release'")
             d = os.path.join(ckpt, "release" if text == "release" else iter_dir_name(int(text)))
@@ -102,7 +103,8 @@ def resolve_iteration_dir(ckpt: str, iteration: int | None = None) -> str:
         raise MilesError(f"{d} is not a complete torch_dist checkpoint: no .metadata file")
     meta = os.path.join(d, "metadata.json")
     if os.path.exists(meta):
-        backend = json.load(open(meta)).get("sharded_backend")
+        with open(meta) as f:
+            backend = json.load(f).get("sharded_backend")
         if backend != "torch_dist":
             raise MilesError(f"{d} uses sharded_backend={backend!r}; only torch_dist is supported")
     return d

@@ -165,7 +165,7 @@ def _present_slots(slots: list[mn.Slot], source: _Source, reader: SafetensorsRea
         if all(have):
             out.append(s)
         elif not s.optional or any(have):
-            missing = [n for n, h in zip(s.hf, have) if not h]
+            missing = [n for n, h in zip(s.hf, have, strict=True) if not h]
             raise MilesError(
                 f"the checkpoint lacks tensor {missing[0]}; is it complete and of the architecture "
                 f"its config.json names ({source.cfg.architecture})?"

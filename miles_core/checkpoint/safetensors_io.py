@@ -165,7 +165,7 @@ def write_shards(
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
     weight_map, total = {}, 0
-    for fname, shard in zip(names, shards):
+    for fname, shard in zip(names, shards, strict=True):
         header, off = {}, 0
         for name, dtype, shape in shard:
             nb = _nbytes(dtype, shape)

@@ -173,7 +173,7 @@ class _RegionPlanner(LoadPlanner):
 
     def resolve_tensor(self, read_item):
         t = self.dests[(read_item.dest_index.fqn, read_item.dest_index.index)]
-        for dim, (off, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+        for dim, (off, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
             t = t.narrow(dim, off, length)
         return t
 

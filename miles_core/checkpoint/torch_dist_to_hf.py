@@ -32,7 +32,8 @@ from miles_core.model.config import ModelConfig, read_hf_config
 class TorchDistCheckpoint:
     """A torch_dist checkpoint folder seen as HF tensors: `specs()` then `tensors()` in the same order."""
 
-    def __init__(self, ckpt_dir: str, iteration: int | None = None, include_mtp: bool = False):
+    def __init__(self, ckpt_dir: str, iteration: int | None = None, include_mtp: bool | None = False):
+        """`include_mtp`: True = the MTP layers (an error if there are none), None = them if any."""
         self.iter_dir = resolve_iteration_dir(str(ckpt_dir), iteration)
         self.config_dir = find_hf_config_dir(str(ckpt_dir), self.iter_dir)
         self.hf_config = read_hf_config(self.config_dir)
@@ -43,7 +44,8 @@ class TorchDistCheckpoint:
         self.num_mtp = len({int(m.group(1)) for k in keys if (m := mn.MTP_KEY.match(k))})
         if include_mtp and not self.num_mtp:
             raise MilesError(f"{self.iter_dir} has no MTP layers (mtp.layers.*); drop --include-mtp")
-        slots = mn.model_slots(self.cfg, self.num_mtp if include_mtp else 0, stacked)
+        self.mtp_included = bool(self.num_mtp) and include_mtp is not False
+        slots = mn.model_slots(self.cfg, self.num_mtp if self.mtp_included else 0, stacked)
         self.slots = self._resolve(slots)
 
     def _resolve(self, slots: list[mn.Slot]) -> list[tuple[mn.Slot, str]]:
@@ -75,7 +77,7 @@ class TorchDistCheckpoint:
         out = []
         for s, key in self.slots:
             chunk_shape = self._box(s, key)[2]
-            for name, shape in zip(s.hf, mn.hf_shapes(s, chunk_shape, self.cfg)):
+            for name, shape in zip(s.hf, mn.hf_shapes(s, chunk_shape, self.cfg), strict=True):
                 out.append((name, self.reader.dtype(key), shape))
         return out
 
@@ -97,22 +99,21 @@ class TorchDistCheckpoint:
         for s, key in batch:
             offsets, sizes, _ = self._box(s, key)
             regions.append((key, offsets, sizes))
-        for (s, key), t in zip(batch, self.reader.read(regions)):
+        for (s, key), t in zip(batch, self.reader.read(regions), strict=True):
             chunk = t.reshape(self._box(s, key)[2])
-            yield from zip(s.hf, mn.split(s, chunk, self.cfg))
+            yield from zip(s.hf, mn.split(s, chunk, self.cfg), strict=True)
 
 
 def iter_hf_tensors(
     ckpt_dir: str, iteration: int | None = None, include_mtp: bool = True
-) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
-    """(HF config dict, iterator of (HF on-disk name, tensor)) for a torch_dist checkpoint."""
-    ck = TorchDistCheckpoint(ckpt_dir, iteration, include_mtp and _has_mtp(ckpt_dir, iteration))
-    return _hf_config(ck, include_mtp), ck.tensors()
+) -> tuple[dict, list[str], Iterator[tuple[str, torch.Tensor]]]:
+    """(HF config dict, every HF name, iterator of (HF on-disk name, tensor)) for a torch_dist checkpoint.
 
-
-def _has_mtp(ckpt_dir: str, iteration: int | None) -> bool:
-    reader = TorchDistReader(resolve_iteration_dir(str(ckpt_dir), iteration))
-    return any(mn.MTP_KEY.match(k) for k in reader.tensors)
+    MTP layers are included when `include_mtp` and the checkpoint has them.
+    """
+    ck = TorchDistCheckpoint(ckpt_dir, iteration, None if include_mtp else False)
+    names = [name for name, _, _ in ck.specs()]
+    return _hf_config(ck, ck.mtp_included), names, ck.tensors()
 
 
 def _hf_config(ck: TorchDistCheckpoint, include_mtp: bool) -> dict:
@@ -158,10 +159,8 @@ def load_torch_dist(
     ckpt_dir: str, iteration: int | None = None, device="cpu", dtype=torch.float32, include_mtp: bool = True
 ):
     """A miles model built straight from a torch_dist checkpoint (no HF files written in between)."""
-    from miles_core import model as miles_model
+    from miles_core.model import load_model_from_tensors
 
-    build = getattr(miles_model, "load_model_from_tensors", None)
-    if build is None:
-        raise MilesError("this miles version has no miles_core.model.load_model_from_tensors")
-    config, tensors = iter_hf_tensors(ckpt_dir, iteration, include_mtp)
-    return build(config, tensors, device=device, dtype=dtype)
+    config, names, tensors = iter_hf_tensors(ckpt_dir, iteration, include_mtp)
+    n_mtp = config.get("num_nextn_predict_layers", 0) if include_mtp else 0
+    return load_model_from_tensors(config, tensors, device, dtype, mtp_num_layers=n_mtp, all_names=names)
