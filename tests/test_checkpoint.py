@@ -44,6 +44,16 @@ def _hf_with_mtp(name: str, folder: str):
     return hf, model
 
 
+def _json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _ids(t: int = 10) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, t), generator=torch.Generator().manual_seed(0))
 
@@ -70,9 +80,9 @@ def test_round_trip_is_bit_exact_and_transformers_logits_are_identical(name, tmp
 def test_checkpoint_folder_has_megatron_files_and_hf_side_files(tmp_path):
     hf, _ = _hf_with_mtp("qwen3_moe", str(tmp_path / "hf"))
     ckpt = hf_to_torch_dist(hf, str(tmp_path / "td"))
-    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "0"
+    assert _text(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) == "0"
     it = os.path.join(ckpt, "iter_0000000")
-    assert json.load(open(os.path.join(it, "metadata.json")))["sharded_backend"] == "torch_dist"
+    assert _json(os.path.join(it, "metadata.json"))["sharded_backend"] == "torch_dist"
     common = torch.load(os.path.join(it, "common.pt"), weights_only=False)
     assert common["iteration"] == 0 and common["checkpoint_version"] == 3.0
     assert os.path.exists(os.path.join(ckpt, "config.json"))
@@ -87,7 +97,7 @@ def test_checkpoint_folder_has_megatron_files_and_hf_side_files(tmp_path):
 def test_release_folder_for_megatron_lm(tmp_path):
     hf, _ = _hf_with_mtp("qwen3", str(tmp_path / "hf"))
     ckpt = hf_to_torch_dist(hf, str(tmp_path / "td"), iteration=None)
-    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "release"
+    assert _text(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) == "release"
     assert os.path.exists(os.path.join(ckpt, "release", ".metadata"))
     torch_dist_to_hf(ckpt, str(tmp_path / "back"))
 
@@ -126,11 +136,11 @@ def test_mtp_copies_that_differ_from_the_shared_tensors_are_kept_bit_exact(tmp_p
 def test_created_mtp_layers_follow_the_initialiser_and_export_with_include_mtp(tmp_path):
     hf, _ = _hf_with_mtp("qwen3_moe", str(tmp_path / "hf"))
     ckpt = hf_to_torch_dist(hf, str(tmp_path / "td"), mtp_num_layers=2)
-    info = json.load(open(os.path.join(ckpt, "miles_checkpoint.json")))
+    info = _json(os.path.join(ckpt, "miles_checkpoint.json"))
     assert info["mtp_num_layers"] == 2 and info["mtp_source"] == "created"
     back = torch_dist_to_hf(ckpt, str(tmp_path / "back"), include_mtp=True)
     t = _tensors(back)
-    assert json.load(open(os.path.join(back, "config.json")))["num_nextn_predict_layers"] == 2
+    assert _json(os.path.join(back, "config.json"))["num_nextn_predict_layers"] == 2
     assert torch.equal(t["model.layers.3.enorm.weight"], torch.ones(64))
     assert torch.equal(t["model.layers.4.shared_head.norm.weight"], torch.ones(64))
     w = t["model.layers.3.eh_proj.weight"]
@@ -153,7 +163,7 @@ def test_sharded_input_and_size_bounded_output_shards_with_index(tmp_path):
     back = torch_dist_to_hf(ckpt, str(tmp_path / "back"), max_shard_bytes=300_000)
     shards = glob.glob(os.path.join(back, "model-*-of-*.safetensors"))
     assert len(shards) > 1 and all(os.path.getsize(s) < 300_000 + 70_000 for s in shards)
-    index = json.load(open(os.path.join(back, "model.safetensors.index.json")))
+    index = _json(os.path.join(back, "model.safetensors.index.json"))
     assert set(index["weight_map"]) == set(_tensors(hf))
     ids = _ids()
     with torch.no_grad():
@@ -194,9 +204,10 @@ def test_not_an_hf_folder_is_a_clear_error(tmp_path):
 
 def test_unknown_architecture_is_a_clear_error(tmp_path):
     hf, _ = _hf_with_mtp("llama", str(tmp_path / "hf"))
-    cfg = json.load(open(os.path.join(hf, "config.json")))
+    cfg = _json(os.path.join(hf, "config.json"))
     cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
-    json.dump(cfg, open(os.path.join(hf, "config.json"), "w"))
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump(cfg, f)
     with pytest.raises(MilesError, match="unsupported architecture GPT2LMHeadModel"):
         hf_to_torch_dist(hf, str(tmp_path / "out"))
 

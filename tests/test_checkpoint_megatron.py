@@ -8,6 +8,7 @@ logits equal miles' (fp32); (3) a checkpoint megatron-core saves loads into mile
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -38,15 +39,25 @@ def megatron_world():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    torch.cuda.synchronize = lambda *a, **k: None  # megatron's save path syncs; a no-op on CPU
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    with pytest.MonkeyPatch.context() as mp, socket.socket() as sock:
+        # megatron's save path syncs and puts a flag tensor on the current CUDA device: CPU here
+        mp.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+        mp.setattr(torch.cuda, "current_device", lambda: "cpu")
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+        # dropout is 0: the CUDA RNG tracker that forks around it has nothing to do on a CPU
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        mp.setattr(get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+
+        mp.setattr(moe_utils, "te_general_gemm", None, raising=False)  # no Transformer Engine: torch.mm
+        yield
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def megatron_gpt(hf_cfg, num_mtp: int = 0):
@@ -185,8 +196,10 @@ def test_megatron_loads_miles_checkpoint_with_identical_logits(name, tmp_path, m
     hf, _ = save_hf(cfg, str(tmp_path / "hf"))
     ckpt = hf_to_torch_dist(hf, str(tmp_path / "td"))
     mg = megatron_gpt(cfg)
-    state = dist_checkpointing.load(mg.sharded_state_dict(), os.path.join(ckpt, "iter_0000000"))
-    mg.load_state_dict(state)
+    # as Megatron-LM loads it: the model under "model", common.pt's entries beside it
+    state = dist_checkpointing.load({"model": mg.sharded_state_dict()}, os.path.join(ckpt, "iter_0000000"))
+    assert state["iteration"] == 0 and state["checkpoint_version"] == 3.0
+    mg.load_state_dict(state["model"])
     ids = _ids()
     ref = load_model(hf).eval()(ids).logits
     torch.testing.assert_close(megatron_logits(mg, ids), ref, rtol=1e-4, atol=1e-4)
@@ -204,7 +217,7 @@ def test_megatron_saved_checkpoint_loads_into_miles_with_identical_logits(name, 
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in n else 0.05 * torch.randn_like(p))
     ckpt = tmp_path / "td"
     (ckpt / "iter_0000007").mkdir(parents=True)
-    dist_checkpointing.save(mg.sharded_state_dict(), str(ckpt / "iter_0000007"))
+    dist_checkpointing.save({"model": mg.sharded_state_dict(), "iteration": 7}, str(ckpt / "iter_0000007"))
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
     cfg.save_pretrained(str(ckpt))  # the HF config.json beside it
     model = load_torch_dist(str(ckpt)).eval()
