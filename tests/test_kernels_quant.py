@@ -148,10 +148,11 @@ def test_gpu_fp8_linear_matches_reference():
         x = torch.randn(m, k, generator=g).bfloat16()
         wq, ws = fp8_block_quantize(torch.randn(n, k, generator=g) * 0.05)
         ref = fp8_gemm.fp8_linear_reference(x.float(), wq, ws)
-        _poison()
-        y = fp8_gemm.fp8_linear(x.cuda(), wq.cuda(), ws.cuda())
-        assert y.shape == (m, n) and not y.isnan().any()
-        assert _rel(y.cpu(), ref) < 5e-3, (m, n, k, _rel(y.cpu(), ref))
+        for backend in ("cublas", "triton"):
+            _poison()
+            y = fp8_gemm.fp8_linear(x.cuda(), wq.cuda(), ws.cuda(), backend=backend)
+            assert y.shape == (m, n) and not y.isnan().any()
+            assert _rel(y.cpu(), ref) < 5e-3, (backend, m, n, k, _rel(y.cpu(), ref))
 
 
 @cuda

@@ -92,10 +92,13 @@ def _scaled_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _scaled_mm(a, b, sa, sb, out_dtype):
+    # Layouts as torch's checks for the 1x128 x 128x128 recipe state them (_meta_registrations.py,
+    # `_scaled_mm_v2`): scale_a [M, K/128] strides (1, M); scale_b [round_up(K/128, 4), N/128]
+    # strides (1, round_up(K/128, 4)). The older `torch._scaled_mm` takes scale_b unpadded.
     if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
         st = F.ScalingType
         return F.scaled_mm(a, b, sa, st.BlockWise1x128, sb, st.BlockWise128x128, output_dtype=out_dtype)
-    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb[: sa.shape[1]], out_dtype=out_dtype)
 
 
 def fp8_linear_reference(
@@ -119,9 +122,18 @@ def fp8_linear(
     scale_inv: torch.Tensor,
     bias: torch.Tensor | None = None,
     scale_b: torch.Tensor | None = None,
+    backend: str = "cublas",
 ) -> torch.Tensor:
-    """y = x @ W^T (+ bias) with FP8 block-scaled W. `scale_b`: prepare_weight_scale(scale_inv), cached."""
-    if not _scaled_mm_ok(x, w):
+    """y = x @ W^T (+ bias) with FP8 block-scaled W. `scale_b`: prepare_weight_scale(scale_inv), cached.
+
+    backend 'cublas' (default) or 'triton' (the grouped kernel with one group: any N, K)."""
+    if x.is_cuda and (backend == "triton" or not _scaled_mm_ok(x, w)):
+        x2 = x.reshape(-1, x.shape[-1])
+        counts = torch.full((1,), x2.shape[0], dtype=torch.int32, device=x.device)
+        y = grouped_fp8_linear_triton(x2, w[None], scale_inv[None], counts)
+        y = y + bias if bias is not None else y
+        return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    if not x.is_cuda:
         return fp8_linear_reference(x, w, scale_inv, bias)
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
@@ -185,7 +197,7 @@ def grouped_fp8_linear_triton(
     m, k = xs.shape
     e, n, _ = w.shape
     a, sa = fp8_act_quant_triton(xs)  # [M, K] fp8, [M, KB] row-major
-    y = torch.empty(m, n, dtype=xs.dtype if xs.dtype != torch.float32 else torch.float32, device=xs.device)
+    y = torch.empty(m, n, dtype=xs.dtype, device=xs.device)
     if m == 0:
         return y
     tile_end, row_start, c = expert_tiles(counts, bm)
