@@ -73,6 +73,21 @@ def test_qat_fake_quant_forward_equals_int4_checkpoint_forward_bitwise(tmp_path)
     assert trainer.model.layers[0].mlp.experts.gate_up_proj.grad.abs().sum() > 0
 
 
+def test_qat_fake_quant_fp8_forward_equals_fp8_checkpoint_forward_bitwise(tmp_path):
+    from miles_core.model import load_model
+
+    hf, q = str(tmp_path / "hf"), str(tmp_path / "fp8")
+    # moe_intermediate_size 128: the stacked gate_up blocks are the per-expert gate/up blocks on disk
+    _tiny_qwen3_moe(hf, hidden=256, heads=4, kv=2, head_dim=64, moe_inter=128, inter=384, vocab=256)
+    quantize_checkpoint(hf, q, "fp8")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    trainer = load_model(hf)
+    names = enable_qat(trainer, "fp8", linear_pattern=r"(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
+    assert len(names) == 4 + 1 + 4 + 3  # attention x2 layers, experts, dense MLP
+    with torch.no_grad():
+        assert torch.equal(trainer(ids).logits, load_model(q)(ids).logits)
+
+
 def test_fp8_checkpoint_loads_in_transformers_and_matches_miles(tmp_path):
     pytest.importorskip("accelerate")
     from miles_core.model import load_model
