@@ -8,3 +8,7 @@ non-zero. Bugs stay ordinary exceptions with their tracebacks.
 
 class MilesError(Exception):
     """A user-facing error: the message alone must tell the user what is wrong and what to do."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying (a flaky file system, a lost worker); pipeline tasks retry it with backoff."""
