@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "flows.commands.model",
     "flows.commands.eval",
     "flows.commands.quantize",
+    "flows.commands.convert",
 ]
 
 
