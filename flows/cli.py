@@ -25,7 +25,7 @@ app = typer.Typer(
 
 # Each module defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = [
-    "flows.commands.model",
+    "flows.commands.pipeline",
     "flows.commands.eval",
     "flows.commands.quantize",
     "flows.commands.convert",
