@@ -1,0 +1,197 @@
+"""Rollout rows -> right-padded micro-batches under a token budget, every tensor aligned to positions.
+
+A sample of n = P + R tokens (prompt then response) is fed as its first n - 1 tokens; position t
+predicts token t + 1. So with `input_ids = tokens[:-1]` and `targets = tokens[1:]`:
+  - the response tokens are targets P - 1 .. n - 2 (`loss_mask`),
+  - `rollout_logprobs[j]` (response token j) sits at position P - 1 + j,
+  - `routed_experts` from the Parquet has exactly n - 1 rows, one per input position (the engine
+    never runs the last token), so it lines up with `input_ids` as it is.
+Micro-batches are filled greedily over samples sorted by length (longest first, stable), so that
+padding stays small, with rows * longest row <= `token_budget`; one sample longer than the budget
+gets a micro-batch of its own. The model has no block-diagonal (varlen) attention mask, so rows are
+padded, not concatenated. The split is deterministic: it depends on lengths and order only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from miles_core.errors import MilesError
+
+
+@dataclass
+class Sample:
+    """One rollout row as tensors."""
+
+    tokens: Tensor  # [n] int64, prompt + response
+    prompt_len: int
+    rollout_logprobs: Tensor  # [R] float32
+    reward: float
+    group: str  # prompt_id: the GRPO group
+    routed_experts: Tensor | None = None  # [n - 1, moe_layers, k] int16, or None (dense / not recorded)
+    weight_version: int = 0
+    iteration: int = 0
+    status: str = "completed"
+    advantage: float = 0.0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def response_len(self) -> int:
+        return int(self.tokens.numel()) - self.prompt_len
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors for one forward/backward; B rows, T = longest sample - 1."""
+
+    input_ids: Tensor  # [B, T] int64, 0 on padding
+    targets: Tensor  # [B, T] int64, the next token; 0 on padding
+    attention_mask: Tensor  # [B, T] bool, real input positions
+    loss_mask: Tensor  # [B, T] bool, positions whose target is a response token
+    rollout_logprobs: Tensor  # [B, T] float32, 0 off the loss mask
+    advantages: Tensor  # [B] float32
+    rewards: Tensor  # [B] float32
+    weight_version: Tensor  # [B] int64
+    routed_experts: Tensor | None  # [B, T, moe_layers, k] int64 (padding: experts 0..k-1), or None
+    index: Tensor  # [B] int64, each row's sample index in the batch
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def to(self, device) -> MicroBatch:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+def samples_from_table(table) -> list[Sample]:
+    """Rollout Parquet rows (a pyarrow Table from `read_rollouts`) -> samples, in row order."""
+    cols = table.to_pydict() if table.num_rows else {}
+    out = []
+    for i in range(table.num_rows):
+        prompt = np.asarray(cols["prompt_tokens"][i], dtype=np.int64)
+        response = np.asarray(cols["response_tokens"][i], dtype=np.int64)
+        if response.size == 0:
+            continue  # nothing to train on (e.g. an aborted sample with no tokens yet)
+        experts = cols["routed_experts"][i]
+        out.append(
+            Sample(
+                tokens=torch.from_numpy(np.concatenate([prompt, response])),
+                prompt_len=int(prompt.size),
+                rollout_logprobs=torch.tensor(cols["rollout_logprobs"][i], dtype=torch.float32),
+                reward=float(cols["reward"][i]),
+                group=str(cols["prompt_id"][i]),
+                routed_experts=None if experts is None else torch.tensor(np.asarray(experts, dtype=np.int16)),
+                weight_version=int(cols["weight_version"][i]),
+                iteration=int(cols["iteration"][i]),
+                status=str(cols["status"][i]),
+                metadata=json.loads(cols["metadata"][i] or "{}"),
+            )
+        )
+    return out
+
+
+def samples_from_tokens(
+    prompts: list, responses: list, rewards: list | None = None, logprobs: list | None = None
+) -> list[Sample]:
+    """Samples from token lists (SFT data, tests); rollout log-probs default to 0."""
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        p, r = torch.as_tensor(p, dtype=torch.int64), torch.as_tensor(r, dtype=torch.int64)
+        lp = torch.zeros(r.numel()) if logprobs is None else torch.as_tensor(logprobs[i], dtype=torch.float32)
+        out.append(Sample(torch.cat([p, r]), p.numel(), lp, 0.0 if rewards is None else float(rewards[i]), str(i)))
+    return out
+
+
+def plan_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Greedy split of sample indices, longest first, with rows * (longest length) <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep row order
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def collate(samples: list[Sample], index: list[int], num_moe_layers: int = 0, top_k: int = 0) -> MicroBatch:
+    """Right-pad the chosen samples into one micro-batch (see the module doc for the alignment)."""
+    rows = [samples[i] for i in index]
+    b, t = len(rows), max(s.tokens.numel() for s in rows) - 1
+    if t < 1:
+        raise MilesError("a sample needs at least two tokens (a prompt token and a response token)")
+    input_ids = torch.zeros(b, t, dtype=torch.int64)
+    targets = torch.zeros(b, t, dtype=torch.int64)
+    attn = torch.zeros(b, t, dtype=torch.bool)
+    loss_mask = torch.zeros(b, t, dtype=torch.bool)
+    rollout = torch.zeros(b, t, dtype=torch.float32)
+    have_experts = all(s.routed_experts is not None for s in rows) and num_moe_layers > 0
+    experts = torch.arange(top_k).expand(b, t, num_moe_layers, top_k).clone() if have_experts else None
+    for r, s in enumerate(rows):
+        n, p = s.tokens.numel(), s.prompt_len
+        if p < 1:
+            raise MilesError(f"sample {index[r]} (prompt {s.group}) has an empty prompt")
+        input_ids[r, : n - 1] = s.tokens[:-1]
+        targets[r, : n - 1] = s.tokens[1:]
+        attn[r, : n - 1] = True
+        loss_mask[r, p - 1 : n - 1] = True
+        if s.rollout_logprobs.numel() != n - p:
+            raise MilesError(f"sample {index[r]}: {s.rollout_logprobs.numel()} rollout log-probs for {n - p} tokens")
+        rollout[r, p - 1 : n - 1] = s.rollout_logprobs
+        if experts is not None:
+            rec = s.routed_experts  # [n - 1, L, k]
+            if tuple(rec.shape) != (n - 1, num_moe_layers, top_k):
+                raise MilesError(
+                    f"sample {index[r]}: routed_experts has shape {tuple(rec.shape)}, "
+                    f"expected {(n - 1, num_moe_layers, top_k)} [positions, moe_layers, topk]"
+                )
+            experts[r, : n - 1] = rec.to(torch.int64)
+    return MicroBatch(
+        input_ids=input_ids,
+        targets=targets,
+        attention_mask=attn,
+        loss_mask=loss_mask,
+        rollout_logprobs=rollout,
+        advantages=torch.tensor([s.advantage for s in rows], dtype=torch.float32),
+        rewards=torch.tensor([s.reward for s in rows], dtype=torch.float32),
+        weight_version=torch.tensor([s.weight_version for s in rows], dtype=torch.int64),
+        routed_experts=experts,
+        index=torch.tensor(index, dtype=torch.int64),
+    )
+
+
+def make_micro_batches(
+    samples: list[Sample], token_budget: int, num_moe_layers: int = 0, top_k: int = 0
+) -> list[MicroBatch]:
+    """Pack `samples` into micro-batches of at most `token_budget` padded tokens each."""
+    lengths = [s.tokens.numel() - 1 for s in samples]
+    return [collate(samples, g, num_moe_layers, top_k) for g in plan_micro_batches(lengths, token_budget)]
+
+
+def split_minibatches(samples: list[Sample], n: int, generator: torch.Generator | None = None) -> list[list[Sample]]:
+    """Split into n mini-batches (one optimizer step each) by whole GRPO groups, optionally shuffled."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    keys = list(groups)
+    if generator is not None:
+        keys = [keys[i] for i in torch.randperm(len(keys), generator=generator).tolist()]
+    n = max(1, min(n, len(keys)))
+    parts = [keys[i::n] for i in range(n)] if generator is not None else _contiguous(keys, n)
+    return [[s for k in part for s in groups[k]] for part in parts]
+
+
+def _contiguous(keys: list[str], n: int) -> list[list[str]]:
+    size, extra = divmod(len(keys), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        out.append(keys[start:end])
+        start = end
+    return out

@@ -1,0 +1,103 @@
+"""Policy forward: per-token log-probs (and entropy, routed experts, hidden states) of a micro-batch.
+
+The same function computes the current policy's log-probs (with grad), the old policy's and the
+reference model's (no grad), so that at step 0 all of them, and the rollout engine's, are the same
+numbers: temperature-scaled log_softmax in float32 through `miles_core.rl.logprobs_and_entropy`.
+
+R3: when the micro-batch carries the rollout's routed experts and replay is on, the forward uses
+that selection (the gate weights still come from the current router). Either way the forward
+reports which experts it used, so the routing mismatch against the rollout can be measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from miles_core.rl import logprobs_and_entropy, token_logprobs
+from miles_core.train.batching import MicroBatch
+
+
+@dataclass
+class PolicyOut:
+    logp: Tensor  # [B, T] float32, log-prob of targets; 0 off the attention mask
+    entropy: Tensor | None  # [B, T] float32
+    routed_experts: Tensor | None  # [B, T, moe_layers, k], the selection the forward used
+    hidden: Tensor | None  # [B, T, H], last decoder layer (for the MTP loss)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA (fp32 master weights, fp32 log-softmax); a no-op elsewhere.
+
+    UNTESTED on the device in this session (no GPU was available).
+    """
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def policy_forward(
+    model,
+    mb: MicroBatch,
+    *,
+    temperature: float = 1.0,
+    replay: bool = True,
+    entropy: bool = False,
+    hidden: bool = False,
+    bf16: bool = False,
+    chunk_rows: int | None = None,
+) -> PolicyOut:
+    """One forward over a micro-batch; grad flows if enabled by the caller."""
+    routed = mb.routed_experts if replay else None
+    record = mb.routed_experts is not None and getattr(model, "num_moe_layers", 0) > 0
+    with autocast(mb.input_ids.device, bf16):
+        out = model(
+            mb.input_ids,
+            routed_experts=routed,
+            return_routed_experts=record,
+            attention_mask=mb.attention_mask,
+            return_hidden_states=hidden,
+        )
+    logits = out.logits  # [B, T, V]
+    if entropy:
+        rows = None if logits.requires_grad else chunk_rows  # chunking saves nothing under autograd
+        logp, ent = logprobs_and_entropy(logits, mb.targets, temperature, rows)
+    else:
+        logp, ent = token_logprobs(logits, mb.targets, temperature, chunk_rows), None
+    logp = logp.masked_fill(~mb.attention_mask, 0.0)
+    return PolicyOut(logp, ent, out.routed_experts, out.hidden_states)
+
+
+@torch.no_grad()
+def compute_logprobs(
+    model,
+    micro_batches: list[MicroBatch],
+    *,
+    temperature: float = 1.0,
+    replay: bool = True,
+    bf16: bool = False,
+    chunk_rows: int | None = None,
+) -> list[Tensor]:
+    """No-grad log-probs [B, T] per micro-batch: old-policy, reference, or (in tests) the rollout's."""
+    return [
+        policy_forward(model, mb, temperature=temperature, replay=replay, bf16=bf16, chunk_rows=chunk_rows).logp
+        for mb in micro_batches
+    ]
+
+
+@torch.no_grad()
+def routing_mismatch(used: Tensor | None, recorded: Tensor | None, mask: Tensor) -> tuple[int, int]:
+    """(differing, total) (position, MoE layer) pairs whose expert *set* differs from the rollout's.
+
+    used, recorded: [B, T, L, k] int; mask: [B, T] bool (real positions). (0, 0) when either is None.
+    """
+    if used is None or recorded is None:
+        return 0, 0
+    a = used.to(torch.int64).sort(dim=-1).values
+    b = recorded.to(a.device, torch.int64).sort(dim=-1).values
+    differs = (a != b).any(dim=-1)  # [B, T, L]
+    m = mask[..., None].expand_as(differs)
+    return int((differs & m).sum()), int(m.sum())
