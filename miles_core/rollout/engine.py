@@ -1,0 +1,234 @@
+"""The embedded rollout engine: continuous batching over a slot KV cache, on the trainer's model.
+
+    engine = Engine(model, tokenizer, EngineConfig(max_slots=64, max_len=2048))
+    samples = engine.generate([Request("p0", prompt_ids, SamplingParams(temperature=1.0), n_samples=8)])
+    engine.update_weights(trainer_model)          # in place; engine.version += 1
+
+Each step (1) admits waiting prompts into free slots and prefills them (a group of n samples is
+prefilled once and its cache rows copied to the other members), sampling each member's first
+token from the prefill's last logits, then (2) decodes one token for every running sample in
+one batched forward. A sample stops at a stop token, a stop string, `max_new_tokens` or the
+cache's `max_len`, and frees its slot for the next prompt at the following step: there is no
+batch barrier, so short samples never wait for long ones.
+
+miles runs it in-process on the model object the trainer owns (or one loaded from a path, FP8 /
+INT4 via `miles_core.quant`), so rollout numerics are the trainer's numerics and a weight update
+is a copy into existing storage (see `weights.py`), or nothing at all when the objects are shared.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from miles_core.errors import MilesError
+from miles_core.rollout.cache import KVCache
+from miles_core.rollout.partial import Budget
+from miles_core.rollout.runner import StepBatch, forward_step
+from miles_core.rollout.sampling import SamplingTensors, sample
+from miles_core.rollout.scheduler import Scheduler
+from miles_core.rollout.sequence import Request, Sample
+from miles_core.rollout.weights import WeightSource, copy_weights_
+
+__all__ = ["Engine", "EngineConfig"]
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+class EngineConfig(BaseModel):
+    """Engine capacity and behaviour. The cache holds max_slots x max_len positions per layer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_slots: int = Field(64, ge=1, description="samples decoded together (cache slots)")
+    max_len: int = Field(4096, ge=2, description="prompt + response positions per slot")
+    max_prefill_tokens: int = Field(16384, ge=1, description="padded prompt tokens prefilled per step")
+    seed: int = Field(0, description="draws the seeds of requests that give none")
+    cuda_graphs: bool = Field(False, description="decode under CUDA graphs (CUDA only; see graphs.py)")
+    graph_len_bucket: int = Field(256, ge=1, description="CUDA graphs: attended length rounded up to this")
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.lm_head.weight.device
+        self.cache = KVCache(model, self.config.max_slots, self.config.max_len, self.device)
+        self.scheduler = Scheduler(self.config.max_slots, self.config.max_prefill_tokens)
+        self.version = 0
+        self._rng = random.Random(self.config.seed)
+        self._eos = _eos_ids(tokenizer, model)
+        self._graphs = None
+        if self.config.cuda_graphs:
+            from miles_core.rollout.graphs import GraphDecoder
+
+            self._graphs = GraphDecoder(model, self.cache, self.config.graph_len_bucket)
+
+    # ---- requests in, samples out -------------------------------------------------------------
+
+    def samples_for(self, requests: list[Request]) -> list[Sample]:
+        """One Sample per (request, sample index); per-sample seeds from the request's seed."""
+        out = []
+        for r in requests:
+            if not r.prompt_tokens:
+                raise MilesError(f"prompt {r.prompt_id!r} is empty")
+            if len(r.prompt_tokens) >= self.config.max_len:
+                raise MilesError(
+                    f"prompt {r.prompt_id!r} has {len(r.prompt_tokens)} tokens, the engine's max_len is "
+                    f"{self.config.max_len}; raise max_len or drop long prompts"
+                )
+            if r.sampling.stop and self.tokenizer is None:
+                raise MilesError("stop strings need a tokenizer: pass one to the Engine")
+            base = r.sampling.seed if r.sampling.seed is not None else self._rng.getrandbits(63)
+            out += [Sample(r, j, (base + j * _GOLDEN) % 2**63) for j in range(r.n_samples)]
+        return out
+
+    def generate(self, requests: list[Request], on_step=None) -> list[Sample]:
+        """Run `requests` to completion; samples in request order, then sample index."""
+        samples = self.samples_for(requests)
+        self.run(samples, None, on_step)
+        return samples
+
+    @torch.inference_mode()
+    def run(self, samples: list[Sample], budget: Budget | None = None, on_step=None) -> list[Sample]:
+        """Serve `samples` (fresh or aborted ones to resume) until done or the budget is spent.
+
+        Returns the unfinished samples, running ones first (status `aborted`, resumable), then the
+        ones never started. `on_step(new_tokens: int, finished: list[Sample])` follows progress.
+        """
+        for s in samples:
+            if s.finished:
+                raise MilesError(f"sample {s.request.prompt_id}/{s.sample_index} is already {s.status}")
+            s.status, s.rounds = None, s.rounds + 1
+        self.scheduler.enqueue(samples)
+        clock = budget.clock() if budget is not None else None
+        while not self.scheduler.idle:
+            n_tokens, finished = self.step()
+            if on_step is not None:
+                on_step(n_tokens, finished)
+            if clock is not None:
+                clock.spend(n_tokens)
+                if clock.exhausted:
+                    break
+        aborted = list(self.scheduler.running)
+        for s in aborted:
+            s.aborts += 1
+            self._stop(s, "aborted", "budget")
+        waiting = self.scheduler.drain_waiting()
+        for s in waiting:
+            s.rounds -= 1  # never admitted: this round does not count
+        return aborted + waiting
+
+    def step(self) -> tuple[int, list[Sample]]:
+        """Prefill newly admitted prompts, then decode one token for every running sample."""
+        new_tokens, finished = 0, []
+        units = self.scheduler.admit()
+        if units:
+            rows = [(u.tokens, u.samples[0].slot, 0) for u in units]
+            logits = forward_step(self.model, self.cache, StepBatch.build(rows, self.device))  # [U, V]
+            members, which = [], []
+            for i, u in enumerate(units):
+                self.cache.copy(u.samples[0].slot, [s.slot for s in u.samples[1:]], len(u.tokens))
+                for s in u.samples:
+                    s.fed = len(u.tokens)
+                    members.append(s)
+                    which.append(i)
+            finished += self._sample(members, logits[torch.tensor(which, device=logits.device)])
+            new_tokens += len(members)
+        running = list(self.scheduler.running)
+        if running:
+            finished += self._sample(running, self._decode(running))
+            new_tokens += len(running)
+        return new_tokens, finished
+
+    def _decode(self, running: list[Sample]) -> torch.Tensor:
+        """Feed each running sample its last token -> logits [N, V] in `running` order."""
+        rows = [([s.response_tokens[-1]], s.slot, s.fed) for s in running]
+        if self._graphs is not None:
+            logits = self._graphs.decode(rows)
+        else:
+            logits = forward_step(self.model, self.cache, StepBatch.build(rows, self.device))
+        for s in running:
+            s.fed += 1
+        return logits
+
+    # ---- per-token bookkeeping ----------------------------------------------------------------
+
+    def _sample(self, samples: list[Sample], logits: torch.Tensor) -> list[Sample]:
+        """Sample one token per sample from logits [N, V]; append it; stop those that are done."""
+        params = [s.sampling for s in samples]
+        st = SamplingTensors(params, [s.seed for s in samples], [len(s.response_tokens) for s in samples], self.device)
+        tokens, logprobs = sample(logits, st)
+        finished = []
+        for s, tok, lp in zip(samples, tokens.tolist(), logprobs.tolist(), strict=True):
+            s.response_tokens.append(tok)
+            s.logprobs.append(lp)
+            s.versions.append(self.version)
+            reason = self._stop_reason(s, tok)
+            if reason is not None:
+                status = "completed" if reason in ("stop_token", "stop_string") else "truncated"
+                self._stop(s, status, reason)
+                finished.append(s)
+        return finished
+
+    def _stop_reason(self, s: Sample, tok: int) -> str | None:
+        p = s.sampling
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self._eos):
+            return "stop_token"
+        if p.stop and _stop_at(self._tail_text(s, p.stop), p.stop) is not None:
+            return "stop_string"
+        if len(s.response_tokens) >= p.max_new_tokens:
+            return "max_new_tokens"
+        if s.total_len >= self.config.max_len:
+            return "max_len"
+        return None
+
+    def _tail_text(self, s: Sample, stops: list[str]) -> str:
+        """The decoded end of the response, long enough to hold any stop string that just completed."""
+        n = 4 * max(len(x) for x in stops) + 8
+        return self.tokenizer.decode(s.response_tokens[-n:], skip_special_tokens=True)
+
+    def _stop(self, s: Sample, status: str, reason: str) -> None:
+        """Read the slot's experts (all positions but the last token), free the slot, set the text."""
+        s.experts = self.cache.read_experts(s.slot, s.total_len - 1)
+        s.status, s.finish_reason = status, reason
+        s.text = self._text(s)
+        self.scheduler.release(s)
+
+    def _text(self, s: Sample) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(s.response_tokens, skip_special_tokens=True)
+        cut = _stop_at(text, s.sampling.stop) if s.finish_reason == "stop_string" else None
+        return text if cut is None else text[:cut]
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def update_weights(self, source: WeightSource, version: int | None = None) -> int:
+        """Take new weights in place: `source` is the trainer's model (shared or copied), a state
+        dict or (name, tensor) pairs. Bumps (or sets) the version; returns it. Call between rounds."""
+        if self.scheduler.running:
+            raise MilesError("update_weights while samples are running; call it between rounds")
+        copy_weights_(self.model, source)
+        if self._graphs is not None:
+            self._graphs.weights_changed()
+        self.version = self.version + 1 if version is None else int(version)
+        return self.version
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in text, or None."""
+    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = model.config.raw.get("eos_token_id") if hasattr(model.config, "raw") else None
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list | tuple) else {int(eos)}

@@ -1,0 +1,79 @@
+"""`generate_rollouts`: prompts in, scored rollout rows out (what the pipeline and `miles eval` call).
+
+    rows = generate_rollouts(model, tokenizer, prompts, SamplingParams(temperature=1.0), n_samples=8)
+    rows = generate_rollouts(engine, tokenizer, prompts, sampling, 8, partial=partial, out=url)
+
+`model` is a model object (the trainer's: shared, no copy), an `Engine` to reuse (its cache and
+weight version), or a checkpoint path (`load_model`, which dequantizes FP8/INT4 checkpoints).
+With a `PartialRollout`, one call is one round: carried samples resume first, and only the groups
+finished in this round come back (the rest stay in `partial` for the next call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from miles_core.data.chat import encode_prompt
+from miles_core.data.prompt import Prompt
+from miles_core.rollout.engine import Engine, EngineConfig
+from miles_core.rollout.partial import PartialRollout
+from miles_core.rollout.sampling import SamplingParams
+from miles_core.rollout.sequence import Request, Sample
+from miles_core.rollout.writer import RolloutWriter, sample_row, score_rows
+
+__all__ = ["build_engine", "generate_rollouts", "requests_for"]
+
+
+def build_engine(
+    model: Any, tokenizer: Any = None, config: EngineConfig | None = None, device="cpu", dtype=torch.float32
+) -> Engine:
+    """An Engine on a model object, or on the checkpoint at a path (tokenizer loaded beside it if None)."""
+    if isinstance(model, Engine):
+        return model
+    if isinstance(model, str):
+        from miles_core.model import load_model, load_tokenizer
+
+        path, model = model, load_model(model, device=device, dtype=dtype)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    return Engine(model, tokenizer, config)
+
+
+def requests_for(prompts: Sequence[Prompt], tokenizer: Any, sampling: SamplingParams, n_samples: int) -> list[Request]:
+    return [Request(p.prompt_id, encode_prompt(p, tokenizer), sampling, n_samples, prompt=p) for p in prompts]
+
+
+def generate_rollouts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingParams,
+    n_samples: int = 1,
+    *,
+    iteration: int = 0,
+    reward: Any = "auto",
+    engine_config: EngineConfig | None = None,
+    partial: PartialRollout | None = None,
+    out: str | None = None,
+    part: int = 0,
+    on_step: Callable[[int, list[Sample]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate `n_samples` per prompt; return scored rows (and write them to `out` as part `part`).
+
+    reward: a spec for `miles_core.rewards.score_samples` ("auto", "math", "pkg.mod:fn", a callable)
+    or None for reward 0. partial: run one round of this partial rollout (its engine is used).
+    """
+    engine = partial.engine if partial is not None else build_engine(model, tokenizer, engine_config)
+    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+    requests = requests_for(prompts, tokenizer, sampling, n_samples)
+    if partial is None:
+        samples = engine.generate(requests, on_step=on_step)
+    else:
+        result = partial.run_round(requests, on_step=on_step)
+        samples = [s for group in result.groups for s in group]
+    rows = score_rows([sample_row(s, iteration) for s in samples], samples, reward)
+    if out is not None:
+        RolloutWriter(out, iteration, part).write(rows)
+    return rows

@@ -1,0 +1,157 @@
+"""Sampling: parameters, the sampled token's log-prob, and counter-based per-request randomness.
+
+Two quantities come out of every step and they must not be confused:
+
+- the *recorded* log-prob is `log_softmax(logits / T)[token]` in float32, with nothing else
+  applied (no top-k/top-p/min-p). It is exactly what the trainer recomputes
+  (`miles_core.rl.logits.token_logprobs`), so with identical weights the train-rollout mismatch is
+  zero. Greedy (T = 0) records the T = 1 log-prob.
+- the *sampling* distribution is softmax(logits / T) restricted by top-k, then top-p (on the
+  renormalised top-k distribution), then min-p, and renormalised.
+
+Randomness is counter-based: the uniform draw of a sample's token number `step` is a hash of
+(seed, step), made with integer tensor ops. A sample's tokens therefore depend only on its own
+seed and logits: not on which other requests share the batch, not on how many rounds a partial
+rollout took, and no per-request `torch.Generator` has to live on the device (the whole function
+is capturable in a CUDA graph). A token is drawn by inverse CDF with that one uniform; rows that
+filter work over probabilities sorted high to low, rows that don't over the vocabulary order.
+Which path a row takes depends on its own parameters only, so batching never changes a sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from miles_core.errors import MilesError
+
+__all__ = ["SamplingParams", "SamplingTensors", "logprob_temperature", "sample", "sampling_probs", "uniform"]
+
+
+class SamplingParams(BaseModel):
+    """How one request is sampled. temperature 0 = greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, description="stop strings, matched on the decoded response")
+    ignore_eos: bool = Field(False, description="do not stop at the tokenizer's EOS (stop_token_ids still apply)")
+    seed: int | None = Field(None, description="per-request seed; None = drawn from the engine's seed")
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingParams:
+        if any(not s for s in self.stop):
+            raise MilesError("stop strings must be non-empty")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def logprob_temperature(params: SamplingParams) -> float:
+    """The T of the recorded log-prob (and of the trainer's): the sampling temperature, 1 for greedy."""
+    return params.temperature if params.temperature > 0 else 1.0
+
+
+class SamplingTensors:
+    """Per-row sampling parameters as tensors (one row per sample being stepped)."""
+
+    def __init__(self, params: list[SamplingParams], seeds: list[int], steps: list[int], device):
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self.temperature = t([p.temperature for p in params], torch.float32)  # [N], 0 = greedy
+        self.top_p = t([p.top_p for p in params], torch.float32)
+        self.top_k = t([p.top_k for p in params], torch.int64)
+        self.min_p = t([p.min_p for p in params], torch.float32)
+        self.seed = t([s % 2**63 for s in seeds], torch.int64)
+        self.step = t(steps, torch.int64)
+        self.greedy = [p.greedy for p in params]
+        self.filters = [not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p in params]
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors; products may wrap, the low 32 bits are exact."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): seed, step [N] int64 -> [N] float32 (24 random bits)."""
+    h = _mix32(seed ^ 0x5BD1E995)
+    h = _mix32(h ^ ((seed >> 32) & _M32))
+    h = _mix32(h ^ ((step * 0x9E3779B1) & _M32))
+    h = _mix32(h + (step >> 32))
+    return ((h >> 8).float() + 0.5) / float(1 << 24)
+
+
+def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> float32 logits / T, with T = 1 on greedy rows (the recorded log-prob's T)."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits.float() / t[:, None]
+
+
+def _filtered_sorted(scaled: torch.Tensor, st: SamplingTensors, rows: torch.Tensor):
+    """Rows that filter: (probs sorted high to low, renormalised over the kept set, [n, V]; sort index)."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [n, V]
+    v = scaled.shape[-1]
+    rank = torch.arange(v, device=scaled.device)[None]  # [1, V]
+    k = st.top_k[rows]
+    sorted_logits = sorted_logits.masked_fill((k[:, None] > 0) & (rank >= k[:, None]), float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each token
+    drop = before >= st.top_p[rows][:, None]
+    drop[:, 0] = False  # the most likely token always stays
+    probs = probs.masked_fill(drop, 0.0)
+    probs = probs.masked_fill(probs < st.min_p[rows][:, None] * probs[:, :1], 0.0)
+    return probs / probs.sum(-1, keepdim=True), order
+
+
+def sampling_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """The distribution each non-greedy row samples from, in vocabulary order: [N, V] float32 (tests, metrics)."""
+    scaled = _scaled(logits, st.temperature)
+    probs = scaled.softmax(-1)
+    rows = torch.tensor([i for i, f in enumerate(st.filters) if f], dtype=torch.long, device=logits.device)
+    if rows.numel():
+        sorted_probs, order = _filtered_sorted(scaled[rows], st, rows)
+        probs[rows] = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+    return probs
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [n, V] (any order, rows need not sum to 1), u [n] -> index [n] of the first cdf > u * total."""
+    cdf = probs.cumsum(-1)  # [n, V]
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] -> (tokens [N] int64, recorded log-probs [N] float32 of those tokens under logits / T)."""
+    scaled = _scaled(logits, st.temperature)  # [N, V] float32
+    logp = scaled.log_softmax(-1)
+    tokens = scaled.argmax(-1)  # greedy rows keep this
+    u = uniform(st.seed, st.step)  # [N]
+    device = logits.device
+    plain = [i for i, (g, f) in enumerate(zip(st.greedy, st.filters, strict=True)) if not g and not f]
+    filt = [i for i, f in enumerate(st.filters) if f]
+    if plain:
+        rows = torch.tensor(plain, dtype=torch.long, device=device)
+        tokens[rows] = _inverse_cdf(logp[rows].exp(), u[rows])
+    if filt:
+        rows = torch.tensor(filt, dtype=torch.long, device=device)
+        probs, order = _filtered_sorted(scaled[rows], st, rows)
+        tokens[rows] = order.gather(1, _inverse_cdf(probs, u[rows])[:, None])[:, 0]
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
