@@ -1,0 +1,149 @@
+"""Partial rollout (budgeted rounds, resumed samples, per-token weight versions) and in-place
+weight updates from a trainer model."""
+
+import copy
+
+import pytest
+import torch
+
+from miles_core.errors import MilesError
+from miles_core.rl.logits import token_logprobs
+from miles_core.rollout import Budget, Engine, EngineConfig, PartialRollout, Request, SamplingParams
+from tests.test_rollout_fixtures import one_thread, ragged_prompts, tiny  # noqa: F401
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=14, ignore_eos=True)
+
+
+def _requests(sp=GREEDY, n=2):
+    return [Request(f"p{i}", p, sp, n_samples=n) for i, p in enumerate(ragged_prompts((5, 9, 3), seed=8))]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_resumed_partial_rollout_equals_uninterrupted_greedy(arch):
+    _, _, model = tiny(arch)
+    full = Engine(model, config=EngineConfig(max_slots=4, max_len=64)).generate(_requests())
+    engine = Engine(model, config=EngineConfig(max_slots=4, max_len=64))
+    partial = PartialRollout(engine, Budget(tokens=10))
+    rounds, groups = [partial.run_round(_requests())], []
+    while partial.carried:
+        engine.update_weights(model)  # same object: shared parameters, only the version moves
+        rounds.append(partial.run_round())
+    groups = [g for r in rounds for g in r.groups]
+    assert len(rounds) > 2 and any(r.aborted for r in rounds)
+    by_key = {(s.request.prompt_id, s.sample_index): s for g in groups for s in g}
+    assert len(by_key) == len(full)
+    resumed = 0
+    for ref in full:
+        got = by_key[(ref.request.prompt_id, ref.sample_index)]
+        assert got.response_tokens == ref.response_tokens
+        assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs, strict=True)) <= 1e-5
+        assert torch.equal(got.experts, ref.experts)
+        assert got.status == "truncated" and len(got.versions) == len(got.response_tokens)
+        assert got.versions == sorted(got.versions) and got.weight_version == got.versions[0]
+        if got.aborts:
+            resumed += 1
+            assert len(set(got.versions)) > 1 and got.rounds > 1
+    assert resumed > 0
+
+
+def test_aborted_sample_keeps_prefix_logprobs_experts_and_version():
+    _, _, model = tiny("qwen3_moe")
+    engine = Engine(model, config=EngineConfig(max_slots=8, max_len=64))
+    partial = PartialRollout(engine, Budget(tokens=12))
+    first = partial.run_round(_requests())
+    assert not first.groups and first.aborted
+    for s in first.aborted:
+        assert s.status == "aborted" and s.finish_reason == "budget"
+        assert 0 < len(s.response_tokens) == len(s.logprobs) == len(s.versions)
+        assert s.experts.shape[0] == s.total_len - 1
+        assert set(s.versions) == {0}
+    engine.update_weights(model)
+    partial.budget = None  # the next round runs to the end
+    second = partial.run_round()
+    assert len(second.groups) == 3 and not second.aborted and partial.carried == 0
+    assert second.groups and {v for g in second.groups for s in g for v in s.versions} >= {0, 1}
+
+
+def test_seconds_budget_parses_and_stops_a_round():
+    assert Budget.parse("30s") == Budget(seconds=30.0)
+    assert Budget.parse("2m") == Budget(seconds=120.0)
+    assert Budget.parse("500") == Budget(tokens=500)
+    with pytest.raises(MilesError):
+        Budget.parse("soon")
+    _, _, model = tiny("qwen3")
+    partial = PartialRollout(Engine(model, config=EngineConfig(max_slots=2, max_len=64)), Budget(seconds=0.0))
+    result = partial.run_round(_requests())
+    assert not result.groups and partial.carried == 6
+
+
+def _perturbed(model, seed=0):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return other
+
+
+def test_weight_update_copies_in_place_and_changes_next_rollout():
+    _, _, base = tiny("qwen3_moe")
+    model = copy.deepcopy(base)
+    trainer = _perturbed(base)
+    engine = Engine(model, config=EngineConfig(max_slots=4, max_len=64))
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    before = engine.generate(_requests(n=1))
+    assert engine.update_weights(trainer) == 1
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs  # no new storage
+    after = engine.generate(_requests(n=1))
+    assert any(a.response_tokens != b.response_tokens for a, b in zip(before, after, strict=True))
+    for s in after:  # log-probs are the trainer model's
+        ids = torch.tensor([s.prompt_tokens + s.response_tokens])
+        with torch.no_grad():
+            ref = token_logprobs(trainer(ids).logits[:, len(s.prompt_tokens) - 1 : -1], ids[:, len(s.prompt_tokens) :])
+        assert (torch.tensor(s.logprobs) - ref[0]).abs().max() <= 1e-5
+        assert s.versions == [1] * len(s.response_tokens) and s.weight_version == 1
+    assert engine.update_weights(trainer.state_dict(), version=7) == 7
+
+
+def test_shared_trainer_model_needs_no_copy():
+    _, _, base = tiny("qwen3")
+    trainer = copy.deepcopy(base)
+    engine = Engine(trainer, config=EngineConfig(max_slots=2, max_len=64))
+    before = engine.generate(_requests(n=1))
+    with torch.no_grad():  # a training step, in place
+        for p in trainer.parameters():
+            p.mul_(1.5)
+    engine.update_weights(trainer)
+    after = engine.generate(_requests(n=1))
+    assert engine.model is trainer and engine.version == 1
+    assert any(a.logprobs != b.logprobs for a, b in zip(before, after, strict=True))
+
+
+def test_weight_update_rejects_unknown_tensor_and_wrong_shape():
+    _, _, base = tiny("qwen3")
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(max_slots=2, max_len=32))
+    with pytest.raises(MilesError, match="no such tensor"):
+        engine.update_weights({"model.nope.weight": torch.zeros(2)})
+    with pytest.raises(MilesError, match="shape"):
+        engine.update_weights({"model.norm.weight": torch.zeros(3)})
+    assert engine.version == 0
+
+
+def test_weight_update_requantizes_int4_experts_in_place():
+    from miles_core.quant import int4_group_quantize, pack_int4, quantize_model_
+
+    _, _, base = tiny("qwen3_moe")
+    model = copy.deepcopy(base)
+    quantize_model_(model, "int4", group_size=16)
+    trainer = _perturbed(base, seed=1)
+    engine = Engine(model, config=EngineConfig(max_slots=2, max_len=64))
+    experts = model.model.layers[0].mlp.experts
+    ptr = experts.gate_up_weight_packed.data_ptr()
+    engine.update_weights(trainer)
+    q, s = int4_group_quantize(
+        trainer.model.layers[0].mlp.experts.gate_up_proj.detach(), 16, experts.gate_up_weight_scale.dtype
+    )
+    assert experts.gate_up_weight_packed.data_ptr() == ptr
+    assert torch.equal(experts.gate_up_weight_packed, pack_int4(q)) and torch.equal(experts.gate_up_weight_scale, s)
+    out = engine.generate(_requests(n=1))
+    assert all(s.status == "truncated" for s in out)
