@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "flows.commands.eval",
     "flows.commands.quantize",
     "flows.commands.convert",
+    "flows.commands.rollout",
 ]
 
 
