@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "flows.commands.quantize",
     "flows.commands.convert",
     "flows.commands.rollout",
+    "flows.commands.train",
 ]
 
 

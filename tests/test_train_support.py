@@ -68,3 +68,22 @@ def parity_reward(ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Toy task: the fraction of response tokens with the parity of the prompt's first token. [N]."""
     want = ids[:, :1] % 2
     return ((ids[:, prompt_len:] % 2) == want).float().mean(-1)
+
+
+def engine_rollout(engine, prompts: torch.Tensor, n: int, new_tokens: int, reward_fn, iteration: int, seed: int):
+    """Generate with the rollout engine; rows scored by `reward_fn(prompt list, response list) -> float`."""
+    from miles_core.rollout import Request, SamplingParams, sample_row
+
+    requests = [
+        Request(f"p{i}", p.tolist(), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=seed * 1000 + i), n)
+        for i, p in enumerate(prompts)
+    ]
+    rows = [sample_row(s, iteration) for s in engine.generate(requests)]
+    for row in rows:
+        row["reward"] = float(reward_fn(list(row["prompt_tokens"]), list(row["response_tokens"])))
+    return rows
+
+
+def low_token_reward(prompt: list[int], response: list[int]) -> float:
+    """Toy task: the fraction of response tokens with id < 16 (1/6 of the vocabulary)."""
+    return sum(t < 16 for t in response) / max(len(response), 1)
