@@ -47,6 +47,7 @@ class EngineConfig(BaseModel):
     max_prefill_tokens: int = Field(16384, ge=1, description="padded prompt tokens prefilled per step")
     seed: int = Field(0, description="draws the seeds of requests that give none")
     cuda_graphs: bool = Field(False, description="decode under CUDA graphs (CUDA only; see graphs.py)")
+    static_decode: bool = Field(False, description="decode all slots with static shapes (implied by cuda_graphs)")
     graph_len_bucket: int = Field(256, ge=1, description="CUDA graphs: attended length rounded up to this")
 
 
@@ -62,10 +63,13 @@ class Engine:
         self._rng = random.Random(self.config.seed)
         self._eos = _eos_ids(tokenizer, model)
         self._graphs = None
-        if self.config.cuda_graphs:
+        if self.config.cuda_graphs and self.device.type != "cuda":
+            raise MilesError("cuda_graphs needs the model on a CUDA device")
+        if self.config.cuda_graphs or self.config.static_decode:
             from miles_core.rollout.graphs import GraphDecoder
 
-            self._graphs = GraphDecoder(model, self.cache, self.config.graph_len_bucket)
+            bucket = self.config.graph_len_bucket
+            self._graphs = GraphDecoder(model, self.cache, bucket, capture=self.config.cuda_graphs)
 
     # ---- requests in, samples out -------------------------------------------------------------
 
@@ -212,9 +216,7 @@ class Engine:
         dict or (name, tensor) pairs. Bumps (or sets) the version; returns it. Call between rounds."""
         if self.scheduler.running:
             raise MilesError("update_weights while samples are running; call it between rounds")
-        copy_weights_(self.model, source)
-        if self._graphs is not None:
-            self._graphs.weights_changed()
+        copy_weights_(self.model, source)  # in place: captured graphs stay valid
         self.version = self.version + 1 if version is None else int(version)
         return self.version
 

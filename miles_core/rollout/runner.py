@@ -9,10 +9,17 @@ positions with the mask `key <= query position`, so causal attention over the ca
 fresh tokens is one code path.
 
 The forward walks the model core's modules (`embed_tokens`, each layer's norms, attention pieces
-`qkv` / `query` + `latent` + `expand`, and `mlp`), so it computes exactly what `CausalLM.forward`
+`qkv` / `query` + `latent` + `expand`, and `mlp`), so it computes what `CausalLM.forward`
 computes, only over cached positions; the MoE layers return the experts they chose, which are
 stored beside the KV entries. Logits are computed only where they are needed (the last fed
 position of each row, unless `all_logits`): a prompt's other positions never touch the LM head.
+
+Decode (T = 1) attends with `decode_attention`: GQA as grouped einsums (each KV head read once,
+never repeated per query head), MLA in the absorbed form (the query is mapped into the latent
+space with kv_b_proj's key half, scores and values are taken against the cached latent, and the
+value half maps back), so a step reads kv_rank + rope_dim numbers per cached token and never
+expands the whole cache to per-head K/V. `capture_safe` swaps the MoE block's host-synchronising
+expert count (`bincount`) for a scatter-add so the step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from miles_core.model.attention import MLAttention, attend
 from miles_core.rollout.cache import KVCache
 
-__all__ = ["StepBatch", "forward_step"]
+__all__ = ["StepBatch", "decode_attention", "forward_step", "moe_forward"]
 
 
 @dataclass
@@ -34,6 +42,7 @@ class StepBatch:
     start: torch.Tensor  # [B] long, position of tokens[:, 0]
     n_valid: torch.Tensor  # [B] long, real tokens per row (>= 1)
     read_len: int  # attend over positions [0, read_len) of each slot; >= max(start + n_valid)
+    all_slots: bool = False  # row i is slot i for every slot: the cache is read by slicing, no gather
 
     @classmethod
     def build(cls, rows: list[tuple[list[int], int, int]], device, read_len: int | None = None) -> StepBatch:
@@ -52,21 +61,98 @@ class StepBatch:
         )
 
 
+def _softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked softmax over the last dim, in float32 at least, back in the scores' dtype."""
+    s = scores.float().masked_fill(~mask, float("-inf"))
+    return s.softmax(-1).to(scores.dtype)
+
+
+def decode_attention(attn: nn.Module, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor):
+    """Attention of a few new queries over a slot's cache -> [B, T, Hq, Dv].
+
+    GQA: q [B, T, Hq, D], a = K, b = V [B, L, Hkv, D]. MLA: q [B, T, H, nope + R] (rope applied),
+    a = latent [B, L, r], b = rope key [B, L, 1, R]. mask: bool [B, 1, T, L].
+    """
+    if isinstance(attn, MLAttention):
+        return _mla_absorbed(attn, q, a, b, mask)
+    bsz, t, hq, d = q.shape
+    hkv = a.shape[2]
+    qg = q.view(bsz, t, hkv, hq // hkv, d)  # [B, T, Hkv, G, D]
+    scores = torch.einsum("bthgd,blhd->bhgtl", qg, a.to(q.dtype)) * attn.scale  # [B, Hkv, G, T, L]
+    p = _softmax(scores, mask[:, :, None])  # mask [B, 1, 1, T, L]
+    out = torch.einsum("bhgtl,blhd->bthgd", p, b.to(q.dtype))  # [B, T, Hkv, G, D]
+    return out.reshape(bsz, t, hq, d)
+
+
+def _mla_absorbed(attn: MLAttention, q: torch.Tensor, c: torch.Tensor, k_rot: torch.Tensor, mask: torch.Tensor):
+    w = attn.kv_b_proj.weight.view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_rank)  # [H, nope + Dv, r]
+    w_k, w_v = w[:, : attn.nope], w[:, attn.nope :]  # [H, nope, r], [H, Dv, r]
+    q_nope, q_rot = q.split([attn.nope, attn.rope_dim], dim=-1)
+    q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_k)  # the query in latent space
+    c = c.to(q.dtype)
+    scores = torch.einsum("bthr,blr->bhtl", q_lat, c) + torch.einsum(
+        "bthd,bld->bhtl", q_rot, k_rot[:, :, 0].to(q.dtype)
+    )
+    p = _softmax(scores * attn.scale, mask)  # [B, H, T, L]
+    out_lat = torch.einsum("bhtl,blr->bthr", p, c)  # [B, T, H, r]
+    return torch.einsum("bthr,hvr->bthv", out_lat, w_v)  # [B, T, H, Dv]
+
+
+def _absorbable(attn: nn.Module) -> bool:
+    """MLA's absorbed decode needs kv_b_proj's dense weight (a quantized kv_b_proj takes the expand path)."""
+    return not isinstance(attn, MLAttention) or type(attn.kv_b_proj) is nn.Linear
+
+
 def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask):
     """h: [B, T, H] -> attention output [B, T, H], after writing this step's entries into the cache."""
     if isinstance(attn, MLAttention):
         q = attn.query(h, cos, sin)  # [B, T, Hq, nope + R]
-        cache.write(layer, wslot, wpos, *attn.latent(h, cos, sin))  # latent [B, T, r], rope key [B, T, 1, R]
-        k, v = attn.expand(*cache.read(layer, batch.slots, batch.read_len))  # [B, L, Hq, *]
+        new = attn.latent(h, cos, sin)  # latent [B, T, r], rope key [B, T, 1, R]
     else:
-        q, k_new, v_new = attn.qkv(h, cos, sin)  # [B, T, H*, D]
-        cache.write(layer, wslot, wpos, k_new, v_new)
-        k, v = cache.read(layer, batch.slots, batch.read_len)  # [B, L, Hkv, D]
-    out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, attn.scale)  # [B, T, Hq, Dv]
+        q, *new = attn.qkv(h, cos, sin)  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
+    cache.write(layer, wslot, wpos, *new)
+    if batch.all_slots:  # row i is slot i: a view of the cache, no gather
+        a, b = (
+            cache.a[layer][: len(batch.slots), : batch.read_len],
+            cache.b[layer][: len(batch.slots), : batch.read_len],
+        )
+    else:
+        a, b = cache.read(layer, batch.slots, batch.read_len)
+    if q.shape[1] == 1 and _absorbable(attn):
+        out = decode_attention(attn, q, a, b, mask)
+    else:
+        k, v = attn.expand(a, b) if isinstance(attn, MLAttention) else (a, b)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, attn.scale)  # [B, T, Hq, Dv]
     return attn.o_proj(out.flatten(2))
 
 
-def forward_step(model, cache: KVCache, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
+def moe_forward(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model core's MoE forward (same ops, same order) with a capture-safe expert count.
+
+    x: [B, T, H] -> (out [B, T, H], experts [B*T, k]). `torch.bincount` reads the max id back to
+    the host; a scatter-add into E counters does not, so the step can live in a CUDA graph.
+    """
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])  # [N, H]
+    weights, experts = mlp.gate(flat, None)  # [N, k]
+    n, k = experts.shape
+    ids = experts.reshape(-1)  # [N*k]
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(mlp.gate.n_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids)
+    )  # [E]
+    ys = mlp.experts.sorted_forward(flat[order // k], counts)  # [N*k, H]
+    y = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)  # [N, k, H]
+    out = torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
+    out = out.view(shape)
+    if mlp.shared_experts is not None:
+        out = out + mlp.shared_experts(x)
+    return out, experts
+
+
+def forward_step(
+    model, cache: KVCache, batch: StepBatch, all_logits: bool = False, capture_safe: bool = False
+) -> torch.Tensor:
     """Run the new tokens through the model over the cache -> logits [B, V] at each row's last real
     token ([B, T, V] with `all_logits`), float as the LM head gives them. Records KV and experts."""
     b, t = batch.tokens.shape
@@ -87,7 +173,7 @@ def forward_step(model, cache: KVCache, batch: StepBatch, all_logits: bool = Fal
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, wslot, wpos, batch, mask)
         h = layer.post_attention_layernorm(x)
         if layer.is_moe:
-            h, experts = layer.mlp(h, None)  # experts [B*T, k]
+            h, experts = moe_forward(layer.mlp, h) if capture_safe else layer.mlp(h, None)  # experts [B*T, k]
             chosen.append(experts.view(b, t, -1))
         else:
             h = layer.mlp(h)

@@ -1,0 +1,84 @@
+"""Static-shape decode, replayed from CUDA graphs on the GPU.
+
+UNTESTED ON GPU (no device in the session that wrote it): the static-shape logic runs in the CPU
+tests (`capture=False`), the capture/replay itself has not run yet. See bench/rollout.py.
+
+A decode step launches hundreds of small kernels (per layer: norms, projections, rope, cache
+writes, attention, router, grouped experts); at batch 64 each is a few microseconds, so Python and
+launch overhead, not memory bandwidth, set the step time. A CUDA graph replays the whole step as
+one launch. It needs fixed shapes and fixed tensor addresses, so the step here always runs
+*every* slot (row i = slot i; free slots decode a dummy token at position 0 of their own, unused
+row), reads its inputs from persistent buffers, and attends over a length rounded up to a bucket
+(`bucket`, e.g. 256): one graph per bucket, captured the first time that length is reached.
+The MoE block runs `moe_forward(capture_safe)` (no host sync); the experts run the grouped GEMM
+(`torch._grouped_mm`, bf16) which takes device-side offsets. Sampling stays outside the graph.
+
+Weights updated in place (`copy_`, see weights.py) keep their addresses, so graphs stay valid
+across weight updates; `reset()` drops them (needed only if a module's tensors were replaced).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miles_core.rollout.cache import KVCache
+from miles_core.rollout.runner import StepBatch, forward_step
+
+__all__ = ["GraphDecoder"]
+
+
+class GraphDecoder:
+    def __init__(self, model, cache: KVCache, bucket: int = 256, capture: bool | None = None):
+        self.model, self.cache, self.bucket = model, cache, bucket
+        device = cache.a[0].device
+        self.capture = device.type == "cuda" if capture is None else capture
+        s = cache.slots
+        self.tokens = torch.zeros(s, 1, dtype=torch.long, device=device)  # [S, 1]
+        self.start = torch.zeros(s, dtype=torch.long, device=device)  # [S]
+        self.slots = torch.arange(s, device=device)
+        self.n_valid = torch.ones(s, dtype=torch.long, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def _length(self, need: int) -> int:
+        return min(-(-need // self.bucket) * self.bucket, self.cache.max_len)
+
+    def _batch(self, read_len: int) -> StepBatch:
+        return StepBatch(self.tokens, self.slots, self.start, self.n_valid, read_len, all_slots=True)
+
+    def decode(self, rows: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """rows: ([last token], slot, position) of each running sample -> logits [N, V] in row order."""
+        tokens = torch.zeros(self.cache.slots, dtype=torch.long)
+        start = torch.zeros(self.cache.slots, dtype=torch.long)
+        for ids, slot, pos in rows:
+            tokens[slot], start[slot] = ids[0], pos
+        self.tokens.copy_(tokens[:, None], non_blocking=True)
+        self.start.copy_(start, non_blocking=True)
+        length = self._length(max(pos for _, _, pos in rows) + 1)
+        which = torch.tensor([slot for _, slot, _ in rows], device=self.tokens.device)
+        if not self.capture:
+            return forward_step(self.model, self.cache, self._batch(length), capture_safe=True)[which]
+        if length not in self._graphs:
+            self._graphs[length] = self._capture(length)
+        graph, logits = self._graphs[length]
+        graph.replay()
+        return logits[which]
+
+    def _capture(self, length: int):
+        """Warm up on a side stream, then capture. The inputs are this step's real ones and the step
+        is idempotent (it rewrites the same KV at the same positions), so warm-up runs are harmless."""
+        batch = self._batch(length)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward_step(self.model, self.cache, batch, capture_safe=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = forward_step(self.model, self.cache, batch, capture_safe=True)
+        self._pool = graph.pool()
+        return graph, logits
+
+    def reset(self) -> None:
+        self._graphs.clear()

@@ -1,0 +1,81 @@
+"""The GPU path's pieces, checked on the CPU: static all-slot decode (what CUDA graphs replay),
+the capture-safe MoE, and the decode attention (grouped GQA, absorbed MLA) against SDPA. The
+CUDA-graph capture itself is in the `gpu`-marked test at the end (run on the device)."""
+
+import pytest
+import torch
+
+from miles_core.model.attention import MLAttention, attend
+from miles_core.rollout import Engine, EngineConfig, Request, SamplingParams
+from miles_core.rollout.runner import decode_attention, moe_forward
+from tests.test_rollout_fixtures import one_thread, ragged_prompts, tiny  # noqa: F401
+from tests.tiny_models import CONFIGS
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_static_all_slot_decode_equals_dynamic_decode(arch):
+    _, _, model = tiny(arch)
+    prompts = ragged_prompts((5, 11, 3, 8), seed=9)
+    sp = SamplingParams(temperature=0.8, max_new_tokens=12, ignore_eos=True, seed=3)
+    reqs = [Request(f"p{i}", p, sp, n_samples=2) for i, p in enumerate(prompts)]
+    ref = Engine(model, config=EngineConfig(max_slots=3, max_len=48)).generate(reqs)
+    got = Engine(model, config=EngineConfig(max_slots=3, max_len=48, static_decode=True, graph_len_bucket=8)).generate(
+        reqs
+    )
+    for a, b in zip(got, ref, strict=True):
+        assert a.response_tokens == b.response_tokens
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-5
+        assert (a.experts is None and b.experts is None) or torch.equal(a.experts, b.experts)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_capture_safe_moe_equals_the_model_moe_bitwise(arch):
+    _, _, model = tiny(arch)
+    layer = model.model.layers[model.moe_layer_ids[0]]
+    h = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, ref_experts = layer.mlp(h, None)
+        got, experts = moe_forward(layer.mlp, h)
+    assert torch.equal(got, ref) and torch.equal(experts, ref_experts)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
+def test_decode_attention_equals_sdpa_over_expanded_cache(arch):
+    _, _, model = tiny(arch)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    b, t, L = 3, 2, 9
+    x = torch.randn(b, L, model.config.hidden_size, generator=g)
+    pos = torch.arange(L)[None].expand(b, L)
+    cos, sin = model.model.rotary(pos, x.dtype)
+    mask = torch.rand(b, 1, t, L, generator=g) > 0.3
+    mask[..., 0] = True
+    with torch.no_grad():
+        if isinstance(attn, MLAttention):
+            q = attn.query(x[:, -t:], cos[:, -t:], sin[:, -t:])
+            a, kr = attn.latent(x, cos, sin)
+            k, v = attn.expand(a, kr)
+            got = decode_attention(attn, q, a, kr, mask)
+        else:
+            q, k, v = attn.qkv(x, cos, sin)
+            q = q[:, -t:]
+            got = decode_attention(attn, q, k, v, mask)
+        ref = attend(q, k, v, mask, attn.scale)
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_cuda_graph_decode_matches_eager_decode_on_gpu(arch, tmp_path):
+    from miles_core.model import load_model
+    from tests.tiny_models import save_hf
+
+    path, _ = save_hf(CONFIGS[arch](hidden_size=128) if arch == "qwen3_moe" else CONFIGS[arch](), str(tmp_path / arch))
+    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    reqs = [Request(f"p{i}", p, SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)) for i, p in
+            enumerate(ragged_prompts((5, 30, 12), seed=10))]  # fmt: skip
+    eager = Engine(model, config=EngineConfig(max_slots=4, max_len=128, static_decode=True)).generate(reqs)
+    graphs = Engine(model, config=EngineConfig(max_slots=4, max_len=128, cuda_graphs=True, graph_len_bucket=32))
+    got = graphs.generate(reqs)
+    assert [s.response_tokens for s in got] == [s.response_tokens for s in eager]
+    assert graphs._graphs._graphs  # at least one graph was captured and replayed
