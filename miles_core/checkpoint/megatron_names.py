@@ -144,24 +144,24 @@ def _gqa_slots(hf: str, mg: str, axis: tuple) -> list[Slot]:
 
 
 def _mla_slots(cfg: ModelConfig, hf: str, mg: str, axis: tuple) -> list[Slot]:
-    a, s = hf + "self_attn.", mg + "self_attention."
-    pairs = [("input_layernorm", hf + "input_layernorm.weight", True)]
-    if cfg.q_lora_rank:
+    a = hf + "self_attn."
+    pairs = [("input_layernorm", hf + "input_layernorm")]
+    if cfg.q_lora_rank:  # q: down-projection [q_lora, H], its norm, up-projection [nh * (nope + rope), q_lora]
         pairs += [
-            ("self_attention.linear_q_down_proj", a + "q_a_proj.weight", True),
-            ("self_attention.q_layernorm", a + "q_a_layernorm.weight", True),
-            ("self_attention.linear_q_up_proj", a + "q_b_proj.weight", True),
+            ("self_attention.linear_q_down_proj", a + "q_a_proj"),
+            ("self_attention.q_layernorm", a + "q_a_layernorm"),
+            ("self_attention.linear_q_up_proj", a + "q_b_proj"),
         ]
     else:
-        pairs.append(("self_attention.linear_q_proj", a + "q_proj.weight", True))
+        pairs.append(("self_attention.linear_q_proj", a + "q_proj"))
+    # kv: down [kv_lora + rope, H] (same row order in both), its norm, up [nh * (nope + v), kv_lora]
     pairs += [
-        ("self_attention.linear_kv_down_proj", a + "kv_a_proj_with_mqa.weight", True),
-        ("self_attention.kv_layernorm", a + "kv_a_layernorm.weight", True),
-        ("self_attention.linear_kv_up_proj", a + "kv_b_proj.weight", True),
-        ("self_attention.linear_proj", a + "o_proj.weight", True),
+        ("self_attention.linear_kv_down_proj", a + "kv_a_proj_with_mqa"),
+        ("self_attention.kv_layernorm", a + "kv_a_layernorm"),
+        ("self_attention.linear_kv_up_proj", a + "kv_b_proj"),
+        ("self_attention.linear_proj", a + "o_proj"),
     ]
-    del s
-    return [Slot(f"{mg}{m}.weight", (h,), prefix=axis, optional=not req) for m, h, req in pairs]
+    return [Slot(f"{mg}{m}.weight", (f"{h}.weight",), prefix=axis) for m, h in pairs]
 
 
 def _mlp_slots(hf: str, mg: str, axis: tuple, biases: bool = True) -> list[Slot]:

@@ -120,6 +120,8 @@ def _hf_config(ck: TorchDistCheckpoint, include_mtp: bool) -> dict:
     cfg = dict(ck.hf_config)
     if include_mtp and ck.num_mtp:
         cfg["num_nextn_predict_layers"] = ck.num_mtp
+    elif "num_nextn_predict_layers" in cfg:
+        cfg["num_nextn_predict_layers"] = 0  # the weights are left out: say so
     return cfg
 
 
