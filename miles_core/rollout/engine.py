@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from miles_core.errors import MilesError
 from miles_core.rollout.cache import KVCache
+from miles_core.rollout.numerics import Numerics, check_numerics
 from miles_core.rollout.partial import Budget
 from miles_core.rollout.runner import StepBatch, forward_step
 from miles_core.rollout.sampling import SamplingTensors, sample
@@ -49,11 +50,13 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(False, description="decode under CUDA graphs (CUDA only; see graphs.py)")
     static_decode: bool = Field(False, description="decode all slots with static shapes (implied by cuda_graphs)")
     graph_len_bucket: int = Field(256, ge=1, description="CUDA graphs: attended length rounded up to this")
+    numerics: Numerics = Field("default", description="default | bitwise (batch-invariant, planned; numerics.py)")
 
 
 class Engine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        check_numerics(self.config.numerics)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.lm_head.weight.device

@@ -1,0 +1,193 @@
+"""Rollout throughput: the miles engine vs transformers `generate`, and the memory floor.
+
+    PYTHONPATH=. python bench/rollout.py --layers 8 --batch 64 256 --prompt 512 --new 512
+
+UNTESTED ON GPU: written in a session without a device; run it on an H100 and record the table in
+bench/RESULTS.md (issue 6's last acceptance line).
+
+Model: Qwen3-30B-A3B shape cut to `--layers` layers, random bf16 weights shared by every engine
+(miles' parameters are assigned transformers' tensors; the FP8 model quantizes a copy). Each
+batch: B random prompts of `--prompt` tokens, `--new` greedy tokens each, EOS ignored.
+
+- miles: `Engine.generate` end to end (prefill + decode), with CUDA graphs and without, bf16 and
+  FP8 (`quantize_model_(model, "fp8")`). Decode ms/step is the median of the steps that only
+  decode (every sample running, no prefill in the step).
+- transformers: `generate(do_sample=False)` with `set_experts_implementation("grouped_mm")` (its
+  fastest experts path) and with its default eager loop, in the same run on the same weights.
+  The eager loop is slow (about 0.4 s/step at batch 64 on an H100), so it generates only
+  `--eager-new` tokens and its ms/step is total / steps (prefill included, a slight overestimate).
+- floor: bytes one decode step must read (every attention / router / norm weight, the LM head,
+  the experts at least one token of the batch routes to - expected count under uniform routing,
+  E * (1 - (1 - k/E)^B) per layer - and the KV cache at the mean context length prompt + new/2)
+  divided by the device bandwidth measured now (a 4 GiB device-to-device copy: 2 bytes moved per
+  byte copied). Goal: miles' decode step <= 1.7x the floor at batch 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def measured_bandwidth(gib: int = 4) -> float:
+    """Device memory bandwidth in bytes/s: a large copy reads and writes every byte once."""
+    n = gib * 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / min(times)
+
+
+def decode_floor_bytes(cfg: dict, layers: int, batch: int, ctx: float, expert_bytes: float = 2.0) -> float:
+    """Bytes a decode step of `batch` tokens at mean context `ctx` must read (see module doc)."""
+    h, hd = cfg["hidden_size"], cfg["head_dim"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    e, k, i = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+    attn = h * (nq * hd) * 2 + h * (nkv * hd) * 2 + 2 * hd + 2 * h  # q, o, k, v, q/k norms, layer norms
+    router = e * h
+    touched = e * (1 - (1 - k / e) ** batch)
+    experts = touched * 3 * h * i * expert_bytes
+    kv = batch * ctx * 2 * nkv * hd * 2  # K and V, bf16
+    per_layer = (attn + router) * 2 + experts + kv
+    head = cfg["vocab_size"] * h * 2 + batch * h * 2  # LM head + the embedding rows gathered
+    return layers * per_layer + head
+
+
+def run_miles(model, batch: int, prompt: int, new: int, graphs: bool, vocab: int) -> dict:
+    from miles_core.rollout import Engine, EngineConfig, Request, SamplingParams
+
+    config = EngineConfig(
+        max_slots=batch,
+        max_len=prompt + new + 1,
+        max_prefill_tokens=min(batch * prompt, 32768),
+        cuda_graphs=graphs,
+        graph_len_bucket=128,
+    )
+    engine = Engine(model, None, config)
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True)
+    reqs = [Request(f"p{j}", torch.randint(0, vocab, (prompt,), generator=g).tolist(), sp) for j in range(batch)]
+    warm = [Request("w", reqs[0].prompt_tokens, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))]
+    engine.generate(warm)  # first-call costs (kernels, cuBLAS handles) out of the timing
+    steps: list[tuple[float, int]] = []
+    last = [time.perf_counter()]
+
+    def on_step(n_tokens, finished):
+        now = time.perf_counter()  # each step ends with a host sync (sampled tokens), so this is device time
+        steps.append((now - last[0], n_tokens))
+        last[0] = now
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    last[0] = t0
+    out = engine.generate(reqs, on_step=on_step)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    decode = [dt for dt, n in steps if n == batch]
+    produced = sum(len(s.response_tokens) for s in out)
+    del engine
+    torch.cuda.empty_cache()
+    return {
+        "s": total,
+        "tok/s": produced / total,
+        "ms/step": 1e3 * statistics.median(decode) if decode else float("nan"),
+    }
+
+
+def run_hf(hf, batch: int, prompt: int, new: int, impl: str, vocab: int) -> dict:
+    from transformers import GenerationConfig
+
+    hf.set_experts_implementation(impl)
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    gc = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        hf.generate(ids[:, :16], generation_config=GenerationConfig(do_sample=False, max_new_tokens=2, pad_token_id=0))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = hf.generate(ids, generation_config=gc)
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    produced = (out.shape[1] - prompt) * batch
+    torch.cuda.empty_cache()
+    return {"s": total, "tok/s": produced / total, "ms/step": 1e3 * total / new}
+
+
+def main() -> None:
+    from bench.forward import build
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--eager-new", type=int, default=32, help="new tokens for transformers' slow eager loop")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--skip-fp8", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph miles run")
+    args = ap.parse_args()
+
+    bandwidth = measured_bandwidth()
+    hf, miles, raw = build(args.layers)
+    vocab = raw["vocab_size"]
+    fp8 = None
+    if not args.skip_fp8:
+        from miles_core.model import build_model
+        from miles_core.model.config import ModelConfig
+        from miles_core.quant import quantize_model_
+
+        fp8 = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
+        fp8.load_state_dict(miles.state_dict())
+        quantize_model_(fp8, "fp8")
+        torch.cuda.empty_cache()
+
+    rows = []
+    ctx = args.prompt + args.new / 2
+    for b in args.batch:
+        floor_ms = 1e3 * decode_floor_bytes(raw, args.layers, b, ctx) / bandwidth
+        floor_fp8 = 1e3 * decode_floor_bytes(raw, args.layers, b, ctx, expert_bytes=1.0) / bandwidth
+        gb = decode_floor_bytes(raw, args.layers, b, ctx) / 1e9
+        rows.append((b, f"floor bf16 ({gb:.1f} GB/step)", {"ms/step": floor_ms, "tok/s": b / floor_ms * 1e3}))
+        if fp8 is not None:
+            rows.append((b, "floor fp8 experts", {"ms/step": floor_fp8, "tok/s": b / floor_fp8 * 1e3}))
+        runs = [("miles bf16", miles, False)]
+        if not args.no_graphs:
+            runs.append(("miles bf16 + CUDA graphs", miles, True))
+        if fp8 is not None:
+            runs.append(("miles fp8 + CUDA graphs", fp8, not args.no_graphs))
+        for name, model, graphs in runs:
+            rows.append((b, name, run_miles(model, b, args.prompt, args.new, graphs, vocab)))
+        if not args.skip_hf:
+            rows.append((b, "transformers grouped_mm", run_hf(hf, b, args.prompt, args.new, "grouped_mm", vocab)))
+            if not args.skip_eager:
+                r = run_hf(hf, b, args.prompt, args.eager_new, "eager", vocab)
+                rows.append((b, f"transformers eager ({args.eager_new} new)", r))
+
+    print(f"\nrollout, Qwen3-30B-A3B shape, {args.layers} layers, prompt {args.prompt} + {args.new} new tokens, greedy")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"measured bandwidth (4 GiB copy): {bandwidth / 1e12:.2f} TB/s")
+    print(f"| {'batch':>5} | {'engine':<36} | {'ms/step':>8} | {'tokens/s':>10} | {'x floor':>7} |")
+    print(f"|{'-' * 7}|{'-' * 38}|{'-' * 10}|{'-' * 12}|{'-' * 9}|")
+    floors = {b: r["ms/step"] for b, name, r in rows if name.startswith("floor bf16")}
+    for b, name, r in rows:
+        ratio = r["ms/step"] / floors[b]
+        print(f"| {b:>5} | {name:<36} | {r['ms/step']:8.2f} | {r['tok/s']:10,.0f} | {ratio:7.2f} |")
+
+
+if __name__ == "__main__":
+    main()
