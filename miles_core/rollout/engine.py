@@ -65,6 +65,7 @@ class Engine:
         self.version = 0
         self._rng = random.Random(self.config.seed)
         self._eos = _eos_ids(tokenizer, model)
+        self._no_sync = self.device.type == "cuda"  # MoE without bincount's host sync (runner.moe_forward)
         self._graphs = None
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise MilesError("cuda_graphs needs the model on a CUDA device")
@@ -135,7 +136,8 @@ class Engine:
         units = self.scheduler.admit()
         if units:
             rows = [(u.tokens, u.samples[0].slot, 0) for u in units]
-            logits = forward_step(self.model, self.cache, StepBatch.build(rows, self.device))  # [U, V]
+            batch = StepBatch.build(rows, self.device)
+            logits = forward_step(self.model, self.cache, batch, capture_safe=self._no_sync)  # [U, V]
             members, which = [], []
             for i, u in enumerate(units):
                 self.cache.copy(u.samples[0].slot, [s.slot for s in u.samples[1:]], len(u.tokens))
@@ -157,7 +159,9 @@ class Engine:
         if self._graphs is not None:
             logits = self._graphs.decode(rows)
         else:
-            logits = forward_step(self.model, self.cache, StepBatch.build(rows, self.device))
+            logits = forward_step(
+                self.model, self.cache, StepBatch.build(rows, self.device), capture_safe=self._no_sync
+            )
         for s in running:
             s.fed += 1
         return logits

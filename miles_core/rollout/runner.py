@@ -6,7 +6,8 @@ would be `n_valid = k + 1` at the current length. Rows are right-padded to a com
 positions write to the cache's scratch slot and their outputs are ignored. Each layer writes its
 new K/V (or MLA latent) into the slot first, then attends over the slot's first `read_len`
 positions with the mask `key <= query position`, so causal attention over the cache and over the
-fresh tokens is one code path.
+fresh tokens is one code path. A prefill whose rows all start at position 0 (`fresh`) skips the
+read: it attends to its own K/V with the causal kernel (flash on CUDA), as the full forward does.
 
 The forward walks the model core's modules (`embed_tokens`, each layer's norms, attention pieces
 `qkv` / `query` + `latent` + `expand`, and `mlp`), so it computes what `CausalLM.forward`
@@ -43,6 +44,7 @@ class StepBatch:
     n_valid: torch.Tensor  # [B] long, real tokens per row (>= 1)
     read_len: int  # attend over positions [0, read_len) of each slot; >= max(start + n_valid)
     all_slots: bool = False  # row i is slot i for every slot: the cache is read by slicing, no gather
+    fresh: bool = False  # every row starts at position 0: attend to this step's own K/V, causally
 
     @classmethod
     def build(cls, rows: list[tuple[list[int], int, int]], device, read_len: int | None = None) -> StepBatch:
@@ -58,6 +60,7 @@ class StepBatch:
             start=torch.tensor([r[2] for r in rows], dtype=torch.long, device=device),
             n_valid=torch.tensor([len(r[0]) for r in rows], dtype=torch.long, device=device),
             read_len=max(read_len or 0, need),
+            fresh=all(r[2] == 0 for r in rows) and (read_len or 0) <= t,
         )
 
 
@@ -111,6 +114,10 @@ def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch
     else:
         q, *new = attn.qkv(h, cos, sin)  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
     cache.write(layer, wslot, wpos, *new)
+    if batch.fresh:  # a prefill from position 0: the cache holds nothing else, so attend like a full forward
+        k, v = attn.expand(*new) if isinstance(attn, MLAttention) else new
+        out = attend(q, k, v, None, attn.scale)  # causal (flash on CUDA); right padding never reaches real rows
+        return attn.o_proj(out.flatten(2))
     if batch.all_slots:  # row i is slot i: a view of the cache, no gather
         a, b = (
             cache.a[layer][: len(batch.slots), : batch.read_len],
