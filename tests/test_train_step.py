@@ -3,6 +3,7 @@
 import copy
 import math
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -176,3 +177,41 @@ def test_bad_config_is_one_clear_miles_error(tmp_path):
     path.write_text("train:\n  lr: 3.0e-6\n  tis: true\n")
     cfg = TrainConfig.load(str(path), kl_coef=0.01)
     assert cfg.lr == 3e-6 and cfg.tis and cfg.kl_coef == 0.01 and cfg.needs_reference
+
+
+def _partial_rollout_table(model):
+    """Rows whose first 2 response tokens came from weight version 0 and the rest from version 1."""
+    table = _table(model, seed=10, new=5)
+    n = table.num_rows
+    versions = pa.array([[0, 0, 1, 1, 1]] * n, type=pa.list_(pa.int32()))
+    table = table.append_column("logprob_versions", versions)
+    return table.set_column(
+        table.schema.get_field_index("weight_version"), "weight_version", pa.array([0] * n, pa.int32())
+    )
+
+
+def test_stale_tokens_from_a_partial_rollout_are_masked_or_reweighted():
+    model = tiny_model(seed=28)
+    table = _partial_rollout_table(model)
+    samples = samples_from_table(table)
+    assert samples[0].token_versions.tolist() == [0, 0, 1, 1, 1]
+    masked = Trainer(copy.deepcopy(model), TrainConfig(lr=1e-2, stale_tokens="mask", micro_batch_tokens=512))
+    (m,) = masked.train_rollouts(samples)
+    assert m["off_policy/mis_keep_frac"] == pytest.approx(3 / 5)  # 2 of 5 tokens per sample are stale
+    tis = Trainer(copy.deepcopy(model), TrainConfig(lr=1e-2, stale_tokens="tis", micro_batch_tokens=512))
+    (m,) = tis.train_rollouts(samples_from_table(table))
+    assert m["off_policy/mis_keep_frac"] == 1.0 and m["skipped"] == 0.0
+    keep = Trainer(copy.deepcopy(model), TrainConfig(lr=1e-2, micro_batch_tokens=512))
+    (m,) = keep.train_rollouts(samples_from_table(table))
+    assert "off_policy/mis_keep_frac" not in m
+
+
+def test_entropy_bonus_changes_the_update_and_is_reported():
+    model = tiny_model(seed=29)
+    table = _table(model, seed=11, rewards=torch.ones(24))  # zero advantages: only the entropy term acts
+    plain = Trainer(copy.deepcopy(model), TrainConfig(lr=1e-2, micro_batch_tokens=512))
+    bonus = Trainer(copy.deepcopy(model), TrainConfig(lr=1e-2, entropy_coef=0.1, micro_batch_tokens=512))
+    (m0,) = plain.train_rollouts(samples_from_table(table))
+    (m1,) = bonus.train_rollouts(samples_from_table(table))
+    assert m0["grad_norm"] == 0.0 and m1["grad_norm"] > 0.0
+    assert m0["policy/entropy"] == pytest.approx(m1["policy/entropy"]) and m1["entropy_loss"] < 0

@@ -74,10 +74,10 @@ def engine_rollout(engine, prompts: torch.Tensor, n: int, new_tokens: int, rewar
     """Generate with the rollout engine; rows scored by `reward_fn(prompt list, response list) -> float`."""
     from miles_core.rollout import Request, SamplingParams, sample_row
 
-    requests = [
-        Request(f"p{i}", p.tolist(), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=seed * 1000 + i), n)
-        for i, p in enumerate(prompts)
+    params = [
+        SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=seed * 1000 + i) for i in range(len(prompts))
     ]
+    requests = [Request(f"p{i}", p.tolist(), params[i], n) for i, p in enumerate(prompts)]
     rows = [sample_row(s, iteration) for s in engine.generate(requests)]
     for row in rows:
         row["reward"] = float(reward_fn(list(row["prompt_tokens"]), list(row["response_tokens"])))

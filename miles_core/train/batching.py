@@ -34,7 +34,8 @@ class Sample:
     reward: float
     group: str  # prompt_id: the GRPO group
     routed_experts: Tensor | None = None  # [n - 1, moe_layers, k] int16, or None (dense / not recorded)
-    weight_version: int = 0
+    weight_version: int = 0  # the oldest version among its tokens
+    token_versions: Tensor | None = None  # [R] int64, per response token (partial rollout), or None
     iteration: int = 0
     status: str = "completed"
     advantage: float = 0.0
@@ -56,7 +57,7 @@ class MicroBatch:
     rollout_logprobs: Tensor  # [B, T] float32, 0 off the loss mask
     advantages: Tensor  # [B] float32
     rewards: Tensor  # [B] float32
-    weight_version: Tensor  # [B] int64
+    weight_version: Tensor  # [B, T] int64, the version that generated each target (per sample if unknown)
     routed_experts: Tensor | None  # [B, T, moe_layers, k] int64 (padding: experts 0..k-1), or None
     index: Tensor  # [B] int64, each row's sample index in the batch
 
@@ -72,6 +73,7 @@ class MicroBatch:
 def samples_from_table(table) -> list[Sample]:
     """Rollout Parquet rows (a pyarrow Table from `read_rollouts`) -> samples, in row order."""
     cols = table.to_pydict() if table.num_rows else {}
+    versions = cols.get("logprob_versions")  # the engine's per-token versions (an extra column)
     out = []
     for i in range(table.num_rows):
         prompt = np.asarray(cols["prompt_tokens"][i], dtype=np.int64)
@@ -88,6 +90,7 @@ def samples_from_table(table) -> list[Sample]:
                 group=str(cols["prompt_id"][i]),
                 routed_experts=None if experts is None else torch.tensor(np.asarray(experts, dtype=np.int16)),
                 weight_version=int(cols["weight_version"][i]),
+                token_versions=None if not versions or versions[i] is None else torch.tensor(versions[i]),
                 iteration=int(cols["iteration"][i]),
                 status=str(cols["status"][i]),
                 metadata=json.loads(cols["metadata"][i] or "{}"),
@@ -131,6 +134,7 @@ def collate(samples: list[Sample], index: list[int], num_moe_layers: int = 0, to
     attn = torch.zeros(b, t, dtype=torch.bool)
     loss_mask = torch.zeros(b, t, dtype=torch.bool)
     rollout = torch.zeros(b, t, dtype=torch.float32)
+    versions = torch.zeros(b, t, dtype=torch.int64)
     have_experts = all(s.routed_experts is not None for s in rows) and num_moe_layers > 0
     experts = torch.arange(top_k).expand(b, t, num_moe_layers, top_k).clone() if have_experts else None
     for r, s in enumerate(rows):
@@ -144,6 +148,9 @@ def collate(samples: list[Sample], index: list[int], num_moe_layers: int = 0, to
         if s.rollout_logprobs.numel() != n - p:
             raise MilesError(f"sample {index[r]}: {s.rollout_logprobs.numel()} rollout log-probs for {n - p} tokens")
         rollout[r, p - 1 : n - 1] = s.rollout_logprobs
+        versions[r] = s.weight_version
+        if s.token_versions is not None and s.token_versions.numel() == n - p:
+            versions[r, p - 1 : n - 1] = s.token_versions
         if experts is not None:
             rec = s.routed_experts  # [n - 1, L, k]
             if tuple(rec.shape) != (n - 1, num_moe_layers, top_k):
@@ -160,7 +167,7 @@ def collate(samples: list[Sample], index: list[int], num_moe_layers: int = 0, to
         rollout_logprobs=rollout,
         advantages=torch.tensor([s.advantage for s in rows], dtype=torch.float32),
         rewards=torch.tensor([s.reward for s in rows], dtype=torch.float32),
-        weight_version=torch.tensor([s.weight_version for s in rows], dtype=torch.int64),
+        weight_version=versions,
         routed_experts=experts,
         index=torch.tensor(index, dtype=torch.int64),
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from miles_core.rl import logprobs_and_entropy, token_logprobs
+from miles_core.rl import entropy_from_logits, logprobs_and_entropy, token_logprobs
 from miles_core.train.batching import MicroBatch
 
 
@@ -46,11 +46,17 @@ def policy_forward(
     temperature: float = 1.0,
     replay: bool = True,
     entropy: bool = False,
+    entropy_grad: bool = True,
     hidden: bool = False,
     bf16: bool = False,
     chunk_rows: int | None = None,
 ) -> PolicyOut:
-    """One forward over a micro-batch; grad flows if enabled by the caller."""
+    """One forward over a micro-batch; grad flows if enabled by the caller.
+
+    `entropy_grad=False`: the entropy is a metric only, computed without autograd (chunked by
+    `chunk_rows`), so the backward keeps no [N, V] entropy graph: for a 150k vocabulary that is
+    several GB per micro-batch.
+    """
     routed = mb.routed_experts if replay else None
     record = mb.routed_experts is not None and getattr(model, "num_moe_layers", 0) > 0
     with autocast(mb.input_ids.device, bf16):
@@ -62,9 +68,13 @@ def policy_forward(
             return_hidden_states=hidden,
         )
     logits = out.logits  # [B, T, V]
-    if entropy:
+    if entropy and (entropy_grad or not logits.requires_grad):
         rows = None if logits.requires_grad else chunk_rows  # chunking saves nothing under autograd
         logp, ent = logprobs_and_entropy(logits, mb.targets, temperature, rows)
+    elif entropy:
+        logp = token_logprobs(logits, mb.targets, temperature)
+        with torch.no_grad():
+            ent = entropy_from_logits(logits.detach(), temperature, chunk_rows)
     else:
         logp, ent = token_logprobs(logits, mb.targets, temperature, chunk_rows), None
     logp = logp.masked_fill(~mb.attention_mask, 0.0)

@@ -64,11 +64,13 @@ def minibatch_denominators(micro_batches: list[MicroBatch], cfg: TrainConfig) ->
     return max(denom, 1.0), norm
 
 
-def _token_masks(mb: MicroBatch, old: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor | None]:
+def _token_masks(
+    mb: MicroBatch, old: Tensor, cfg: TrainConfig, current_version: int | None
+) -> tuple[Tensor, Tensor | None]:
     """(keep mask, loss weights or None): stale-token handling, MIS and TIS against the rollout."""
     keep, weights = mb.loss_mask, None
     if cfg.stale_tokens != "keep":
-        stale = stale_tokens(mb.weight_version, keep)
+        stale = stale_tokens(mb.weight_version, keep, current_version)
         keep, weights = correct_stale(keep, stale, old, mb.rollout_logprobs, mode=cfg.stale_tokens, cap=cfg.tis_cap)
     if cfg.mis:
         keep = keep & mis_mask(old, mb.rollout_logprobs, mb.loss_mask, low=cfg.mis_low, high=cfg.mis_high,
@@ -88,11 +90,13 @@ def grpo_step(
     *,
     old_logp: list[Tensor] | None = None,
     ref_logp: list[Tensor] | None = None,
+    current_version: int | None = None,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch, then one guarded optimizer step. Returns metrics.
 
     old_logp: per micro-batch [B, T] log-probs of pi_old (None: the current forward, detached, i.e.
     on-policy; `cfg.old_logprobs == "rollout"`: the rollout's). ref_logp: per micro-batch, for KL.
+    current_version: the newest weight version in the rollout batch; older tokens are stale.
     """
     t0 = time.perf_counter()
     model.train()
@@ -101,13 +105,14 @@ def grpo_step(
     mtp = cfg.mtp_loss_scale > 0 and getattr(model, "mtp", None) is not None
     acc = _Accumulator()
     for i, mb in enumerate(micro_batches):
-        out = policy_forward(model, mb, temperature=cfg.temperature, replay=cfg.r3, entropy=True, hidden=mtp,
-                             bf16=cfg.bf16)  # fmt: skip
+        out = policy_forward(model, mb, temperature=cfg.temperature, replay=cfg.r3, entropy=True,
+                             entropy_grad=cfg.entropy_coef > 0, hidden=mtp, bf16=cfg.bf16,
+                             chunk_rows=cfg.logprob_chunk_rows)  # fmt: skip
         if cfg.old_logprobs == "rollout":
             old = mb.rollout_logprobs
         else:
             old = out.logp.detach() if old_logp is None else old_logp[i]
-        keep, weights = _token_masks(mb, old, cfg)
+        keep, weights = _token_masks(mb, old, cfg, current_version)
         pl = ppo_clip_loss(out.logp, old, mb.advantages, keep, eps_low=cfg.eps_clip, eps_high=cfg.eps_clip_high,
                            dual_clip=cfg.dual_clip, ratio_level=cfg.ratio_level, weights=weights)  # fmt: skip
         pg = aggregate_loss(pl.loss, keep, cfg.loss_agg, norm, denom)

@@ -79,6 +79,8 @@ class Trainer:
             return [{**batch_metrics, "skipped": 1.0, "step": float(self.step), "empty": 1.0}]
         gen = self.shuffle_gen if cfg.shuffle else None
         minibatches = [self.micro_batches(part) for part in split_minibatches(samples, cfg.steps_per_rollout, gen)]
+        newest = max(int(s.token_versions.max()) if s.token_versions is not None and s.token_versions.numel()
+                     else s.weight_version for s in samples)  # fmt: skip
         old = self._old_logprobs(minibatches)
         ref = self._ref_logprobs(minibatches)
         out = []
@@ -86,7 +88,8 @@ class Trainer:
             if cfg.mode == "sft":
                 m = sft_step(self.model, self.optimizer, self.scheduler, mbs, cfg, mtp_only=self.mtp_only)
             else:
-                m = grpo_step(self.model, self.optimizer, self.scheduler, mbs, cfg, old_logp=old[i], ref_logp=ref[i])
+                m = grpo_step(self.model, self.optimizer, self.scheduler, mbs, cfg, old_logp=old[i], ref_logp=ref[i],
+                              current_version=newest)  # fmt: skip
             self.step += 1
             out.append({**batch_metrics, **m, "step": float(self.step)})
         return out
