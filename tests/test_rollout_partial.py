@@ -147,3 +147,25 @@ def test_weight_update_requantizes_int4_experts_in_place():
     assert torch.equal(experts.gate_up_weight_packed, pack_int4(q)) and torch.equal(experts.gate_up_weight_scale, s)
     out = engine.generate(_requests(n=1))
     assert all(s.status == "truncated" for s in out)
+
+
+def test_engine_on_int4_quantized_layers_matches_their_full_forward():
+    """The engine runs whatever layers the model has: with INT4 experts swapped in, its log-probs
+    and experts still equal one full forward of that (quantized) model."""
+    from miles_core.quant import quantize_model_
+
+    _, _, base = tiny("qwen3_moe")
+    model = copy.deepcopy(base)
+    quantize_model_(model, "int4", group_size=16)
+    samples = Engine(model, config=EngineConfig(max_slots=3, max_len=64)).generate(
+        _requests(SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=5))
+    )
+    for s in samples:
+        ids = torch.tensor([s.prompt_tokens + s.response_tokens])
+        with torch.no_grad():
+            full = model(ids, return_routed_experts=True)
+        p = len(s.prompt_tokens)
+        assert (
+            torch.tensor(s.logprobs) - token_logprobs(full.logits[:, p - 1 : -1], ids[:, p:])[0]
+        ).abs().max() <= 1e-5
+        assert torch.equal(s.experts.long(), full.routed_experts[0, :-1].long())

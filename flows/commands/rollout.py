@@ -50,13 +50,14 @@ def rollout_command(
         None, "--dtype", help="float32 | bfloat16 | float16 (default: bf16 on cuda, fp32 on cpu)."
     ),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Decode under CUDA graphs (CUDA only)."),
+    quantize: str = typer.Option(None, "--quantize", help="fp8 | int4: run quantized layers (quantize_model_)."),
 ) -> None:
     """Generate samples with the embedded engine and write scored rollout Parquet parts."""
     import torch
 
     from miles_core.data.sources import load_sources
-    from miles_core.model import load_model, load_tokenizer
-    from miles_core.rollout import Budget, Engine, EngineConfig, PartialRollout, SamplingParams, requests_for
+    from miles_core.model import load_tokenizer
+    from miles_core.rollout import Budget, EngineConfig, PartialRollout, SamplingParams, build_engine, requests_for
     from miles_core.rollout.writer import RolloutWriter
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +66,8 @@ def rollout_command(
         raise MilesError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if cuda_graphs and not device.startswith("cuda"):
         raise MilesError("--cuda-graphs needs --device cuda")
+    if quantize not in (None, "fp8", "int4"):
+        raise MilesError(f"--quantize must be fp8 or int4, got {quantize!r}")
     sampling = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_new_tokens=max_new_tokens, stop=stop or []
     )
@@ -73,13 +76,13 @@ def rollout_command(
     if not prompts:
         raise MilesError(f"no prompts in {', '.join(source)}")
     tokenizer = load_tokenizer(model)
-    net = load_model(model, device=device, dtype=getattr(torch, dtype))
     requests = requests_for(prompts, tokenizer, sampling, n_samples)
     longest = max(len(r.prompt_tokens) for r in requests)
     config = EngineConfig(
         max_slots=max_slots, max_len=max_len or longest + max_new_tokens, seed=seed, cuda_graphs=cuda_graphs
     )
-    partial = PartialRollout(Engine(net, tokenizer, config), budget)
+    engine = build_engine(model, tokenizer, config, device, getattr(torch, dtype), quantize)
+    partial = PartialRollout(engine, budget)
     writer = RolloutWriter(out, iteration)
     stats = _run(partial, requests, writer, None if reward == "none" else reward, iteration)
     _print_summary(stats, writer)

@@ -54,7 +54,9 @@ class EngineConfig(BaseModel):
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, eos_token_ids=()):
+        """`model`: a model-core CausalLM (possibly with quantized layers); EOS ids come from the
+        tokenizer, the model config and `eos_token_ids` (all of them stop unless ignore_eos)."""
         self.config = config or EngineConfig()
         check_numerics(self.config.numerics)
         self.model = model.eval()
@@ -64,7 +66,7 @@ class Engine:
         self.scheduler = Scheduler(self.config.max_slots, self.config.max_prefill_tokens)
         self.version = 0
         self._rng = random.Random(self.config.seed)
-        self._eos = _eos_ids(tokenizer, model)
+        self._eos = _eos_ids(tokenizer, model) | {int(e) for e in eos_token_ids}
         self._no_sync = self.device.type == "cuda"  # MoE without bincount's host sync (runner.moe_forward)
         self._graphs = None
         if self.config.cuda_graphs and self.device.type != "cuda":
@@ -235,9 +237,12 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if eos is None:
-        eos = model.config.raw.get("eos_token_id") if hasattr(model.config, "raw") else None
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
+    """The tokenizer's EOS and the model config's eos_token_id (an int or a list)."""
+    found: set[int] = set()
+    raw = getattr(model.config, "raw", {}) or {}
+    for eos in (getattr(tokenizer, "eos_token_id", None), raw.get("eos_token_id")):
+        if isinstance(eos, list | tuple):
+            found.update(int(e) for e in eos)
+        elif eos is not None:
+            found.add(int(eos))
+    return found

@@ -24,21 +24,53 @@ from miles_core.rollout.sampling import SamplingParams
 from miles_core.rollout.sequence import Request, Sample
 from miles_core.rollout.writer import RolloutWriter, sample_row, score_rows
 
-__all__ = ["build_engine", "generate_rollouts", "requests_for"]
+__all__ = ["build_engine", "generate_rollouts", "generation_eos_ids", "requests_for"]
 
 
 def build_engine(
-    model: Any, tokenizer: Any = None, config: EngineConfig | None = None, device="cpu", dtype=torch.float32
+    model: Any,
+    tokenizer: Any = None,
+    config: EngineConfig | None = None,
+    device="cpu",
+    dtype=torch.float32,
+    quantize: str | None = None,
 ) -> Engine:
-    """An Engine on a model object, or on the checkpoint at a path (tokenizer loaded beside it if None)."""
+    """An Engine on a model object, or on the checkpoint at a path (tokenizer loaded beside it if None).
+
+    A path is loaded with `load_model` (an FP8/INT4 checkpoint is dequantized, exactly); its
+    `generation_config.json` EOS ids stop generation too. `quantize` ("fp8" | "int4") swaps the
+    layers for quantized ones (`miles_core.quant.quantize_model_`, default scope and keep) so that
+    decode runs the low-precision kernels.
+    """
     if isinstance(model, Engine):
         return model
+    eos: set[int] = set()
     if isinstance(model, str):
         from miles_core.model import load_model, load_tokenizer
 
         path, model = model, load_model(model, device=device, dtype=dtype)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
-    return Engine(model, tokenizer, config)
+        eos = generation_eos_ids(path)
+    if quantize is not None:
+        from miles_core.quant import quantize_model_
+
+        quantize_model_(model, quantize)
+    return Engine(model, tokenizer, config, eos_token_ids=eos)
+
+
+def generation_eos_ids(path: str) -> set[int]:
+    """EOS ids from an HF checkpoint's generation_config.json (chat models often list several)."""
+    import json
+    import os
+
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return set()
+    with open(file) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list) else {int(eos)}
 
 
 def requests_for(prompts: Sequence[Prompt], tokenizer: Any, sampling: SamplingParams, n_samples: int) -> list[Request]:
