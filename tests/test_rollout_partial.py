@@ -169,3 +169,34 @@ def test_engine_on_int4_quantized_layers_matches_their_full_forward():
             torch.tensor(s.logprobs) - token_logprobs(full.logits[:, p - 1 : -1], ids[:, p:])[0]
         ).abs().max() <= 1e-5
         assert torch.equal(s.experts.long(), full.routed_experts[0, :-1].long())
+
+
+def test_resume_after_weight_update_records_old_and_new_policy_tokens():
+    """Round 1 under weights A stops at the budget; round 2 resumes under B. Old tokens keep A's
+    log-probs and version 0, new tokens get B's log-probs (over the whole context) and version 1;
+    the experts are B's routing of prompt+response (the re-prefill under B)."""
+    _, _, base = tiny("qwen3_moe")
+    a = copy.deepcopy(base)
+    b = _perturbed(base, seed=2)
+    engine = Engine(copy.deepcopy(a), config=EngineConfig(max_slots=6, max_len=64))
+    partial = PartialRollout(engine, Budget(tokens=20))
+    sp = SamplingParams(temperature=0.9, max_new_tokens=10, ignore_eos=True, seed=11)
+    first = partial.run_round(_requests(sp))
+    n_old = {id(s): len(s.response_tokens) for s in first.aborted}
+    engine.update_weights(b)
+    partial.budget = None
+    second = partial.run_round()
+    resumed = [s for g in second.groups for s in g if id(s) in n_old]
+    assert resumed
+    for s in resumed:
+        k, p = n_old[id(s)], len(s.prompt_tokens)
+        ids = torch.tensor([s.prompt_tokens + s.response_tokens])
+        with torch.no_grad():
+            lp_a = token_logprobs(a(ids).logits[:, p - 1 : -1], ids[:, p:], temperature=0.9)[0]
+            full_b = b(ids, return_routed_experts=True)
+        lp_b = token_logprobs(full_b.logits[:, p - 1 : -1], ids[:, p:], temperature=0.9)[0]
+        got = torch.tensor(s.logprobs)
+        assert s.versions == [0] * k + [1] * (len(s.response_tokens) - k)
+        assert (got[:k] - lp_a[:k]).abs().max() <= 1e-5 and (got[k:] - lp_b[k:]).abs().max() <= 1e-5
+        assert torch.equal(s.experts.long(), full_b.routed_experts[0, :-1].long())
+        assert s.weight_version == 0 and s.aborts == 1 and s.rounds == 2
