@@ -201,7 +201,8 @@ def main() -> None:
     if not args.skip_sync:
         sync = bench_sync(miles, device, args.reps)
         floor = sync[0][1]
-        print("\n| weight sync (GB = trainer weights; floor = one copy_ of as many bytes) | ms | GB | ms/GB | GB/s | x floor |")
+        print("\nGB = trainer weights; floor = one device copy_ of as many bytes")
+        print("| weight sync | ms | GB | ms/GB | GB/s | x floor |")
         print("|---|---|---|---|---|---|")
         for name, s, nb in sync:
             gb = nb / 1e9
