@@ -100,3 +100,25 @@ def test_stop_token_ids_and_max_len_stop_generation():
     assert (stopped.status, stopped.finish_reason) == ("completed", "stop_token")
     assert capped.response_tokens == free.response_tokens[:4]  # 6 prompt + 4 = max_len 10
     assert (capped.status, capped.finish_reason) == ("truncated", "max_len")
+
+
+def test_engine_recovers_after_an_error_mid_run_and_rejects_bad_prompts():
+    from miles_core.errors import MilesError
+
+    _, _, model = tiny("qwen3")
+    engine = Engine(model, config=EngineConfig(max_slots=3, max_len=32))
+    reqs = [Request(f"p{i}", p, SamplingParams(temperature=0.0, max_new_tokens=6)) for i, p in
+            enumerate(ragged_prompts((4, 7), seed=12))]  # fmt: skip
+
+    def boom(n_tokens, finished):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        engine.generate(reqs, on_step=boom)
+    assert len(engine.scheduler.free) == 3 and engine.scheduler.idle
+    again = engine.generate(reqs)
+    assert [s.response_tokens for s in again] == [s.response_tokens for s in Engine(model).generate(reqs)]
+    with pytest.raises(MilesError, match="max_len"):
+        engine.generate([Request("long", list(range(3, 40)), SamplingParams())])
+    with pytest.raises(MilesError, match="empty"):
+        engine.generate([Request("empty", [], SamplingParams())])

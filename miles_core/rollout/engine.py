@@ -59,7 +59,7 @@ class Engine:
         tokenizer, the model config and `eos_token_ids` (all of them stop unless ignore_eos)."""
         self.config = config or EngineConfig()
         check_numerics(self.config.numerics)
-        self.model = model.eval()
+        self.model = model  # not switched to eval(): it may be the trainer's (the model core has no train-only ops)
         self.tokenizer = tokenizer
         self.device = model.lm_head.weight.device
         self.cache = KVCache(model, self.config.max_slots, self.config.max_len, self.device)
@@ -115,14 +115,18 @@ class Engine:
             s.status, s.rounds = None, s.rounds + 1
         self.scheduler.enqueue(samples)
         clock = budget.clock() if budget is not None else None
-        while not self.scheduler.idle:
-            n_tokens, finished = self.step()
-            if on_step is not None:
-                on_step(n_tokens, finished)
-            if clock is not None:
-                clock.spend(n_tokens)
-                if clock.exhausted:
-                    break
+        try:
+            while not self.scheduler.idle:
+                n_tokens, finished = self.step()
+                if on_step is not None:
+                    on_step(n_tokens, finished)
+                if clock is not None:
+                    clock.spend(n_tokens)
+                    if clock.exhausted:
+                        break
+        except BaseException:
+            self._reset()  # an error (OOM, Ctrl-C) must not leave slots taken for the next call
+            raise
         aborted = list(self.scheduler.running)
         for s in aborted:
             s.aborts += 1
@@ -131,6 +135,12 @@ class Engine:
         for s in waiting:
             s.rounds -= 1  # never admitted: this round does not count
         return aborted + waiting
+
+    def _reset(self) -> None:
+        for s in list(self.scheduler.running):
+            s.status, s.finish_reason = "aborted", "error"
+            self.scheduler.release(s)
+        self.scheduler.drain_waiting()
 
     def step(self) -> tuple[int, list[Sample]]:
         """Prefill newly admitted prompts, then decode one token for every running sample."""
