@@ -64,7 +64,7 @@ class DataConfig(BaseModel):
         description="prompts of these sources are removed from train_source (e.g. what the warm-up saw)",
     )
     prompts_per_iteration: int = Field(256, gt=0)
-    reward: str = Field("auto", description="'auto', 'math', 'gym' or a dotted path pkg.mod:fn")
+    reward: str = Field("auto", description="'auto', 'math', 'reasoning_gym' or a dotted path pkg.mod:fn")
     seed: int = 0
 
 
@@ -76,7 +76,7 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, lt=1)
-    partial_budget_tokens: int | None = Field(None, gt=0, description="partial rollout: token budget per round")
+    max_slots: int = Field(256, gt=0, description="samples the engine decodes together")
 
 
 class QuantConfig(BaseModel):
@@ -95,6 +95,8 @@ class EvalConfig(BaseModel):
     k: list[int] = Field(default_factory=lambda: [1, 4, 8])
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(8, gt=0)
+    reward: str = Field("auto", description="'auto', 'math', 'reasoning_gym' or pkg.mod:fn")
+    max_slots: int = Field(256, gt=0)
 
     @field_validator("k")
     @classmethod

@@ -53,6 +53,206 @@ def rollout_weights(out_dir: str, ckpt: str, format: str = "int4", group_size: i
     return {"format": format, "bytes": _size(out_dir)}
 
 
+def select_prompts(data: dict[str, Any], iteration: int, seed: int) -> list:
+    """Iteration i's prompts: the train source minus the excluded sources, in a seeded order, the i-th
+    slice of `prompts_per_iteration` (wrapping around), so every iteration (and a retrain's new ones)
+    gets its own prompts, the same on every rerun."""
+    import random
+
+    from miles_core.data import load_prompts
+    from miles_core.errors import MilesError
+
+    pool, _ = load_prompts(data["train_source"])
+    excluded = set()
+    for spec in data.get("exclude_sources") or []:
+        excluded |= {p.prompt_id for p in load_prompts(spec)[0]}
+    pool = [p for p in pool if p.prompt_id not in excluded]
+    if not pool:
+        raise MilesError(
+            f"no training prompts left in {data['train_source']} after excluding {data['exclude_sources']}"
+        )
+    random.Random(seed * 1_000_003 + data.get("seed", 0)).shuffle(pool)
+    n = data["prompts_per_iteration"]
+    start = ((iteration - 1) * n) % len(pool)
+    return [pool[(start + j) % len(pool)] for j in range(min(n, len(pool)))]
+
+
+def _generate(
+    weights: str,
+    prompts: list,
+    sampling: dict[str, Any],
+    n_samples: int,
+    iteration: int,
+    seed: int,
+    reward: str,
+    out: str,
+    on_progress: Progress,
+):
+    """Samples from the engine on the rollout weights; rows written to `out` (a rollouts iter folder)."""
+    import time
+
+    from miles_core.data import encode_prompt
+    from miles_core.model import load_model, load_tokenizer
+    from miles_core.rollout.engine import EngineConfig
+    from miles_core.rollout.generate import generate_rollouts
+    from miles_core.rollout.sampling import SamplingParams
+
+    model, tok = load_model(weights), load_tokenizer(weights)
+    params = SamplingParams(
+        temperature=sampling["temperature"],
+        top_p=sampling.get("top_p", 1.0),
+        top_k=sampling.get("top_k", 0),
+        min_p=sampling.get("min_p", 0.0),
+        max_new_tokens=sampling["max_new_tokens"],
+    )
+    longest = max(len(encode_prompt(p, tok)) for p in prompts)
+    engine = EngineConfig(
+        max_slots=sampling.get("max_slots", 256),
+        max_len=longest + params.max_new_tokens + 1,
+        seed=seed * 7919 + iteration,
+    )
+    total = len(prompts) * n_samples
+    done = [0]
+
+    def on_step(_, finished):
+        done[0] += len(finished)
+        if on_progress is not None:
+            on_progress(done[0] / total)
+
+    start = time.time()
+    rows = generate_rollouts(
+        model,
+        tok,
+        prompts,
+        params,
+        n_samples,
+        iteration=iteration,
+        reward=reward,
+        engine_config=engine,
+        on_step=on_step,
+    )
+    if out is not None:
+        from miles_core.data import write_rollouts
+
+        write_rollouts(rows, os.path.join(out, "part-0.parquet"))
+    seconds = time.time() - start
+    tokens = sum(len(r["response_tokens"]) for r in rows)
+    rewards = [r["reward"] for r in rows]
+    return rows, {
+        "samples": len(rows),
+        "prompts": len(prompts),
+        "reward_mean": sum(rewards) / max(len(rewards), 1),
+        "response_tokens": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "samples_per_s": len(rows) / max(seconds, 1e-9),
+        "generate_seconds": seconds,
+    }
+
+
+def rollout(
+    out_dir: str,
+    weights: str,
+    data: dict[str, Any],
+    sampling: dict[str, Any],
+    iteration: int,
+    seed: int,
+    on_progress: Progress = None,
+) -> dict[str, Any]:
+    """Generate the iteration's groups on the current rollout weights into a rollouts folder
+    (`part-0.parquet`: tokens, log-probs, routed experts, rewards, statuses, weight version)."""
+    prompts = select_prompts(data, iteration, seed)
+    _, metrics = _generate(
+        weights, prompts, sampling, sampling["n_samples"], iteration, seed, data["reward"], out_dir, on_progress
+    )
+    return metrics
+
+
+def train(
+    out_dir: str, ckpt: str, rollouts: str, train: dict[str, Any], iteration: int, on_progress: Progress = None
+) -> dict[str, Any]:
+    """One iteration of GRPO on the rollouts, from checkpoint `ckpt` (optimizer state resumed) to `out_dir`."""
+    from miles_core.train.config import TrainConfig
+    from miles_core.train.trainer import train as run_train
+
+    cfg = TrainConfig(**train)
+    progress = None if on_progress is None else (lambda done, total, _m: on_progress(done / max(total, 1)))
+    steps = run_train(ckpt, rollouts, out_dir, cfg, device="cpu", progress=progress)
+    _keep_side_files(ckpt, out_dir)
+    return summarize_steps(steps)
+
+
+def _keep_side_files(src: str, dst: str) -> None:
+    """Tokenizer and other HF side files travel with every checkpoint (later stages need nothing else)."""
+    from miles_core.checkpoint.folders import SIDE_FILES
+
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def summarize_steps(steps: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean of each metric over the optimizer steps, plus the step count and skipped updates."""
+    out: dict[str, Any] = {"optimizer_steps": len(steps)}
+    keys = sorted({k for s in steps for k in s})
+    for k in keys:
+        vals = [float(s[k]) for s in steps if k in s and s[k] is not None]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    out["skipped_steps"] = sum(1 for s in steps if s.get("skipped"))
+    return out
+
+
+def evaluate(out_dir: str, weights: str, eval: dict[str, Any], seed: int, on_progress: Progress = None) -> dict:
+    """pass@k / maj@k / mean reward of the weights on the eval source: samples + results + summary."""
+    import pyarrow as pa
+
+    from miles_core.data import load_prompts, rollouts_table
+    from miles_core.eval.evaluate import evaluate_samples
+    from miles_core.eval.store import write_evaluation
+
+    prompts, _ = load_prompts(eval["source"])
+    sampling = {
+        "temperature": eval["temperature"],
+        "max_new_tokens": eval["max_new_tokens"],
+        "max_slots": eval.get("max_slots", 256),
+    }
+    rows, gen = _generate(
+        weights,
+        prompts,
+        sampling,
+        eval["n_samples"],
+        0,
+        seed + 104729,
+        eval["reward"],
+        os.path.join(out_dir, "samples"),
+        on_progress,
+    )
+    table = rollouts_table(rows)
+    table = table.append_column("source", pa.array([p.source for p in _expand(prompts, rows)], pa.string()))
+    result = evaluate_samples(table, eval["k"])
+    write_evaluation(result, out_dir)
+    overall = result.summary["overall"]
+    return {
+        **{k: v for k, v in overall.items() if isinstance(v, (int, float))},
+        "eval_tokens_per_s": gen["tokens_per_s"],
+    }
+
+
+def _expand(prompts: list, rows: list[dict]) -> list:
+    """The prompt of each row (rows carry prompt_id)."""
+    by_id = {p.prompt_id: p for p in prompts}
+    return [by_id[r["prompt_id"]] for r in rows]
+
+
+def compare_evals(before: str, after: str, seed: int = 0) -> dict[str, Any]:
+    """Per-metric `after - before` with a paired bootstrap 95% interval, from two evaluation folders."""
+    from miles_core.eval.compare import compare_evaluations
+    from miles_core.eval.store import read_evaluation
+
+    cmp = compare_evaluations(read_evaluation(before), read_evaluation(after), seed=seed)
+    return {m: {"delta": v["delta"], "low": v["ci_low"], "high": v["ci_high"]} for m, v in cmp["metrics"].items()}
+
+
 def export(out_dir: str, ckpt: str) -> dict[str, Any]:
     """The final torch_dist checkpoint -> HF safetensors (loadable by transformers)."""
     from miles_core.checkpoint import torch_dist_to_hf
