@@ -133,14 +133,28 @@ class Trainer:
 
 
 def enable_low_precision(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """Turn on QAT fake-quant as configured; returns the modules it applies to."""
-    if cfg.qat == "none":
-        return []
-    from miles_core.quant import enable_qat
+    """Turn on QAT fake-quant and the bf16 experts cast as configured; returns the modules touched."""
+    done = []
+    if cfg.qat != "none":
+        from miles_core.quant import enable_qat
 
-    pattern = cfg.qat_linear_pattern or (FP8_LINEARS if cfg.qat == "fp8" else None)
-    experts = getattr(model, "num_moe_layers", 0) > 0
-    return enable_qat(model, cfg.qat, cfg.qat_group_size, experts=experts, linear_pattern=pattern)
+        pattern = cfg.qat_linear_pattern or (FP8_LINEARS if cfg.qat == "fp8" else None)
+        experts = getattr(model, "num_moe_layers", 0) > 0
+        done = enable_qat(model, cfg.qat, cfg.qat_group_size, experts=experts, linear_pattern=pattern)
+    if cfg.bf16 and next(model.parameters()).is_cuda:
+        _bf16_experts(model)
+    return done
+
+
+def _bf16_experts(model: nn.Module) -> None:
+    """Under bf16 autocast the expert inputs are bf16 but torch._grouped_mm is no autocast op: cast the
+    fp32 master expert weights to bf16 (differentiably) so the grouped GEMM runs. UNTESTED on the GPU."""
+    for module in model.modules():
+        if hasattr(module, "weight_transform") and hasattr(module, "gate_up_proj"):
+            inner = module.weight_transform
+            module.weight_transform = (
+                (lambda w, f=inner: f(w).to(torch.bfloat16)) if inner else (lambda w: w.to(torch.bfloat16))
+            )
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
