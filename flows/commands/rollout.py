@@ -12,6 +12,7 @@ options and shows progress.
 
 from __future__ import annotations
 
+import os
 import time
 
 import typer
@@ -72,6 +73,8 @@ def rollout_command(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_new_tokens=max_new_tokens, stop=stop or []
     )
     budget = Budget.parse(partial_budget)
+    if not os.path.isdir(model):
+        raise MilesError(f"--model {model} is not a folder; pass an HF checkpoint folder (config.json, safetensors)")
     prompts, report = load_sources(list(source), size=size)
     if not prompts:
         raise MilesError(f"no prompts in {', '.join(source)}")
