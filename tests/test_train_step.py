@@ -215,3 +215,16 @@ def test_entropy_bonus_changes_the_update_and_is_reported():
     (m1,) = bonus.train_rollouts(samples_from_table(table))
     assert m0["grad_norm"] == 0.0 and m1["grad_norm"] > 0.0
     assert m0["policy/entropy"] == pytest.approx(m1["policy/entropy"]) and m1["entropy_loss"] < 0
+
+
+def test_sft_draft_training_trains_only_the_mtp_layer_and_lowers_its_loss():
+    model = tiny_model("deepseek_v3", seed=30, mtp=1)
+    trainer = Trainer(model, TrainConfig(mode="sft", mtp_only=True, lr=3e-3, micro_batch_tokens=512))
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, 96, (32, 4), generator=g)
+    samples = samples_from_tokens(prompts.tolist(), ((prompts % 7) + 3).tolist())  # predictable continuations
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = [trainer.train_rollouts(samples)[0]["mtp_loss"] for _ in range(25)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all(n.startswith("mtp.") for n in changed)

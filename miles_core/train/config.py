@@ -77,6 +77,7 @@ class TrainConfig(BaseModel):
     # --- online MTP
     mtp_loss_scale: float = Field(0.0, ge=0, description="0 = MTP layers are not trained")
     mtp_detach_trunk: bool = True
+    mtp_only: bool = Field(False, description="SFT mode: train only the MTP (draft) layers, trunk frozen")
 
     # --- batching
     micro_batch_tokens: int = Field(8192, gt=0, description="token budget per micro-batch, padding included")

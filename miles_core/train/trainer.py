@@ -44,13 +44,13 @@ FP8_LINEARS = (
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, ref_model: nn.Module | None = None, mtp_only: bool = False):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, ref_model: nn.Module | None = None):
         self.model, self.cfg = model, cfg
         self.device = next(model.parameters()).device
         torch.manual_seed(cfg.seed)
         self.qat_modules = enable_low_precision(model, cfg)
-        self.mtp_only = mtp_only
-        self.optimizer = build_optimizer(model, cfg, mtp_only=mtp_only)
+        self.mtp_only = cfg.mode == "sft" and cfg.mtp_only
+        self.optimizer = build_optimizer(model, cfg, mtp_only=self.mtp_only)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.ref_model = None
         if cfg.needs_reference:
