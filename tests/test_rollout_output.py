@@ -108,3 +108,15 @@ def test_rollout_command_bad_model_is_one_line_error(tmp_path):
     src.write_text(json.dumps({"prompt": "1 + 1 ="}) + "\n")
     args = ["rollout", "--model", str(tmp_path / "missing"), "--source", str(src), "--out", str(tmp_path / "o")]
     assert main(args) == 2
+
+
+def test_generate_rollouts_from_a_checkpoint_path_with_the_pipeline_sampling_config(tmp_path):
+    from miles_core.config import SamplingConfig
+
+    model_dir = tmp_path / "model"
+    tiny("qwen3", vocab_size=CHAR_VOCAB)[1].save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    cfg = SamplingConfig(n_samples=3, max_new_tokens=5, temperature=0.8, top_k=20)
+    rows = generate_rollouts(str(model_dir), None, _prompts(2), cfg, cfg.n_samples, reward="math")
+    assert len(rows) == 6 and all(0 < len(r["response_tokens"]) <= 5 for r in rows)
+    assert {json.loads(r["metadata"])["temperature"] for r in rows} == {0.8}

@@ -24,7 +24,7 @@ from miles_core.rollout.sampling import SamplingParams
 from miles_core.rollout.sequence import Request, Sample
 from miles_core.rollout.writer import RolloutWriter, sample_row, score_rows
 
-__all__ = ["build_engine", "generate_rollouts", "generation_eos_ids", "requests_for"]
+__all__ = ["as_sampling", "build_engine", "generate_rollouts", "generation_eos_ids", "requests_for"]
 
 
 def build_engine(
@@ -73,7 +73,18 @@ def generation_eos_ids(path: str) -> set[int]:
     return {int(e) for e in eos} if isinstance(eos, list) else {int(eos)}
 
 
-def requests_for(prompts: Sequence[Prompt], tokenizer: Any, sampling: SamplingParams, n_samples: int) -> list[Request]:
+def as_sampling(sampling: Any) -> SamplingParams:
+    """SamplingParams from itself, a dict, or any pydantic config with some of its fields (e.g. the
+    pipeline's rollout config); fields SamplingParams does not know are ignored."""
+    if isinstance(sampling, SamplingParams):
+        return sampling
+    values = sampling.model_dump() if hasattr(sampling, "model_dump") else dict(sampling or {})
+    return SamplingParams(**{k: v for k, v in values.items() if k in SamplingParams.model_fields})
+
+
+def requests_for(prompts: Sequence[Prompt], tokenizer: Any, sampling: Any, n_samples: int) -> list[Request]:
+    """One request per prompt (tokens from `encode_prompt`: the chat template when there is one)."""
+    sampling = as_sampling(sampling)
     return [Request(p.prompt_id, encode_prompt(p, tokenizer), sampling, n_samples, prompt=p) for p in prompts]
 
 
@@ -81,7 +92,7 @@ def generate_rollouts(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Prompt],
-    sampling: SamplingParams,
+    sampling: SamplingParams | Any,
     n_samples: int = 1,
     *,
     iteration: int = 0,
@@ -94,6 +105,7 @@ def generate_rollouts(
 ) -> list[dict[str, Any]]:
     """Generate `n_samples` per prompt; return scored rows (and write them to `out` as part `part`).
 
+    sampling: SamplingParams, or a dict / pydantic config with its field names (see `as_sampling`).
     reward: a spec for `miles_core.rewards.score_samples` ("auto", "math", "pkg.mod:fn", a callable)
     or None for reward 0. partial: run one round of this partial rollout (its engine is used).
     """
