@@ -55,7 +55,8 @@ def sample_row(s: Sample, iteration: int) -> dict[str, Any]:
 
 
 def score_rows(rows: list[dict[str, Any]], samples: list[Sample], reward: Any = "auto") -> list[dict[str, Any]]:
-    """Rewards from `miles_core.rewards` for rows whose requests came from a `Prompt`; aborted rows get 0."""
+    """Rewards from `miles_core.rewards` for rows whose requests came from a `Prompt`; aborted rows get 0.
+    Failures are counted in metadata (`reward_status`, `reward_error`), never raised."""
     from miles_core.rewards import annotate_rows, score_samples
 
     idx = [i for i, s in enumerate(samples) if s.request.prompt is not None and s.finished]
@@ -65,7 +66,7 @@ def score_rows(rows: list[dict[str, Any]], samples: list[Sample], reward: Any = 
     scored = annotate_rows([rows[i] for i in idx], result)
     out = list(rows)
     for i, row in zip(idx, scored, strict=True):
-        out[i] = row
+        out[i] = {**row, "metadata": json.dumps(row["metadata"], default=str)}  # a JSON string, as in the Parquet
     return out
 
 
