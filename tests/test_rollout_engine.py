@@ -122,3 +122,33 @@ def test_engine_recovers_after_an_error_mid_run_and_rejects_bad_prompts():
         engine.generate([Request("long", list(range(3, 40)), SamplingParams())])
     with pytest.raises(MilesError, match="empty"):
         engine.generate([Request("empty", [], SamplingParams())])
+
+
+def test_group_shares_one_prefill_and_splits_when_slots_run_short(monkeypatch):
+    import miles_core.rollout.engine as engine_mod
+    from miles_core.rollout.scheduler import Scheduler
+
+    _, _, model = tiny("qwen3_moe")
+    prompts = ragged_prompts((6, 9), seed=13)
+    prefilled = []
+    real = engine_mod.forward_step
+
+    def counting(model_, cache, batch, **kw):
+        if batch.tokens.shape[1] > 1 or bool((batch.start == 0).all()):
+            prefilled.append(int(batch.n_valid.sum()))
+        return real(model_, cache, batch, **kw)
+
+    monkeypatch.setattr(engine_mod, "forward_step", counting)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, seed=1)
+    Engine(model, config=EngineConfig(max_slots=8, max_len=32)).generate([Request(f"p{i}", p, sp, 4) for i, p in
+                                                                          enumerate(prompts)])  # fmt: skip
+    assert sum(prefilled) == 6 + 9  # each prompt once, not once per sample
+
+    sched = Scheduler(slots=4, max_prefill_tokens=10_000)
+    samples = Engine(model, config=EngineConfig(max_slots=4)).samples_for(
+        [Request(f"p{i}", p, sp, 3) for i, p in enumerate(prompts)]
+    )
+    sched.enqueue(samples)
+    first = sched.admit()
+    assert [len(u.samples) for u in first] == [3, 1]  # p1's group is split: one member now
+    assert [len(u.samples) for u in sched.waiting] == [2] and sched.waiting[0].tokens == prompts[1]
