@@ -94,6 +94,14 @@ def test_checkpoint_folder_has_megatron_files_and_hf_side_files(tmp_path):
     assert "output_layer.weight" in keys and "embedding.word_embeddings.weight" in keys
 
 
+def test_file_urls_work_and_remote_urls_are_a_clear_error(tmp_path):
+    hf, _ = _hf_with_mtp("qwen3", str(tmp_path / "hf"))
+    ckpt = hf_to_torch_dist(f"file://{hf}", f"file://{tmp_path}/td")
+    torch_dist_to_hf(f"file://{ckpt}", str(tmp_path / "back"))
+    with pytest.raises(MilesError, match="needs a local path"):
+        hf_to_torch_dist("s3://bucket/model", str(tmp_path / "x"))
+
+
 def test_release_folder_for_megatron_lm(tmp_path):
     hf, _ = _hf_with_mtp("qwen3", str(tmp_path / "hf"))
     ckpt = hf_to_torch_dist(hf, str(tmp_path / "td"), iteration=None)
@@ -235,6 +243,22 @@ def test_missing_tensor_and_bad_checkpoint_dirs_are_clear_errors(tmp_path):
         torch_dist_to_hf(hf, str(tmp_path / "back"))
     with pytest.raises(MilesError, match="does not exist"):
         TorchDistCheckpoint(str(tmp_path / "nope"))
+
+
+def test_unexpected_or_quantized_tensors_are_refused_not_dropped(tmp_path):
+    from safetensors.torch import save_file
+
+    hf, _ = _hf_with_mtp("llama", str(tmp_path / "hf"))
+    t = load_file(os.path.join(hf, "model.safetensors"))
+    t["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(t, os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MilesError, match="quantized"):
+        hf_to_torch_dist(hf, str(tmp_path / "out"))
+    del t["model.layers.0.mlp.down_proj.weight_scale_inv"]
+    t["model.layers.5.mlp.down_proj.weight"] = torch.ones(1, 1)
+    save_file(t, os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MilesError, match="model.layers.5.mlp.down_proj.weight that LlamaForCausalLM does not use"):
+        hf_to_torch_dist(hf, str(tmp_path / "out"))
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):

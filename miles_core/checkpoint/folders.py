@@ -48,6 +48,18 @@ SIDE_FILES = (
 )
 
 
+def local_path(url) -> str:
+    """A local path from a plain path or a `file://` URL; other fsspec protocols are refused clearly
+    (conversion reads with positioned reads and renames atomically, which need a local filesystem)."""
+    url = os.fspath(url)
+    if "://" not in url:
+        return url
+    protocol, rest = url.split("://", 1)
+    if protocol in ("file", "local"):
+        return rest
+    raise MilesError(f"{url}: checkpoint conversion needs a local path; copy the checkpoint to local disk first")
+
+
 def iter_dir_name(iteration: int | None) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
 

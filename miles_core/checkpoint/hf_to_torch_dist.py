@@ -24,6 +24,7 @@ from miles_core.checkpoint import megatron_names as mn
 from miles_core.checkpoint.folders import (
     copy_side_files,
     iter_dir_name,
+    local_path,
     remove_stale_temps,
     write_megatron_files,
 )
@@ -51,7 +52,7 @@ def hf_to_torch_dist(
     `iteration=None` writes `release/` instead of `iter_0000000/`. `progress(done_bytes, total_bytes)`
     is called after each chunk.
     """
-    hf_dir = str(hf_dir)
+    hf_dir, out_dir = local_path(hf_dir), local_path(out_dir)
     if not os.path.isdir(hf_dir):
         raise MilesError(f"{hf_dir} does not exist or is not a folder; pass an HF checkpoint folder")
     cfg = ModelConfig.from_hf(hf_dir)
@@ -59,6 +60,7 @@ def hf_to_torch_dist(
     source = _Source(cfg, reader, _mtp_count(reader, cfg, mtp_num_layers))
     stacked = mn.is_stacked(cfg)
     slots = _present_slots(mn.model_slots(cfg, source.num_mtp, stacked), source, reader)
+    _check_all_used(slots, reader, cfg)
     chunks = _chunks(slots, source, cfg)
     total = sum(c.nbytes for c in chunks)
     done = [0]
@@ -171,6 +173,24 @@ def _present_slots(slots: list[mn.Slot], source: _Source, reader: SafetensorsRea
                 f"its config.json names ({source.cfg.architecture})?"
             )
     return out
+
+
+_UNUSED_OK = re.compile(r"(rotary_emb\.inv_freq|\.embed_tokens\.weight|\.shared_head\.head\.weight)$")
+
+
+def _check_all_used(slots: list[mn.Slot], reader: SafetensorsReader, cfg: ModelConfig) -> None:
+    """Every tensor of the checkpoint must land somewhere: never drop weights silently."""
+    used = {n for s in slots for n in s.hf}
+    extra = [n for n in reader.names() if n not in used and not _UNUSED_OK.search(n)]
+    if not extra:
+        return
+    if cfg.raw.get("quantization_config") or any(n.endswith(("weight_scale_inv", "weight_scale")) for n in extra):
+        raise MilesError(f"the checkpoint is quantized ({extra[0]}); convert the bf16 checkpoint instead")
+    more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+    raise MilesError(
+        f"the checkpoint has tensor {extra[0]}{more} that {cfg.architecture} does not use; "
+        "is config.json the one that belongs to these weights?"
+    )
 
 
 def _main_name(megatron_key: str) -> str:

@@ -19,6 +19,7 @@ from miles_core.checkpoint import megatron_names as mn
 from miles_core.checkpoint.folders import (
     copy_side_files,
     find_hf_config_dir,
+    local_path,
     remove_stale_temps,
     resolve_iteration_dir,
 )
@@ -34,8 +35,9 @@ class TorchDistCheckpoint:
 
     def __init__(self, ckpt_dir: str, iteration: int | None = None, include_mtp: bool | None = False):
         """`include_mtp`: True = the MTP layers (an error if there are none), None = them if any."""
-        self.iter_dir = resolve_iteration_dir(str(ckpt_dir), iteration)
-        self.config_dir = find_hf_config_dir(str(ckpt_dir), self.iter_dir)
+        ckpt_dir = local_path(ckpt_dir)
+        self.iter_dir = resolve_iteration_dir(ckpt_dir, iteration)
+        self.config_dir = find_hf_config_dir(ckpt_dir, self.iter_dir)
         self.hf_config = read_hf_config(self.config_dir)
         self.cfg = ModelConfig.from_hf(self.hf_config)
         self.reader = TorchDistReader(self.iter_dir)
@@ -139,7 +141,7 @@ def torch_dist_to_hf(
     Shards are at most `max_shard_bytes` (one larger tensor gets a shard of its own), with an index
     when there are several; config and tokenizer files are copied from beside the checkpoint.
     """
-    ck = TorchDistCheckpoint(ckpt_dir, iteration, include_mtp)
+    ck, out_dir = TorchDistCheckpoint(ckpt_dir, iteration, include_mtp), local_path(out_dir)
     specs = ck.specs()
     total, done = len(specs), [0]
 
