@@ -99,6 +99,12 @@ def test_rollout_command_writes_parts_with_partial_budget(tmp_path):
     assert table.num_rows == 8 and len(list((out / "iter_0").glob("part-*.parquet"))) > 1
     meta = [json.loads(m) for m in table.column("metadata").to_pylist()]
     assert any(m["aborts"] > 0 for m in meta)
+    again = CliRunner().invoke(app, args)  # the same output again: refused, nothing touched
+    assert again.exit_code != 0 and "already holds" in str(again.exception)
+    replaced = CliRunner().invoke(app, [*args[:-6], "--max-slots", "8", "--overwrite"])  # no budget: one part
+    assert replaced.exit_code == 0, replaced.output
+    assert [p.name for p in (out / "iter_0").glob("part-*.parquet")] == ["part-0.parquet"]
+    assert read_rollouts(str(out)).num_rows == 8
 
 
 def test_rollout_command_bad_model_is_one_line_error(tmp_path):

@@ -52,6 +52,7 @@ def rollout_command(
     ),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Decode under CUDA graphs (CUDA only)."),
     quantize: str = typer.Option(None, "--quantize", help="fp8 | int4: run quantized layers (quantize_model_)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the parts already in OUT/iter_N."),
 ) -> None:
     """Generate samples with the embedded engine and write scored rollout Parquet parts."""
     import torch
@@ -75,6 +76,7 @@ def rollout_command(
     budget = Budget.parse(partial_budget)
     if not os.path.isdir(model):
         raise MilesError(f"--model {model} is not a folder; pass an HF checkpoint folder (config.json, safetensors)")
+    writer = RolloutWriter(out, iteration, overwrite=overwrite)  # refuse a used iter_N before loading anything
     prompts, report = load_sources(list(source), size=size)
     if not prompts:
         raise MilesError(f"no prompts in {', '.join(source)}")
@@ -86,7 +88,6 @@ def rollout_command(
     )
     engine = build_engine(model, tokenizer, config, device, getattr(torch, dtype), quantize)
     partial = PartialRollout(engine, budget)
-    writer = RolloutWriter(out, iteration)
     stats = _run(partial, requests, writer, None if reward == "none" else reward, iteration)
     _print_summary(stats, writer)
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from miles_core.data.rollouts import rollout_part_url, write_rollouts
+from miles_core.errors import MilesError
+from miles_core.io import filesystem, join
 from miles_core.rollout.sampling import logprob_temperature
 from miles_core.rollout.sequence import Sample
 
@@ -71,11 +73,28 @@ def score_rows(rows: list[dict[str, Any]], samples: list[Sample], reward: Any = 
 
 
 class RolloutWriter:
-    """Writes rows of one iteration as `root/iter_N/part-K.parquet`, K counting up from `first_part`."""
+    """Writes rows of one iteration as `root/iter_N/part-K.parquet`, K counting up from `first_part`.
 
-    def __init__(self, root: str, iteration: int, first_part: int = 0):
+    `overwrite`: None = write next to whatever is there; False = refuse an `iter_N/` that already
+    holds parts (a reader would mix the two runs); True = delete those parts first.
+    """
+
+    def __init__(self, root: str, iteration: int, first_part: int = 0, overwrite: bool | None = None):
         self.root, self.iteration, self.next_part = root, iteration, first_part
         self.urls: list[str] = []
+        if overwrite is not None:
+            self._clear(overwrite)
+
+    def _clear(self, overwrite: bool) -> None:
+        fs, path = filesystem(join(self.root, f"iter_{self.iteration}"))
+        parts = fs.glob(path.rstrip("/") + "/part-*.parquet") if fs.exists(path) else []
+        if parts and not overwrite:
+            raise MilesError(
+                f"{join(self.root, f'iter_{self.iteration}')} already holds {len(parts)} rollout part(s); "
+                "pass overwrite (--overwrite) or another output / iteration"
+            )
+        for part in parts:
+            fs.rm(part)
 
     def write(self, rows: list[dict[str, Any]]) -> str | None:
         if not rows:
