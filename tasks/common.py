@@ -19,6 +19,7 @@ The Prefect task around it retries with backoff only on transient errors (I/O, t
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import inspect
 import os
@@ -82,6 +83,16 @@ def maybe_inject_fault(stage: str) -> None:
         raise TransientError(f"injected transient failure {seen + 1} in stage {stage}")
 
 
+def maybe_pause(stage: str) -> None:
+    """Test hook: MILES_TEST_PAUSE='rollout/iter_1:5' sleeps 5 s inside that stage, after its work is
+    written to scratch and before it is published, so a test can kill the process mid-stage."""
+    spec = os.environ.get("MILES_TEST_PAUSE")
+    if spec:
+        name, _, seconds = spec.rpartition(":")
+        if name == stage:
+            time.sleep(float(seconds))
+
+
 @contextlib.contextmanager
 def local_input(url: str) -> Iterator[str]:
     """A local path holding the artifact at `url`: the path itself for local roots, a download otherwise."""
@@ -121,6 +132,8 @@ def scratch_for(url: str) -> str:
     if is_local(url):
         path = filesystem(url)[1].rstrip("/")
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        for stale in glob.glob(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed attempt
         return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     return tempfile.mkdtemp(prefix="miles-out-")
 
@@ -149,6 +162,7 @@ def run_stage(
         try:
             extra = {"on_progress": on_progress} if "on_progress" in inspect.signature(fn).parameters else {}
             metrics = fn(out_dir, **local, **params, **extra) or {}
+            maybe_pause(name)
             publish(out_dir, out_url)
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
