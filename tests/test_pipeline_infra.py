@@ -121,7 +121,8 @@ def test_inputs_change_the_key(tmp_path):
     ref2 = ArtifactRef(stage="up", uri=str(up), content_hash=content_hash(str(up)))
     run_stage("down", fn, f"{base}/down", base, {"src": ref2}, {})
     assert len(calls) == 2
-    assert open(f"{base}/down/out.txt").read() == "v2"
+    with open(f"{base}/down/out.txt") as f:
+        assert f.read() == "v2"
 
 
 def test_transient_classification():

@@ -53,7 +53,9 @@ def _groups_exactly_once(cfg, root: str) -> None:
     from miles_core.stages import select_prompts
 
     table = read_rollouts(os.path.join(root, "runs", cfg.run_name, "rollouts"))
-    seen = collections.Counter(zip(table.column("iteration").to_pylist(), table.column("prompt_id").to_pylist()))
+    seen = collections.Counter(
+        zip(table.column("iteration").to_pylist(), table.column("prompt_id").to_pylist(), strict=False)
+    )
     for i in range(1, cfg.iterations + 1):
         want = {p.prompt_id for p in select_prompts(cfg.data.model_dump(), i, cfg.seed)}
         got = {pid for (it, pid) in seen if it == i}
@@ -64,6 +66,7 @@ def _groups_exactly_once(cfg, root: str) -> None:
             table.column("prompt_id").to_pylist(),
             table.column("iteration").to_pylist(),
             table.column("sample_index").to_pylist(),
+            strict=False,
         )
     )
     assert max(idx.values()) == 1, "a (prompt, iteration, sample_index) appears twice"
