@@ -49,3 +49,18 @@ def test_miles_train_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["train", "--ckpt", "x", "--rollouts", "y", "--out", "z", "--set", "lr=-1"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_resumed_run_keeps_the_starting_policy_as_kl_reference(tmp_path):
+    hf, _ = save_hf(qwen3_moe_config(), str(tmp_path / "hf"))
+    model = load_policy(hf)
+    _rollouts(model, str(tmp_path / "r0"), [0])
+    _rollouts(model, str(tmp_path / "r1"), [1])
+    out = str(tmp_path / "ckpt")
+    common = ["--out", out, "--lr", "5e-2", "--kl-coef", "0.1", "--micro-batch-tokens", "256"]
+    assert main(["train", "--ckpt", hf, "--rollouts", str(tmp_path / "r0"), *common]) == 0
+    assert main(["train", "--ckpt", out, "--rollouts", str(tmp_path / "r1"), *common]) == 0
+    with open(os.path.join(out, "train_metrics.jsonl")) as f:
+        first, resumed = [json.loads(x) for x in f]
+    assert first["kl"] == 0.0  # step 0: the policy is its reference
+    assert resumed["kl"] > 1e-4  # after resuming, KL is still measured against the base model

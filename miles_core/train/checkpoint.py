@@ -43,14 +43,16 @@ def is_torch_dist(path: str) -> bool:
     return os.path.exists(os.path.join(path, TRACKER)) or os.path.exists(os.path.join(path, ".metadata"))
 
 
-def load_policy(path: str, device="cpu", dtype=torch.float32, mtp_num_layers: int | None = None):
-    """A miles model from an HF folder or a torch_dist checkpoint (its latest iteration)."""
+def load_policy(
+    path: str, device="cpu", dtype=torch.float32, mtp_num_layers: int | None = None, iteration: int | None = None
+):
+    """A miles model from an HF folder or a torch_dist checkpoint (its latest or given iteration)."""
     if is_torch_dist(path):
         from miles_core.checkpoint import load_torch_dist
 
         if mtp_num_layers:
             raise MilesError("--mtp-num-layers applies to HF checkpoints; convert torch_dist with it instead")
-        return load_torch_dist(str(path), device=device, dtype=dtype)
+        return load_torch_dist(str(path), iteration, device=device, dtype=dtype)
     from miles_core.model import load_model
 
     return load_model(str(path), device, dtype, mtp_num_layers)

@@ -26,6 +26,7 @@ from miles_core.train.advantages import assign_advantages
 from miles_core.train.batching import MicroBatch, Sample, make_micro_batches, samples_from_table, split_minibatches
 from miles_core.train.checkpoint import (
     is_torch_dist,
+    latest_iteration,
     load_checkpoint,
     load_policy,
     read_train_state,
@@ -195,9 +196,21 @@ def train(
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_policy(ckpt, device=dev)
-    ref = load_policy(ref_ckpt, device=dev) if ref_ckpt and cfg.needs_reference else None
+    state = read_train_state(ckpt) if is_torch_dist(ckpt) else {}
+    resume = bool(state.get("optimizer"))
+    # The KL reference is the policy the run started from, not the checkpoint it resumes from:
+    # its path and iteration travel in every checkpoint the run writes.
+    extra = state.get("extra", {})
+    if ref_ckpt is None and "ref_ckpt" in extra:
+        ref_ckpt, ref_iter = extra["ref_ckpt"], extra.get("ref_iteration")
+    else:
+        ref_ckpt = os.path.abspath(ref_ckpt or ckpt)
+        ref_iter = latest_iteration(ref_ckpt) if is_torch_dist(ref_ckpt) else None
+    ref = None
+    if cfg.needs_reference and (resume or ref_ckpt != os.path.abspath(ckpt)):
+        ref = load_policy(ref_ckpt, device=dev, iteration=ref_iter)
     trainer = Trainer(model, cfg, ref_model=ref)
-    if is_torch_dist(ckpt) and read_train_state(ckpt).get("optimizer"):
+    if resume:
         trainer.load(ckpt)  # a trainer checkpoint: resume optimizer, schedule, step and RNG
     table = read_rollouts(rollouts)
     samples = samples_from_table(table)
@@ -211,7 +224,7 @@ def train(
             metrics.append(m)
         if progress is not None:
             progress(n + 1, len(iterations), metrics[-1])
-    trainer.save(out)
+    trainer.save(out, extra={"ref_ckpt": ref_ckpt, "ref_iteration": ref_iter})
     with open(os.path.join(out, "train_metrics.jsonl"), "a") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
