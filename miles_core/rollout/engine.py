@@ -185,8 +185,9 @@ class Engine:
         params = [s.sampling for s in samples]
         st = SamplingTensors(params, [s.seed for s in samples], [len(s.response_tokens) for s in samples], self.device)
         tokens, logprobs = sample(logits, st)
+        host = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device-to-host copy per step
         finished = []
-        for s, tok, lp in zip(samples, tokens.tolist(), logprobs.tolist(), strict=True):
+        for s, tok, lp in zip(samples, host[0].long().tolist(), host[1].tolist(), strict=True):
             s.response_tokens.append(tok)
             s.logprobs.append(lp)
             s.versions.append(self.version)

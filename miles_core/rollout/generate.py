@@ -24,7 +24,7 @@ from miles_core.rollout.sampling import SamplingParams
 from miles_core.rollout.sequence import Request, Sample
 from miles_core.rollout.writer import RolloutWriter, sample_row, score_rows
 
-__all__ = ["as_sampling", "build_engine", "generate_rollouts", "generation_eos_ids", "requests_for"]
+__all__ = ["as_sampling", "build_engine", "fit_config", "generate_rollouts", "generation_eos_ids", "requests_for"]
 
 
 def build_engine(
@@ -88,6 +88,13 @@ def requests_for(prompts: Sequence[Prompt], tokenizer: Any, sampling: Any, n_sam
     return [Request(p.prompt_id, encode_prompt(p, tokenizer), sampling, n_samples, prompt=p) for p in prompts]
 
 
+def fit_config(requests: Sequence[Request], max_slots: int = 64) -> EngineConfig:
+    """A cache just big enough: max_len = longest prompt + max_new_tokens, slots <= the samples asked for."""
+    longest = max((len(r.prompt_tokens) + r.sampling.max_new_tokens for r in requests), default=2)
+    total = sum(r.n_samples for r in requests)
+    return EngineConfig(max_slots=max(1, min(max_slots, total)), max_len=max(2, longest + 1))
+
+
 def generate_rollouts(
     model: Any,
     tokenizer: Any,
@@ -106,12 +113,21 @@ def generate_rollouts(
     """Generate `n_samples` per prompt; return scored rows (and write them to `out` as part `part`).
 
     sampling: SamplingParams, or a dict / pydantic config with its field names (see `as_sampling`).
+    engine_config: the engine's capacity when one is built here (default: `fit_config`).
     reward: a spec for `miles_core.rewards.score_samples` ("auto", "math", "pkg.mod:fn", a callable)
     or None for reward 0. partial: run one round of this partial rollout (its engine is used).
     """
-    engine = partial.engine if partial is not None else build_engine(model, tokenizer, engine_config)
-    tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
-    requests = requests_for(prompts, tokenizer, sampling, n_samples)
+    if partial is not None or isinstance(model, Engine):
+        engine = partial.engine if partial is not None else model
+        tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+        requests = requests_for(prompts, tokenizer, sampling, n_samples)
+    else:
+        if tokenizer is None and isinstance(model, str):
+            from miles_core.model import load_tokenizer
+
+            tokenizer = load_tokenizer(model)
+        requests = requests_for(prompts, tokenizer, sampling, n_samples)
+        engine = build_engine(model, tokenizer, engine_config or fit_config(requests))
     if partial is None:
         samples = engine.generate(requests, on_step=on_step)
     else:
