@@ -162,6 +162,9 @@ class _Accumulator:
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
         self._put("logp", out.logp, m)
         self._put("old", old, m)
+        # the trainer's side of the train-vs-rollout mismatch: pi_old, or the current forward when
+        # pi_old *is* the rollout's (old_logprobs="rollout"), which would make the mismatch 0 by fiat
+        self._put("trainer", out.logp if old is mb.rollout_logprobs else old, m)
         self._put("rollout", mb.rollout_logprobs, m)
         self._put("entropy", out.entropy, m)
         self._put("ratio", pl.ratio, m)
@@ -179,7 +182,7 @@ class _Accumulator:
         c = {k: torch.cat(v)[None] for k, v in self.cols.items()}  # each [1, N]
         mask = torch.ones_like(c["logp"], dtype=torch.bool)
         out = dict(self.sums)
-        out.update(mismatch_metrics(c["old"], c["rollout"], mask))
+        out.update(mismatch_metrics(c["trainer"], c["rollout"], mask))
         out.update(policy_metrics(c["logp"], c["old"], mask, clipped=c["clipped"].bool(),
                                   dual_clipped=c["dual_clipped"].bool(), entropy=c["entropy"]))  # fmt: skip
         n = max(c["ratio"].numel(), 1)
