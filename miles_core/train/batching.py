@@ -71,32 +71,68 @@ class MicroBatch:
 
 
 def samples_from_table(table) -> list[Sample]:
-    """Rollout Parquet rows (a pyarrow Table from `read_rollouts`) -> samples, in row order."""
-    cols = table.to_pydict() if table.num_rows else {}
-    versions = cols.get("logprob_versions")  # the engine's per-token versions (an extra column)
+    """Rollout Parquet rows (a pyarrow Table from `read_rollouts`) -> samples, in row order.
+
+    List columns are read through Arrow's flat buffers (one numpy array each, split by offsets), not
+    as Python lists: routed experts are tokens x layers x k small ints per row, millions per batch.
+    """
+    n = table.num_rows
+    prompts, responses = _lists(table, "prompt_tokens", np.int64), _lists(table, "response_tokens", np.int64)
+    logprobs = _lists(table, "rollout_logprobs", np.float32)
+    versions = _lists(table, "logprob_versions", np.int64) if "logprob_versions" in table.column_names else None
+    experts = _experts(table.column("routed_experts"))
+    cols = table.select(["reward", "prompt_id", "weight_version", "iteration", "status", "metadata"]).to_pydict()
     out = []
-    for i in range(table.num_rows):
-        prompt = np.asarray(cols["prompt_tokens"][i], dtype=np.int64)
-        response = np.asarray(cols["response_tokens"][i], dtype=np.int64)
-        if response.size == 0:
+    for i in range(n):
+        if responses[i].size == 0:
             continue  # nothing to train on (e.g. an aborted sample with no tokens yet)
-        experts = cols["routed_experts"][i]
         out.append(
             Sample(
-                tokens=torch.from_numpy(np.concatenate([prompt, response])),
-                prompt_len=int(prompt.size),
-                rollout_logprobs=torch.tensor(cols["rollout_logprobs"][i], dtype=torch.float32),
+                tokens=torch.from_numpy(np.concatenate([prompts[i], responses[i]])),
+                prompt_len=int(prompts[i].size),
+                rollout_logprobs=torch.from_numpy(logprobs[i]),
                 reward=float(cols["reward"][i]),
                 group=str(cols["prompt_id"][i]),
-                routed_experts=None if experts is None else torch.tensor(np.asarray(experts, dtype=np.int16)),
+                routed_experts=None if experts[i] is None else torch.from_numpy(experts[i]),
                 weight_version=int(cols["weight_version"][i]),
-                token_versions=None if not versions or versions[i] is None else torch.tensor(versions[i]),
+                token_versions=None if versions is None else torch.from_numpy(versions[i]),
                 iteration=int(cols["iteration"][i]),
                 status=str(cols["status"][i]),
                 metadata=json.loads(cols["metadata"][i] or "{}"),
             )
         )
     return out
+
+
+def _lists(table, name: str, dtype) -> list[np.ndarray]:
+    """A list<number> column -> one numpy array per row (views into one flat copy)."""
+    import pyarrow.compute as pc
+
+    col = table.column(name)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
+    return np.split(flat.copy(), np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def _experts(col) -> list[np.ndarray | None]:
+    """routed_experts list<list<list<int>>> -> per row int16 [T, L, k] (or None for a null row)."""
+    import pyarrow.compute as pc
+
+    rows = pc.list_value_length(col).to_numpy(zero_copy_only=False)  # [N] T per row (null -> NaN / 0)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    positions = pc.list_flatten(col)  # list<list<int>>, one per position of the valid rows
+    if len(positions) == 0:
+        return [None if not v else np.zeros((0, 0, 0), np.int16) for v in valid]
+    layers = pc.list_flatten(positions)  # list<int>, one per (position, layer)
+    flat = pc.list_flatten(layers).to_numpy(zero_copy_only=False).astype(np.int16, copy=False)
+    n_layers = int(pc.list_value_length(positions)[0].as_py())
+    k = int(pc.list_value_length(layers)[0].as_py())
+    if flat.size != len(positions) * n_layers * k:
+        raise MilesError("routed_experts rows must all have the same number of MoE layers and top-k")
+    grid = flat.reshape(-1, n_layers, k)  # [sum T, L, k]
+    lengths = np.where(valid, np.nan_to_num(rows.astype(np.float64)), 0).astype(np.int64)
+    parts = np.split(grid.copy(), np.cumsum(lengths)[:-1])
+    return [p if v else None for p, v in zip(parts, valid, strict=True)]
 
 
 def samples_from_tokens(
