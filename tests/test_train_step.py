@@ -228,3 +228,22 @@ def test_sft_draft_training_trains_only_the_mtp_layer_and_lowers_its_loss():
     assert losses[-1] < 0.7 * losses[0], losses
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all(n.startswith("mtp.") for n in changed)
+
+
+def test_samples_from_table_reads_list_columns_exactly_including_null_experts():
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(5):
+        p, r = torch.randint(0, 50, (3 + i,), generator=g), torch.randint(0, 50, (2 + i % 3,), generator=g)
+        experts = None if i == 2 else torch.randint(0, 8, (len(p) + len(r) - 1, 3, 2), generator=g)
+        rows.append(dict(prompt_id=f"p{i}", sample_index=0, iteration=0, prompt_tokens=p, response_tokens=r,
+                         response="", rollout_logprobs=-torch.rand(len(r), generator=g), routed_experts=experts,
+                         reward=float(i), status="completed", weight_version=i))  # fmt: skip
+    samples = samples_from_table(rollouts_table(rows))
+    for row, s in zip(rows, samples, strict=True):
+        assert s.tokens.tolist() == row["prompt_tokens"].tolist() + row["response_tokens"].tolist()
+        assert torch.equal(s.rollout_logprobs, row["rollout_logprobs"].float())
+        assert (s.routed_experts is None) == (row["routed_experts"] is None)
+        if s.routed_experts is not None:
+            assert torch.equal(s.routed_experts.long(), row["routed_experts"])
+        assert s.weight_version == row["weight_version"] and s.group == row["prompt_id"]
