@@ -247,3 +247,24 @@ def test_samples_from_table_reads_list_columns_exactly_including_null_experts():
         if s.routed_experts is not None:
             assert torch.equal(s.routed_experts.long(), row["routed_experts"])
         assert s.weight_version == row["weight_version"] and s.group == row["prompt_id"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(qat="fp8"),
+        dict(ratio_level="sequence", eps_clip=3e-4, eps_clip_high=4e-4),
+        dict(dual_clip=3.0, tis=True, mis=True, old_logprobs="rollout"),
+        dict(advantage="dr_grpo", whiten_advantages=True, loss_agg="seq-mean-token-sum-norm"),
+    ],
+    ids=["fp8-forward", "gspo", "dual-clip-tis-mis", "dr-grpo-whitened"],
+)  # fmt: skip
+def test_loss_and_precision_options_train_without_skipping(options):
+    model = tiny_model(seed=31)
+    before = copy.deepcopy(model)
+    trainer = Trainer(model, TrainConfig(lr=1e-2, micro_batch_tokens=256, **options))
+    if options.get("qat") == "fp8":
+        assert any("self_attn" in n for n in trainer.qat_modules)  # dense linears too, not only experts
+    (m,) = trainer.train_rollouts(samples_from_table(_table(model, seed=12)))
+    assert m["skipped"] == 0.0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), model.parameters(), strict=True))
