@@ -6,6 +6,9 @@ round to fp8 correctly (a value that rounds up to the next power of two comes ou
 there the GEMMs run in fp16/fp32 and the FP8 inputs are built exactly representable; the GPU
 tests cover bf16 and rounding.
 
+CPU, ahead of time: each kernel compiles for sm_90 (Triton's bundled ptxas), and the resource
+report shows no register spills, 16-byte loads of the big operands and wgmma on the large tiles.
+
 GPU (`-m gpu`): many random shapes against the CPU reference, outputs poisoned (the caching
 allocator's free memory filled with 0xFF = NaN) before every run so that an unwritten element
 fails. Bounds, as ||out - ref|| / ||ref||: act-quant bit-exact; W4A16 5e-3 (bf16 output rounding,
@@ -215,3 +218,62 @@ def test_gpu_quantized_layers_match_cpu_layers():
             ref = layer(x.float())
             y = layer.cuda()(x.cuda())
         assert _rel(y.cpu(), ref) < 5e-3, type(layer)
+
+
+# ---- ahead-of-time compile for Hopper (CPU; no GPU needed) ----------------------------------------
+
+
+def _compile_sm90(fn, types: dict, consts: dict, num_warps: int = 4, num_stages: int = 3):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    # pointers, strides and sizes divisible by 16, as the JIT specializes them on real shapes
+    plain = ("EPS", "E", "M", "M_ALLOC", "kb_per_split", "COUNTS")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n not in plain}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+
+
+def _resources(kernel) -> str:
+    import shutil
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not shutil.which(tool):
+        pytest.skip("no cuobjdump in the triton wheel")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+
+
+_PTRS = {"X": "*bf16", "W": "*i32", "S": "*bf16", "TILE_END": "*i32", "ROW_START": "*i32", "COUNTS": "*i32"}
+_SM90_CASES = [
+    # (kernel name, pointer types, constexprs, num_warps, expect wgmma)
+    ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"}, {"BM": 16, "BLOCK": 128}, 4,
+     False),
+    ("w4a16_kernel", {**_PTRS, "Y": "*fp32"},
+     {"GROUP": 128, "BM": 16, "BN": 64, "BK": 128, "SPLIT_K": 4, "EVEN_K": True}, 4, False),
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BM": 128, "BN": 128, "BK": 64, "SPLIT_K": 1, "EVEN_K": True}, 8, True),
+    ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True}, 4, False),
+    ("grouped_fp8_kernel",
+     {"A": "*fp8e4nv", "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", **_PTRS},
+     {"E_P2": 128, "BM": 64, "BN": 128, "BK": 128, "EVEN_K": True}, 4, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,types,consts,num_warps,wgmma", _SM90_CASES)
+def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads(name, types, consts, num_warps, wgmma):
+    from miles_core.kernels import quant_triton
+
+    kernel = _compile_sm90(getattr(quant_triton, name), types, consts, num_warps)
+    res = _resources(kernel)
+    assert "STACK:0" in res and "LOCAL:0" in res, res  # no register spills
+    ptx = kernel.asm["ptx"]
+    assert "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx  # 16-byte loads of the big operands
+    assert ("wgmma.mma_async" in ptx) == wgmma  # Hopper tensor-core path for the large tiles

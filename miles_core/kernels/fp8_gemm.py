@@ -225,6 +225,7 @@ def grouped_fp8_linear_triton(
         BM=bm,
         BN=bn,
         BK=BLOCK,
+        EVEN_K=k % BLOCK == 0,
         num_warps=num_warps,
         num_stages=num_stages,
     )

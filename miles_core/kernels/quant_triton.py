@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # globals inside @triton.jit must be constexpr
 
 
 @triton.jit
@@ -69,6 +69,7 @@ def w4a16_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # X: [M, K] bf16 (fp16/fp32 also run: the interpreter tests); W: [N, ceil(K/8)] int32;
     # S: [N, ceil(K/GROUP)]; Y: [M, N] (fp32 when SPLIT_K > 1).
@@ -82,12 +83,14 @@ def w4a16_kernel(
         k0 = (pid_k * kb_per_split + i) * BK
         ks = k0 + tl.arange(0, BK)
         x = tl.load(
-            X + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0
+            X + rows[:, None] * stride_xm + ks[None, :],
+            mask=(rows[:, None] < M) & ((ks[None, :] < K) | EVEN_K),
+            other=0.0,
         )
         words = k0 // 8 + tl.arange(0, BK // 8)
         wp = tl.load(
             W + cols[:, None] * stride_wn + words[None, :],
-            mask=(cols[:, None] < N) & (words[None, :] < k_words),
+            mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
             other=0,
         )
         w = _unpack_int4(wp, BN, BK).to(x.dtype)  # exact small integers in x's dtype (bf16 on the GPU)
@@ -137,6 +140,7 @@ def grouped_w4a16_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N].
     e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
@@ -144,19 +148,21 @@ def grouped_w4a16_kernel(
         return
     rows = r0 + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    k_words = tl.cdiv(K, 8)
+    k_words = (K + 7) // 8
     W += e_safe.to(tl.int64) * stride_we
     S += e_safe.to(tl.int64) * stride_se
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         x = tl.load(
-            X + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < r1) & (ks[None, :] < K), other=0.0
+            X + rows[:, None] * stride_xm + ks[None, :],
+            mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
+            other=0.0,
         )
         words = k0 // 8 + tl.arange(0, BK // 8)
         wp = tl.load(
             W + cols[:, None] * stride_wn + words[None, :],
-            mask=(cols[:, None] < N) & (words[None, :] < k_words),
+            mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
             other=0,
         )
         w = _unpack_int4(wp, BN, BK).to(x.dtype)  # exact small integers in x's dtype (bf16 on the GPU)
@@ -190,6 +196,7 @@ def grouped_fp8_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     # A: [M, K] fp8 rows sorted by expert, SA: [M, ceil(K/128)] fp32; B: [E, N, K] fp8,
     # SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]. BK == 128 and BN divides 128.
@@ -204,10 +211,14 @@ def grouped_fp8_kernel(
     for kb in range(0, tl.cdiv(K, BK)):
         ks = kb * BK + tl.arange(0, BK)
         a = tl.load(
-            A + rows[:, None] * stride_am + ks[None, :], mask=(rows[:, None] < r1) & (ks[None, :] < K), other=0.0
+            A + rows[:, None] * stride_am + ks[None, :],
+            mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
+            other=0.0,
         )
         b = tl.load(
-            B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0
+            B + cols[:, None] * stride_bn + ks[None, :],
+            mask=(cols[:, None] < N) & ((ks[None, :] < K) | EVEN_K),
+            other=0.0,
         )
         sa = tl.load(SA + rows * stride_sam + kb, mask=rows < r1, other=0.0)
         sb = tl.load(SB + kb)

@@ -132,6 +132,7 @@ def w4a16_linear_triton(
         BN=cfg.bn,
         BK=cfg.bk,
         SPLIT_K=cfg.split_k,
+        EVEN_K=k % (cfg.bk * cfg.split_k) == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -207,6 +208,7 @@ def grouped_w4a16_linear_triton(
         BM=cfg.bm,
         BN=cfg.bn,
         BK=cfg.bk,
+        EVEN_K=k % cfg.bk == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
