@@ -268,3 +268,12 @@ def test_loss_and_precision_options_train_without_skipping(options):
     (m,) = trainer.train_rollouts(samples_from_table(_table(model, seed=12)))
     assert m["skipped"] == 0.0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), model.parameters(), strict=True))
+
+
+def test_aborted_samples_are_not_trained_on():
+    model = tiny_model(seed=32)
+    table = _table(model, seed=13)
+    status = ["aborted" if i < 4 else "completed" for i in range(table.num_rows)]
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    (m,) = Trainer(model, TrainConfig(lr=1e-2, micro_batch_tokens=256)).train_rollouts(samples_from_table(table))
+    assert m["samples/aborted_dropped"] == 4.0 and m["samples"] == 20.0 and m["tokens"] == 20 * 5

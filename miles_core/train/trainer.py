@@ -72,7 +72,10 @@ class Trainer:
     def train_rollouts(self, samples: list[Sample]) -> list[dict[str, float]]:
         """Train on one rollout batch; returns one metrics dict per optimizer step."""
         cfg = self.cfg
+        aborted = sum(s.status == "aborted" for s in samples)
+        samples = [s for s in samples if s.status != "aborted"]  # unfinished: resumed by the next round
         batch_metrics = _batch_metrics(samples)
+        batch_metrics["samples/aborted_dropped"] = float(aborted)
         if cfg.mode == "grpo":
             samples, adv_metrics = assign_advantages(samples, cfg)
             batch_metrics.update(adv_metrics)
