@@ -43,9 +43,22 @@ def test_logits_match_from_sharded_checkpoint(arch, tmp_path):
 
 
 def test_tied_embeddings_share_one_tensor(tmp_path):
-    path, _ = save_hf(CONFIGS["qwen3"](tie_word_embeddings=True), str(tmp_path / "tied"))
+    from miles_core.model import build_model, init_weights
+    from miles_core.model.config import ModelConfig
+    from miles_core.model.saving import save_hf_checkpoint
+
+    cfg = CONFIGS["qwen3"](tie_word_embeddings=True)
+    path, _ = save_hf(cfg, str(tmp_path / "tied"))
     model = load_model(path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    fresh = init_weights(build_model(ModelConfig.from_hf(cfg.to_dict() | {"architectures": cfg.architectures})))
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    with torch.no_grad():
+        fresh.lm_head.weight.mul_(2.0)  # training the head trains the embedding: one tensor
+    save_hf_checkpoint(fresh, str(tmp_path / "saved"))
+    ids = _ids(1, 6)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path / "saved"))(ids).logits, fresh(ids).logits)
 
 
 def test_padded_batch_matches_unpadded_rows(tmp_path):

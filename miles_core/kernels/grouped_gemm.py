@@ -43,7 +43,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert
         # w.transpose(-2, -1): [E, K, M] with K contiguous, the layout the grouped kernel wants.
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    if x.requires_grad or w.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _cat_linear(x, w, counts)
     return grouped_linear_reference(x, w, counts)
 

@@ -81,6 +81,8 @@ def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, num_mtp_lay
     with torch.device("meta"):
         model = CausalLM(cfg, num_mtp_layers)
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every parameter new storage, which unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
     _reset_buffers(model)
     return model
 

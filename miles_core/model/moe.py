@@ -89,7 +89,9 @@ class Experts(nn.Module):
         n, k = experts.shape
         flat = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat, stable=True)  # slots sorted by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # [E]
+        # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         ys = self.sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
         # Un-permute with a scatter by the permutation (deterministic, unlike index_add's atomics),
         # then a fixed-order weighted sum over the k slots of each token.
