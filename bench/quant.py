@@ -49,7 +49,7 @@ def fp8_dense():
         wb = w.bfloat16()
         sb = fp8_gemm.prepare_weight_scale(ws)
         y = fp8_gemm.fp8_linear(x, wq, ws, scale_b=sb)
-        ref = x.float() @ fp8_gemm.fp8_block_dequantize(wq, ws).t()
+        ref = fp8_gemm.fp8_linear_reference(x.float(), wq, ws)  # same act-quant recipe, fp32 products
         err = rel(y, ref)
         base = bench(lambda: x @ wb.t())
         t = bench(lambda: fp8_gemm.fp8_linear(x, wq, ws, scale_b=sb))
@@ -64,35 +64,49 @@ def fp8_dense():
 
 
 def _cfgs(*specs):
-    return [W4A16Config(bm=a, bn=b, bk=c, split_k=d, num_warps=e, num_stages=f) for a, b, c, d, e, f in specs]
+    return [W4A16Config(*spec) for spec in specs]
 
 
-# Candidate tiles per M range (bm, bn, bk, split_k, num_warps, num_stages).
+# Candidate tiles per M range: (bm, bn, bk, split_k, num_warps, num_stages, unpack).
 W4_SWEEP = {
+    1: _cfgs(
+        (1, 64, 128, 1, 4, 4, 1),
+        (1, 64, 128, 1, 4, 4, 2),
+        (1, 128, 128, 1, 4, 4, 1),
+        (1, 32, 256, 1, 4, 4, 1),
+        (1, 64, 128, 2, 4, 4, 1),
+        (1, 128, 128, 4, 4, 4, 2),
+        (1, 64, 256, 2, 4, 3, 1),
+        (16, 64, 128, 1, 4, 4, 0),
+        (16, 64, 128, 1, 4, 4, 1),
+        (16, 64, 128, 1, 4, 4, 2),
+    ),
     16: _cfgs(
-        (16, 32, 128, 1, 4, 4),
-        (16, 64, 128, 1, 4, 4),
-        (16, 64, 128, 2, 4, 4),
-        (16, 64, 128, 4, 4, 4),
-        (16, 128, 128, 4, 4, 4),
-        (16, 32, 128, 4, 2, 4),
-        (16, 128, 128, 8, 4, 4),
-        (16, 64, 64, 4, 4, 6),
+        (16, 64, 128, 1, 4, 4, 0),
+        (16, 64, 128, 1, 4, 4, 1),
+        (16, 64, 128, 1, 4, 4, 2),
+        (16, 128, 128, 2, 4, 4, 2),
+        (16, 32, 128, 1, 4, 4, 2),
+        (16, 64, 128, 4, 4, 4, 2),
+        (16, 128, 128, 8, 4, 4, 1),
+        (16, 128, 128, 2, 4, 4, 1),
     ),
     64: _cfgs(
-        (16, 64, 128, 2, 4, 4),
-        (32, 64, 128, 2, 4, 4),
-        (64, 64, 128, 2, 4, 4),
-        (64, 128, 128, 1, 4, 3),
-        (64, 128, 64, 2, 4, 4),
-        (64, 64, 128, 1, 4, 4),
+        (64, 64, 128, 1, 4, 4, 0),
+        (64, 64, 128, 1, 4, 4, 1),
+        (64, 64, 128, 1, 4, 4, 2),
+        (64, 128, 128, 1, 4, 3, 2),
+        (32, 64, 128, 1, 4, 4, 2),
+        (64, 64, 128, 2, 4, 4, 2),
+        (64, 64, 128, 2, 4, 4, 1),
     ),
     256: _cfgs(
-        (64, 128, 128, 1, 4, 3),
-        (128, 128, 64, 1, 8, 3),
-        (128, 128, 128, 1, 8, 3),
-        (64, 256, 64, 1, 8, 3),
-        (128, 64, 128, 1, 4, 3),
+        (64, 128, 128, 1, 4, 3, 0),
+        (64, 128, 128, 1, 4, 3, 1),
+        (64, 128, 128, 1, 4, 3, 2),
+        (128, 64, 128, 1, 4, 3, 2),
+        (128, 128, 64, 1, 8, 3, 2),
+        (128, 128, 128, 1, 8, 3, 1),
     ),
 }
 
@@ -113,7 +127,7 @@ def w4a16_dense(sweep: bool):
             row("w4a16 linear", f"M={m} {n}x{k}", base, t, rel(y, ref), f"default {cfg}")
             if sweep:
                 best = None
-                for c in W4_SWEEP[16 if m <= 16 else 64 if m <= 64 else 256]:
+                for c in W4_SWEEP[m if m in W4_SWEEP else 256]:
                     try:
                         e = rel(w4a16_gemm.w4a16_linear(x, p, s, 128, config=c), ref)
                         tc = bench(lambda c=c: w4a16_gemm.w4a16_linear(x, p, s, 128, config=c))
@@ -126,37 +140,62 @@ def w4a16_dense(sweep: bool):
                 row("w4a16 best of sweep", f"M={m} {n}x{k}", base, best[0], best[2], f"{best[1]}")
 
 
-def grouped():
+GROUPED_FP8_SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 3)]
+GROUPED_W4_SWEEP = _cfgs(
+    (16, 64, 128, 1, 4, 4, 0),
+    (16, 64, 128, 1, 4, 4, 2),
+    (16, 128, 128, 1, 4, 4, 2),
+    (64, 64, 128, 1, 4, 4, 2),
+    (64, 128, 64, 1, 4, 3, 2),
+    (128, 128, 64, 1, 8, 3, 2),
+)
+
+
+def grouped(sweep: bool):
     cases = [
-        ("8 experts, 2048 rows each", 8, 4096, 4096, [2048] * 8),
-        ("Qwen3-30B gate_up, 4096 rows", 128, 1536, 2048, None),
-        ("Qwen3-30B down, 4096 rows", 128, 2048, 768, None),
-        ("Qwen3-30B gate_up, 512 rows", 128, 1536, 2048, "decode"),
+        ("8 experts, 2048 rows each", 8, 4096, 4096, 16384),
+        ("Qwen3-30B gate_up, 4096 rows", 128, 1536, 2048, 4096),
+        ("Qwen3-30B down, 4096 rows", 128, 2048, 768, 4096),
+        ("Qwen3-30B gate_up, 512 rows", 128, 1536, 2048, 512),
+        ("Qwen3-30B down, 512 rows", 128, 2048, 768, 512),
     ]
     g = torch.Generator().manual_seed(0)
-    for name, e, n, k, spec in cases:
-        if spec is None or spec == "decode":
-            rows = 4096 if spec is None else 512
-            counts = torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e)
+    for name, e, n, k, rows in cases:
+        if e == 8:
+            counts = torch.full((e,), rows // e)
         else:
-            counts = torch.tensor(spec)
+            counts = torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e)
         counts = counts.cuda()
         m = int(counts.sum())
         xs = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(e, n, k, device="cuda") * 0.02
         wb = w.bfloat16()
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        yb = torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs)
         base = bench(lambda: torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs))
         wq, ws = fp8_block_quantize(w)
-        y = fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts)
-        t = bench(lambda: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts))
-        row("grouped fp8", name, base, t, rel(y, yb), f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s")
+        ref = fp8_gemm.grouped_fp8_linear_reference(xs.float(), wq, ws, counts)
+        variants = GROUPED_FP8_SWEEP if sweep else GROUPED_FP8_SWEEP[:1]
+        best = None
+        for bm, bn, nw, ns in variants:
+            fn = lambda bm=bm, bn=bn, nw=nw, ns=ns: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts, bm, bn, nw, ns)
+            t, err = bench(fn), rel(fn(), ref)
+            if sweep:
+                print(f"    sweep grouped fp8 {name} bm={bm} bn={bn} nw={nw} ns={ns}: {t:.1f} us", flush=True)
+            best = min(best, (t, err, (bm, bn, nw, ns))) if best else (t, err, (bm, bn, nw, ns))
+        t, err, cfg = best
+        row("grouped fp8", name, base, t, err, f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s {cfg}")
         q, s = int4_group_quantize(w, 128)
         p = pack_int4(q)
-        y = w4a16_gemm.grouped_w4a16_linear(xs, p, s, counts, 128)
-        t = bench(lambda: w4a16_gemm.grouped_w4a16_linear(xs, p, s, counts, 128))
-        row("grouped w4a16", name, base, t, rel(y, yb), f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s")
+        ref = w4a16_gemm.grouped_w4a16_linear_reference(xs.float(), p, s, counts, 128)
+        best = None
+        for c in GROUPED_W4_SWEEP if sweep else [None]:
+            fn = lambda c=c: w4a16_gemm.grouped_w4a16_linear(xs, p, s, counts, 128, config=c)
+            t, err = bench(fn), rel(fn(), ref)
+            if sweep:
+                print(f"    sweep grouped w4a16 {name} {c}: {t:.1f} us", flush=True)
+            best = min(best, (t, err, str(c))) if best else (t, err, str(c))
+        t, err, cfg = best
+        row("grouped w4a16", name, base, t, err, f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s {cfg}")
 
 
 def main() -> int:
@@ -167,7 +206,11 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     only = args.only.split(",")
-    for name, fn in [("fp8", fp8_dense), ("w4a16", lambda: w4a16_dense(args.sweep)), ("grouped", grouped)]:
+    for name, fn in [
+        ("fp8", fp8_dense),
+        ("w4a16", lambda: w4a16_dense(args.sweep)),
+        ("grouped", lambda: grouped(args.sweep)),
+    ]:
         if name in only:
             try:
                 fn()

@@ -80,6 +80,10 @@ def interp_w4a16() -> None:
         (1, 96, 256, 64, W4A16Config(bm=16, bn=32, bk=64)),
         (3, 40, 200, 32, W4A16Config(bm=16, bn=32, bk=32, split_k=3)),
         (17, 64, 128, 128, W4A16Config(bm=16, bn=64, bk=64, split_k=2)),
+        (5, 96, 256, 64, W4A16Config(bm=16, bn=32, bk=64, unpack=1)),
+        (5, 96, 200, 64, W4A16Config(bm=16, bn=32, bk=64, split_k=2, unpack=2)),
+        (1, 96, 256, 64, W4A16Config(bm=1, bn=32, bk=64, split_k=2, unpack=1)),
+        (2, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=32, unpack=2)),
     ]:
         x = torch.randn(m, k, generator=g)
         q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)
@@ -94,9 +98,10 @@ def interp_grouped() -> None:
     m = int(counts.sum())
     xs = torch.randn(m, 96, generator=g)
     q, s = int4_group_quantize(torch.randn(5, 40, 96, generator=g), 32, torch.float32)
-    y = w4a16_gemm.grouped_w4a16_linear_triton(xs, pack_int4(q), s, counts, 32, W4A16Config(bm=16, bn=32, bk=32))
     ref = w4a16_gemm.grouped_w4a16_linear_reference(xs, pack_int4(q), s, counts, 32)
-    assert _rel(y, ref) < 1e-5, _rel(y, ref)
+    for cfg in (W4A16Config(bm=16, bn=32, bk=32), W4A16Config(bm=16, bn=32, bk=32, unpack=2)):
+        y = w4a16_gemm.grouped_w4a16_linear_triton(xs, pack_int4(q), s, counts, 32, cfg)
+        assert _rel(y, ref) < 1e-5, _rel(y, ref)
     xs = _exact_fp8_input(m, 256, g)
     wq, ws = fp8_block_quantize(torch.randn(5, 192, 256, generator=g))
     y = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64)
@@ -256,11 +261,11 @@ _SM90_CASES = [
     ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"}, {"BM": 16, "BLOCK": 128}, 4,
      False),
     ("w4a16_kernel", {**_PTRS, "Y": "*fp32"},
-     {"GROUP": 128, "BM": 16, "BN": 64, "BK": 128, "SPLIT_K": 4, "EVEN_K": True}, 4, False),
+     {"GROUP": 128, "BM": 16, "BN": 64, "BK": 128, "SPLIT_K": 4, "EVEN_K": True, "UNPACK": 2}, 4, False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BM": 128, "BN": 128, "BK": 64, "SPLIT_K": 1, "EVEN_K": True}, 8, True),
+     {"GROUP": 128, "BM": 128, "BN": 128, "BK": 64, "SPLIT_K": 1, "EVEN_K": True, "UNPACK": 2}, 8, True),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True}, 4, False),
+     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2}, 4, False),
     ("grouped_fp8_kernel",
      {"A": "*fp8e4nv", "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", **_PTRS},
      {"E_P2": 128, "BM": 64, "BN": 128, "BK": 128, "EVEN_K": True}, 4, True),

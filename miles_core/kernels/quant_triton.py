@@ -35,19 +35,56 @@ def fp8_act_quant_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [BM]
-    scale = amax / FP8_MAX
-    q = tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX)
+    # div_rn: IEEE division, as torch does (Triton's `/` on fp32 is the approximate div.full)
+    scale = tl.div_rn(amax, FP8_MAX)
+    q = tl.clamp(tl.div_rn(x, scale[:, None]), -FP8_MAX, FP8_MAX)
     out_mask = (rows[:, None] < M_ALLOC) & (cols[None, :] < K)
     tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=out_mask)
     tl.store(S + rows * stride_sm + pid_k * stride_sk, scale, mask=rows < M_ALLOC)
 
 
 @triton.jit
-def _unpack_int4(wp, BN: tl.constexpr, BK: tl.constexpr):
-    # wp: [BN, BK // 8] int32 -> [BN, BK] int32 in [-8, 7]; column 8j+i is nibble i of word j.
-    shifts = tl.arange(0, 8) * 4
-    nib = (wp[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BK/8, 8]
-    return tl.reshape(nib, (BN, BK)) - 8
+def _load_int4(
+    W, cols, stride_wn, k0, N, k_words, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UNPACK: tl.constexpr
+):
+    # -> [BN, BK] int32 in [-8, 7] for input columns k0 .. k0+BK; column 8j+i is nibble i of word j.
+    # UNPACK 0: load [BN, BK/8] words, shift into [BN, BK/8, 8], reshape.
+    # UNPACK 1: load the word of every column (each word 8 times, from L1), shift by column.
+    # UNPACK 2: load [BN, BK/8] words, repeat each 8 times with tl.interleave, shift by column.
+    if UNPACK == 1:
+        ks = k0 + tl.arange(0, BK)
+        wp = tl.load(
+            W + cols[:, None] * stride_wn + ks[None, :] // 8,
+            mask=(cols[:, None] < N) & ((ks[None, :] < k_words * 8) | EVEN_K),
+            other=0,
+        )
+        nib = (wp >> ((tl.arange(0, BK) % 8) * 4)[None, :]) & 0xF
+    else:
+        words = k0 // 8 + tl.arange(0, BK // 8)
+        wp = tl.load(
+            W + cols[:, None] * stride_wn + words[None, :],
+            mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
+            other=0,
+        )
+        if UNPACK == 0:
+            shifts = tl.arange(0, 8) * 4
+            nib = tl.reshape((wp[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
+        else:
+            wp = tl.interleave(wp, wp)
+            wp = tl.interleave(wp, wp)
+            wp = tl.interleave(wp, wp)
+            nib = (wp >> ((tl.arange(0, BK) % 8) * 4)[None, :]) & 0xF
+    return nib - 8
+
+
+@triton.jit
+def _mac(acc, x, w, s):
+    # acc [BM, BN] += (x [BM, BK] @ w^T [BK, BN]) * s [BN]; a GEMV in fp32 FMAs when BM == 1.
+    if x.shape[0] == 1:
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :] * s[None, :]
+    else:
+        acc += tl.dot(x, tl.trans(w.to(x.dtype))) * s[None, :]
+    return acc
 
 
 @triton.jit
@@ -70,6 +107,7 @@ def w4a16_kernel(
     BK: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):
     # X: [M, K] bf16 (fp16/fp32 also run: the interpreter tests); W: [N, ceil(K/8)] int32;
     # S: [N, ceil(K/GROUP)]; Y: [M, N] (fp32 when SPLIT_K > 1).
@@ -87,15 +125,9 @@ def w4a16_kernel(
             mask=(rows[:, None] < M) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
-        words = k0 // 8 + tl.arange(0, BK // 8)
-        wp = tl.load(
-            W + cols[:, None] * stride_wn + words[None, :],
-            mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
-            other=0,
-        )
-        w = _unpack_int4(wp, BN, BK).to(x.dtype)  # exact small integers in x's dtype (bf16 on the GPU)
+        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK)  # exact small integers
         s = tl.load(S + cols * stride_sn + k0 // GROUP, mask=cols < N, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(w)) * s[None, :]
+        acc = _mac(acc, x, w, s)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
     if SPLIT_K == 1:
@@ -141,6 +173,7 @@ def grouped_w4a16_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     EVEN_K: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):
     # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N].
     e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
@@ -159,15 +192,9 @@ def grouped_w4a16_kernel(
             mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
-        words = k0 // 8 + tl.arange(0, BK // 8)
-        wp = tl.load(
-            W + cols[:, None] * stride_wn + words[None, :],
-            mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
-            other=0,
-        )
-        w = _unpack_int4(wp, BN, BK).to(x.dtype)  # exact small integers in x's dtype (bf16 on the GPU)
+        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK)  # exact small integers
         s = tl.load(S + cols * stride_sn + k0 // GROUP, mask=cols < N, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(w)) * s[None, :]
+        acc = _mac(acc, x, w, s)
     mask = (rows[:, None] < r1) & (cols[None, :] < N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 

@@ -41,6 +41,7 @@ class W4A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    unpack: int = 0  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave
 
 
 def default_config(m: int, n: int, k: int) -> W4A16Config:
@@ -133,6 +134,7 @@ def w4a16_linear_triton(
         BK=cfg.bk,
         SPLIT_K=cfg.split_k,
         EVEN_K=k % (cfg.bk * cfg.split_k) == 0,
+        UNPACK=cfg.unpack,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -209,6 +211,7 @@ def grouped_w4a16_linear_triton(
         BN=cfg.bn,
         BK=cfg.bk,
         EVEN_K=k % cfg.bk == 0,
+        UNPACK=cfg.unpack,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
