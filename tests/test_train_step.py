@@ -9,6 +9,7 @@ import torch
 
 from miles_core.data.rollouts import rollouts_table
 from miles_core.errors import MilesError
+from miles_core.rl import token_logprobs
 from miles_core.train import (
     TrainConfig,
     Trainer,
@@ -277,3 +278,18 @@ def test_aborted_samples_are_not_trained_on():
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
     (m,) = Trainer(model, TrainConfig(lr=1e-2, micro_batch_tokens=256)).train_rollouts(samples_from_table(table))
     assert m["samples/aborted_dropped"] == 4.0 and m["samples"] == 20.0 and m["tokens"] == 20 * 5
+
+
+def test_chunked_token_logprobs_equal_the_reference_values_and_gradients():
+    from miles_core.train.logprobs import chunked_token_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (3, 5), generator=g)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    a, b = chunked_token_logprobs(x, t, 0.7, 4), token_logprobs(x, t, 0.7)
+    assert torch.equal(a, b)  # forward: the very values the rollout engine records
+    (ga,) = torch.autograd.grad((a * w).sum(), x)
+    (gb,) = torch.autograd.grad((b * w).sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda z: chunked_token_logprobs(z, t, 1.3, 2), (x,))
