@@ -18,6 +18,7 @@ reference, fp32 accumulation, bf16 output).
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -87,9 +88,10 @@ def interp_w4a16() -> None:
     ]:
         x = torch.randn(m, k, generator=g)
         q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)
-        y = w4a16_gemm.w4a16_linear_triton(x, pack_int4(q), s, group, cfg)
         ref = w4a16_gemm.w4a16_linear_reference(x, pack_int4(q), s, group)
-        assert _rel(y, ref) < 1e-5, (m, n, k, _rel(y, ref))
+        for scales in (s, w4a16_gemm.group_major(s)):
+            y = w4a16_gemm.w4a16_linear_triton(x, pack_int4(q), scales, group, cfg)
+            assert _rel(y, ref) < 1e-5, (m, n, k, _rel(y, ref))
 
 
 def interp_grouped() -> None:
@@ -99,8 +101,8 @@ def interp_grouped() -> None:
     xs = torch.randn(m, 96, generator=g)
     q, s = int4_group_quantize(torch.randn(5, 40, 96, generator=g), 32, torch.float32)
     ref = w4a16_gemm.grouped_w4a16_linear_reference(xs, pack_int4(q), s, counts, 32)
-    for cfg in (W4A16Config(bm=16, bn=32, bk=32), W4A16Config(bm=16, bn=32, bk=32, unpack=2)):
-        y = w4a16_gemm.grouped_w4a16_linear_triton(xs, pack_int4(q), s, counts, 32, cfg)
+    for cfg in (W4A16Config(bm=16, bn=32, bk=32, unpack=0), W4A16Config(bm=16, bn=32, bk=32)):
+        y = w4a16_gemm.grouped_w4a16_linear_triton(xs, pack_int4(q), w4a16_gemm.group_major(s), counts, 32, cfg)
         assert _rel(y, ref) < 1e-5, _rel(y, ref)
     xs = _exact_fp8_input(m, 256, g)
     wq, ws = fp8_block_quantize(torch.randn(5, 192, 256, generator=g))
@@ -181,9 +183,9 @@ def test_gpu_w4a16_matches_reference_many_shapes_and_configs():
         q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, group)
         p = pack_int4(q)
         ref = w4a16_gemm.w4a16_linear_reference(x.float(), p, s, group)
-        for cfg in cfgs:
+        for cfg, scales in itertools.product(cfgs, (s, w4a16_gemm.group_major(s))):
             _poison()
-            y = w4a16_gemm.w4a16_linear(x.cuda(), p.cuda(), s.cuda(), group, config=cfg)
+            y = w4a16_gemm.w4a16_linear(x.cuda(), p.cuda(), scales.cuda(), group, config=cfg)
             assert not y.isnan().any()
             assert _rel(y.cpu(), ref) < 5e-3, (m, n, k, group, cfg, _rel(y.cpu(), ref))
 
@@ -202,8 +204,9 @@ def test_gpu_grouped_kernels_match_reference():
         p = pack_int4(q)
         ref = w4a16_gemm.grouped_w4a16_linear_reference(xs.float(), p, s, counts, 128)
         _poison()
-        y = w4a16_gemm.grouped_w4a16_linear(xs.cuda(), p.cuda(), s.cuda(), counts.cuda(), 128)
-        assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("int4", e, n, k, _rel(y.cpu(), ref))
+        for scales in (s, w4a16_gemm.group_major(s)):
+            y = w4a16_gemm.grouped_w4a16_linear(xs.cuda(), p.cuda(), scales.cuda(), counts.cuda(), 128)
+            assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("int4", e, n, k, _rel(y.cpu(), ref))
         wq, ws = fp8_block_quantize(torch.randn(e, n, k, generator=g) * 0.05)
         ref = fp8_gemm.grouped_fp8_linear_reference(xs.float(), wq, ws, counts)
         _poison()

@@ -100,6 +100,7 @@ def w4a16_kernel(
     stride_xm,
     stride_wn,
     stride_sn,
+    stride_sg,
     stride_ym,
     GROUP: tl.constexpr,
     BM: tl.constexpr,
@@ -126,7 +127,7 @@ def w4a16_kernel(
             other=0.0,
         )
         w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK)  # exact small integers
-        s = tl.load(S + cols * stride_sn + k0 // GROUP, mask=cols < N, other=0.0).to(tl.float32)
+        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=cols < N, other=0.0).to(tl.float32)
         acc = _mac(acc, x, w, s)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
@@ -166,6 +167,7 @@ def grouped_w4a16_kernel(
     stride_wn,
     stride_se,
     stride_sn,
+    stride_sg,
     stride_ym,
     GROUP: tl.constexpr,
     E_P2: tl.constexpr,
@@ -193,7 +195,7 @@ def grouped_w4a16_kernel(
             other=0.0,
         )
         w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK)  # exact small integers
-        s = tl.load(S + cols * stride_sn + k0 // GROUP, mask=cols < N, other=0.0).to(tl.float32)
+        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=cols < N, other=0.0).to(tl.float32)
         acc = _mac(acc, x, w, s)
     mask = (rows[:, None] < r1) & (cols[None, :] < N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)

@@ -24,6 +24,7 @@ __all__ = [
     "W4A16Config",
     "MAX_M",
     "dequantize_packed",
+    "group_major",
     "w4a16_linear",
     "w4a16_linear_reference",
     "grouped_w4a16_linear",
@@ -41,18 +42,25 @@ class W4A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    unpack: int = 0  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave
+    unpack: int = 2  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave
 
 
 def default_config(m: int, n: int, k: int) -> W4A16Config:
-    """Tile sizes by M (set from the sweep in bench/quant.py on an H100, see bench/RESULTS.md)."""
+    """Tile sizes by M, from the sweep in bench/quant.py on an H100 (bench/RESULTS.md): one K pass per
+    program when N alone gives enough programs (>= 192 of 64 columns), split-K otherwise."""
+    few = _cdiv(n, 64) < 192
     if m <= 16:
-        # Enough programs to stream the weights at full bandwidth: split K when N alone gives few.
-        n_prog = _cdiv(n, 64)
-        return W4A16Config(bm=16, bn=64, bk=128, split_k=max(1, min(8, 512 // max(n_prog, 1))))
+        return W4A16Config(bm=16, bn=64, bk=128, split_k=4 if few else 1)
     if m <= 64:
-        return W4A16Config(bm=64, bn=64, bk=128, split_k=max(1, min(4, 256 // _cdiv(n, 64))))
-    return W4A16Config(bm=128, bn=128, bk=64, split_k=1, num_warps=8, num_stages=3)
+        return W4A16Config(bm=64, bn=64, bk=128, split_k=2 if few else 1)
+    return W4A16Config(bm=64, bn=128, bk=128, split_k=1, num_warps=4, num_stages=3)
+
+
+def group_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same scales ([..., N, G]) stored group-major (strides (..., 1, N)), the layout the kernels
+    read fastest: one group's N scales are contiguous, so each K step loads them in one 16-byte
+    vectorized, pipelined load instead of N scattered 2-byte ones. Compute once per weight."""
+    return scale.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, k: int, group_size: int, dtype=torch.float32):
@@ -127,6 +135,7 @@ def w4a16_linear_triton(
         x2.stride(0),
         packed.stride(0),
         scale.stride(0),
+        scale.stride(1),
         y.stride(0),
         GROUP=group_size,
         BM=cfg.bm,
@@ -165,7 +174,12 @@ def grouped_w4a16_linear(
     """Grouped W4A16 expert GEMM (rows sorted by expert). Triton for bf16 CUDA inputs."""
     m, k = xs.shape
     e, n, _ = packed.shape
-    cfg = config or W4A16Config(bm=16 if m <= 16 * e else 64, bn=64, bk=min(128, group_size))
+    if config is None:  # decode (a few rows per expert) vs prefill tiles, from the bench sweep
+        small = m <= 16 * e
+        config = W4A16Config(bm=16, bn=64, bk=128) if small else W4A16Config(bm=64, bn=128, bk=64, num_stages=3)
+    cfg = (
+        config if group_size % config.bk == 0 else W4A16Config(**{**config.__dict__, "bk": min(config.bk, group_size)})
+    )
     if not _kernel_ok(xs, group_size, cfg.bk) or group_size < 16:
         return grouped_w4a16_linear_reference(xs, packed, scale, counts, group_size)
     return grouped_w4a16_linear_triton(xs, packed, scale, counts, group_size, cfg)
@@ -204,6 +218,7 @@ def grouped_w4a16_linear_triton(
         packed.stride(1),
         scale.stride(0),
         scale.stride(1),
+        scale.stride(2),
         y.stride(0),
         GROUP=group_size,
         E_P2=triton_next_pow2(e),

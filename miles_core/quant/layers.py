@@ -76,10 +76,23 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from miles_core.kernels.w4a16_gemm import w4a16_linear
 
-        return w4a16_linear(x, self.weight_packed, self.weight_scale, self.group_size, self.bias)
+        return w4a16_linear(x, self.weight_packed, _kernel_scales(self, x), self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+def _kernel_scales(module: nn.Module, x: torch.Tensor, name: str = "weight_scale") -> torch.Tensor:
+    """INT4 scales as the kernel reads them best: on CUDA a group-major copy, made once and cached."""
+    scale = getattr(module, name)
+    if not x.is_cuda:
+        return scale
+    cache = module.__dict__.setdefault("_group_major", {})
+    if name not in cache or cache[name].device != scale.device:
+        from miles_core.kernels.w4a16_gemm import group_major
+
+        cache[name] = group_major(scale)
+    return cache[name]
 
 
 class QuantExperts(nn.Module):
@@ -135,7 +148,8 @@ class QuantExperts(nn.Module):
             return grouped_fp8_linear(xs, w, s, counts)
         from miles_core.kernels.w4a16_gemm import grouped_w4a16_linear
 
-        p, s = getattr(self, f"{which}_weight_packed"), getattr(self, f"{which}_weight_scale")
+        p = getattr(self, f"{which}_weight_packed")
+        s = _kernel_scales(self, xs, f"{which}_weight_scale")
         return grouped_w4a16_linear(xs, p, s, counts, self.group_size)
 
     def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
