@@ -144,6 +144,9 @@ def summarize(
         d = delta.get(key, {})
         ci = f"{d.get('delta', 0):+.3f} [{d.get('low', 0):+.3f}, {d.get('high', 0):+.3f}]" if d else "-"
         lines.append(f"| {key} | {before.get(key, 0):.3f} | {after.get(key, 0):.3f} | {ci} |")
+    if rows:
+        first, last_row = rows[0].get("reward_mean") or 0.0, rows[-1].get("reward_mean") or 0.0
+        lines += ["", f"rollout mean reward: iteration 1 {first:.3f} -> iteration {len(rows)} {last_row:.3f}"]
     kls = [r["mismatch_kl"] for r in rows if r.get("mismatch_kl") is not None]
     lines += ["", f"mean train-rollout mismatch KL (k3): {sum(kls) / len(kls):.2e}" if kls else ""]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {s} | {v:.1f} |" for s, v in times.items()]

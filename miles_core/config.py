@@ -112,7 +112,7 @@ class PipelineConfig(BaseModel):
     model_config = _STRICT
     run_name: str = Field("demo", description="runs with the same name resume each other")
     artifact_root: str = Field("artifacts", description="fsspec URL under which runs/{run_name}/ is written")
-    iterations: int = Field(6, ge=0)
+    iterations: int = Field(12, ge=0)
     seed: int = 0
     model: ModelSource = ModelSource()
     data: DataConfig = DataConfig()

@@ -23,7 +23,7 @@ def pipeline(
     run_name: str = typer.Option(None, "--run-name", help="runs with the same name resume each other"),
     artifact_root: str = typer.Option(None, "--artifact-root", help="fsspec URL for artifacts (default ./artifacts)"),
 ) -> None:
-    """Run convert -> quantize -> N x [rollout -> train -> sync] (+eval) -> export as a Prefect flow.
+    """Run convert -> quantize -> N x (rollout -> train -> sync) (+ eval) -> export as a Prefect flow.
 
     A killed run resumes after its last finished stage when rerun with the same run name; a finished
     run reruns with no work. Stage outputs and the run's manifest.json live under
