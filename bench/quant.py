@@ -119,9 +119,6 @@ def w4a16_dense(sweep: bool):
             t = bench(lambda: w4a16_gemm.w4a16_linear(x, p, s, 128))
             cfg = w4a16_gemm.default_config(m, n, k)
             row("w4a16 linear", f"M={m} {n}x{k}", base, t, rel(y, ref), f"default {cfg}")
-            if m >= 64:  # the alternative for larger M: dequantize to bf16, then cuBLAS
-                t_deq = bench(lambda: x @ w4a16_gemm.dequantize_packed(p, s, k, 128, torch.bfloat16).t())
-                row("w4a16 dequant+cuBLAS", f"M={m} {n}x{k}", base, t_deq, 0.0, "torch ops")
             if sweep:
                 best = None
                 for c in W4_SWEEP[m if m in W4_SWEEP else 256]:

@@ -175,7 +175,7 @@ def grouped_fp8_linear(
     bm: int = 64,
     bn: int = 128,
     num_warps: int = 4,
-    num_stages: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E]); Triton on CUDA."""
     if not xs.is_cuda:
@@ -191,7 +191,7 @@ def grouped_fp8_linear_triton(
     bm: int = 64,
     bn: int = 128,
     num_warps: int = 4,
-    num_stages: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """The grouped kernel launch alone (any Triton device, the interpreter included)."""
     m, k = xs.shape
