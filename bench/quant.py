@@ -9,6 +9,9 @@ Rows (median of triton.testing.do_bench, which flushes L2 before each repetition
   `x @ w.t()`, on large GEMMs; also the cuBLAS call alone (activations pre-quantized).
 - W4A16 (Triton, in-kernel dequant) vs bf16 on 14336x4096 and 4096x14336 weights at M=1..256.
 - Grouped experts: Triton grouped FP8 and grouped W4A16 vs bf16 `torch._grouped_mm`.
+- `--only graph`: the decode sizes again, each timed inside a CUDA graph (as a decode engine runs
+  them), which takes the Python launch overhead (wrapper + Triton launcher, tens of us) out of the
+  numbers; weights rotate over copies that together exceed the 50 MB L2.
 Every timed kernel is first checked against the reference (relative error printed).
 """
 
@@ -29,6 +32,27 @@ ROWS: list[tuple] = []
 
 def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+GRAPH_REPS = 20
+
+
+def bench_graph(calls) -> float:
+    """us per call: `calls` (closures over different weight copies) replayed GRAPH_REPS times in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, cuBLAS workspaces) off the capture
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_REPS):
+            for c in calls:
+                c()
+    torch.cuda.synchronize()
+    return do_bench(graph.replay, warmup=5, rep=50, return_mode="median") * 1e3 / (GRAPH_REPS * len(calls))
 
 
 def rel(a, b) -> float:
@@ -134,6 +158,67 @@ def w4a16_dense(sweep: bool):
                 row("w4a16 best of sweep", f"M={m} {n}x{k}", base, best[0], best[2], f"{best[1]}")
 
 
+GRAPH_CFGS = {
+    1: _cfgs(
+        (1, 128, 128, 4, 4, 4, 2),
+        (1, 64, 128, 1, 4, 4, 2),
+        (1, 64, 128, 2, 4, 4, 2),
+        (16, 64, 128, 1, 4, 4, 2),
+        (16, 64, 128, 4, 4, 4, 2),
+        (16, 32, 128, 2, 4, 4, 2),
+    ),
+    16: _cfgs(
+        (16, 64, 128, 1, 4, 4, 2), (16, 64, 128, 4, 4, 4, 2), (16, 32, 128, 2, 4, 4, 2), (16, 64, 128, 1, 4, 4, 0)
+    ),
+    64: _cfgs((64, 64, 128, 1, 4, 4, 2), (64, 64, 128, 2, 4, 4, 2), (32, 64, 128, 2, 4, 4, 2)),
+}
+
+
+def graph_decode():
+    """W4A16 at M = 1, 16, 64 and grouped decode, timed in CUDA graphs against bf16 in CUDA graphs."""
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        copies = 4  # 4 x 29 MB of int4 weights, so that L2 never holds the next call's weights
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
+        qs = [int4_group_quantize(w, 128) for w in ws]
+        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
+        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
+        del ws, qs
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
+            ref = x.float() @ wbs[0].float().t()
+            for c in GRAPH_CFGS[m]:
+                err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
+                t = bench_graph(
+                    [lambda p=p, sc=sc, c=c: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
+                )
+                row("w4a16 (CUDA graph)", f"M={m} {n}x{k}", base, t, err, str(c))
+    g = torch.Generator().manual_seed(0)
+    for name, e, n, k, rows in [
+        ("Qwen3-30B gate_up, 512 rows", 128, 1536, 2048, 512),
+        ("Qwen3-30B down, 512 rows", 128, 2048, 768, 512),
+        ("Qwen3-30B gate_up, 64 rows", 128, 1536, 2048, 64),
+    ]:
+        counts = torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e).cuda()
+        xs = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(e, n, k, device="cuda") * 0.02
+        wb = w.bfloat16()
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        base = bench_graph([lambda: torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs)])
+        wq, wsc = fp8_block_quantize(w)
+        ref = fp8_gemm.grouped_fp8_linear_reference(xs.float(), wq, wsc, counts)
+        err = rel(fp8_gemm.grouped_fp8_linear(xs, wq, wsc, counts), ref)
+        t = bench_graph([lambda: fp8_gemm.grouped_fp8_linear(xs, wq, wsc, counts)])
+        row("grouped fp8 (CUDA graph)", name, base, t, err)
+        q, sc = int4_group_quantize(w, 128)
+        p = pack_int4(q)
+        ref = w4a16_gemm.grouped_w4a16_linear_reference(xs.float(), p, sc, counts, 128)
+        sc = w4a16_gemm.group_major(sc)
+        err = rel(w4a16_gemm.grouped_w4a16_linear(xs, p, sc, counts, 128), ref)
+        t = bench_graph([lambda: w4a16_gemm.grouped_w4a16_linear(xs, p, sc, counts, 128)])
+        row("grouped w4a16 (CUDA graph)", name, base, t, err)
+
+
 GROUPED_FP8_SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 3)]
 GROUPED_W4_SWEEP = _cfgs(
     (16, 64, 128, 1, 4, 4, 0),
@@ -205,6 +290,7 @@ def main() -> int:
         ("fp8", fp8_dense),
         ("w4a16", lambda: w4a16_dense(args.sweep)),
         ("grouped", lambda: grouped(args.sweep)),
+        ("graph", graph_decode),
     ]:
         if name in only:
             try:
