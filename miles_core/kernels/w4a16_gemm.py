@@ -49,13 +49,14 @@ def default_config(m: int, n: int, k: int) -> W4A16Config:
     """Tile sizes by M, from the sweeps of bench/quant.py on an H100 (bench/RESULTS.md, 2026-11-23).
 
     M = 1 is a GEMV in fp32 FMAs (no tensor cores, no padding of M to 16), split 4 ways along K;
-    otherwise one K pass per program when N alone gives enough programs (>= 192 of 64 columns),
-    split-K when it does not (N = 4096, K = 14336)."""
+    M <= 16 splits K 4 ways too (timed in CUDA graphs, the decode setting, split-K won on both
+    shapes); above, one K pass per program when N alone gives enough programs (>= 192 of 64
+    columns), split-K when it does not (N = 4096, K = 14336)."""
     few = _cdiv(n, 64) < 192
     if m == 1:
         return W4A16Config(bm=1, bn=128, bk=128, split_k=4)
     if m <= 16:
-        return W4A16Config(bm=16, bn=64, bk=128, split_k=4 if few else 1)
+        return W4A16Config(bm=16, bn=64, bk=128, split_k=4)
     if m <= 64:
         return W4A16Config(bm=64, bn=64, bk=128, split_k=2 if few else 1)
     if few:
