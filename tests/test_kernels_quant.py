@@ -285,3 +285,27 @@ def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads(name, typ
     ptx = kernel.asm["ptx"]
     assert "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx  # 16-byte loads of the big operands
     assert ("wgmma.mma_async" in ptx) == wgmma  # Hopper tensor-core path for the large tiles
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_quantized_experts_match_cpu_experts():
+    from miles_core.quant import QuantExperts
+
+    class Experts(torch.nn.Module):  # the model core's stacked layout: gate_up [E, 2I, H], down [E, H, I]
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(8, 2 * 256, 512) * 0.05)
+            self.down_proj = torch.nn.Parameter(torch.randn(8, 512, 256) * 0.05)
+            self.act = torch.nn.functional.silu
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(37, 512, generator=g).bfloat16()
+    experts = torch.randint(0, 8, (37, 2), generator=g)
+    weights = torch.rand(37, 2, generator=g).bfloat16()
+    for fmt in ("fp8", "int4"):
+        layer = QuantExperts.from_experts(Experts(), fmt)
+        with torch.no_grad():
+            ref = layer(x.float(), weights.float(), experts)
+            y = layer.cuda()(x.cuda(), weights.cuda(), experts.cuda())
+        assert _rel(y.cpu(), ref) < 1e-2, (fmt, _rel(y.cpu(), ref))
