@@ -303,9 +303,15 @@ def test_gpu_quantized_experts_match_cpu_experts():
     x = torch.randn(37, 512, generator=g).bfloat16()
     experts = torch.randint(0, 8, (37, 2), generator=g)
     weights = torch.rand(37, 2, generator=g).bfloat16()
-    for fmt in ("fp8", "int4"):
+    # The CPU reference runs in the same dtype (bf16 between the two GEMMs). FP8 re-quantizes that
+    # intermediate, so one bf16 ulp of difference can move a value by one e4m3 step (6%): the CPU
+    # alone differs by 1.6% between fp32 and bf16 intermediates on these inputs (1.6% was also the
+    # GPU's distance to the fp32 reference on the H100, 2026-11-23). Bounds: fp8 2.5e-2, int4 1e-2;
+    # a wrong expert, scale or tile gives O(1).
+    for fmt, bound in (("fp8", 2.5e-2), ("int4", 1e-2)):
         layer = QuantExperts.from_experts(Experts(), fmt)
         with torch.no_grad():
-            ref = layer(x.float(), weights.float(), experts)
+            ref = layer(x, weights, experts)
+            _poison()
             y = layer.cuda()(x.cuda(), weights.cuda(), experts.cuda())
-        assert _rel(y.cpu(), ref) < 1e-2, (fmt, _rel(y.cpu(), ref))
+        assert not y.isnan().any() and _rel(y.cpu(), ref) < bound, (fmt, _rel(y.cpu(), ref))
