@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-eager", action="store_true", help="skip transformers' slow eager experts loop")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one miles forward")
+    ap.add_argument("--compile", action="store_true", help="also time miles with torch.compile'd layers")
     args = ap.parse_args()
 
     ceiling = gemm_ceiling_tflops()
@@ -63,6 +64,14 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     run("miles", lambda: miles(ids).logits)
+    if args.compile:
+        miles.compile_layers()
+        t0 = time.time()
+        with torch.inference_mode():
+            miles(ids)
+        torch.cuda.synchronize()
+        print(f"compile: {time.time() - t0:.1f} s")
+        run("miles + torch.compile layers", lambda: miles(ids).logits)
     hf.set_experts_implementation("grouped_mm")
     run("transformers grouped_mm", lambda: hf(ids).logits)
     if not args.skip_eager:
@@ -76,8 +85,10 @@ def main() -> None:
     print(f"|{'-' * 28}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
     for name, ms, tps, tf, mfu in rows:
         print(f"| {name:<26} | {ms:8.1f} | {tps:10,.0f} | {tf:8.0f} | {mfu:5.1f}% |")
-    base = rows[1][1]
-    print(f"miles speed-up vs transformers grouped_mm: {base / rows[0][1]:.2f}x")
+    base = next(r[1] for r in rows if r[0] == "transformers grouped_mm")
+    for r in rows:
+        if r[0].startswith("miles"):
+            print(f"{r[0]} speed-up vs transformers grouped_mm: {base / r[1]:.2f}x")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -1,8 +1,10 @@
 """GPU path (bf16, CUDA): grouped-GEMM experts and SDPA attention agree with transformers.
 
 Tolerance, stated: with both sides in bf16 and an fp32 transformers forward as the reference, miles'
-max abs logit error must be at most 2x transformers' own bf16 error + 1e-2, and the argmax token must
-agree on >= 98% of positions with transformers bf16. Run on the device: `pytest -m gpu`.
+max abs logit error must be at most 2x transformers' own bf16 error + 1e-2, and miles' argmax must
+agree with the fp32 reference on at least as many positions as transformers' bf16 argmax does, less
+2 points (bf16 flips near-tied router choices in tiny random MoEs, for both implementations).
+Run on the device: `pytest -m gpu`.
 """
 
 import pytest
@@ -27,10 +29,15 @@ def test_bf16_logits_match_transformers_on_gpu(arch, tmp_path):
         got = miles(ids).logits.float()
     err_hf = (hf_bf16 - ref).abs().max().item()
     err_miles = (got - ref).abs().max().item()
-    agree = (got.argmax(-1) == hf_bf16.argmax(-1)).float().mean().item()
-    print(f"{arch}: miles bf16 err {err_miles:.3e}, transformers bf16 err {err_hf:.3e}, argmax agree {agree:.3f}")
+    top = ref.argmax(-1)
+    agree_miles = (got.argmax(-1) == top).float().mean().item()
+    agree_hf = (hf_bf16.argmax(-1) == top).float().mean().item()
+    print(
+        f"{arch}: max abs err vs fp32: miles bf16 {err_miles:.3e}, transformers bf16 {err_hf:.3e}; "
+        f"argmax agreement with fp32: miles {agree_miles:.3f}, transformers {agree_hf:.3f}"
+    )
     assert err_miles <= 2 * err_hf + 1e-2
-    assert agree >= 0.98
+    assert agree_miles >= agree_hf - 0.02
 
 
 @pytest.mark.parametrize("e,k,m", [(8, 64, 96), (128, 2048, 1536), (16, 256, 512)])

@@ -93,9 +93,12 @@ class Experts(nn.Module):
         counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         ys = self.sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
-        # Un-permute with a scatter by the permutation (deterministic, unlike index_add's atomics),
-        # then a fixed-order weighted sum over the k slots of each token.
-        y = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)  # [N, k, H]
+        # Un-permute with a gather by the inverse permutation (deterministic, unlike index_add's
+        # atomics, and a vectorised gather rather than a scatter), then a fixed-order weighted sum
+        # over the k slots of each token.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
         return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
 
 

@@ -97,6 +97,13 @@ class CausalLM(nn.Module):
 
             self.mtp = MTP(cfg, num_mtp_layers)
 
+    def compile_layers(self, **kwargs) -> CausalLM:
+        """torch.compile each decoder layer (CUDA prefill/training): fuses norms, rope, SwiGLU and the
+        routing glue around the GEMMs. Layers of one shape share one compiled graph."""
+        for layer in self.model.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=False, **kwargs)
+        return self
+
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layer_ids)
