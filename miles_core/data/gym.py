@@ -34,19 +34,25 @@ def split_of(question: str, eval_fraction: float) -> str:
 
 
 @lru_cache(maxsize=64)
-def _cached_dataset(name: str, seed: int, config_json: str) -> Any:
+def _cached_dataset(name: str, seed: int, config_json: str, size: int) -> Any:
     import reasoning_gym
 
     config = json.loads(config_json)
     try:
-        return reasoning_gym.create_dataset(name, seed=seed, size=2**31 - 1, **config)
+        return reasoning_gym.create_dataset(name, seed=seed, size=size, **config)
     except Exception as e:  # unknown name or a bad config value: a user mistake
         raise MilesError(f"cannot create reasoning-gym dataset {name!r} with {config}: {e}") from e
 
 
-def gym_dataset(name: str, seed: int = 0, config: dict[str, Any] | None = None) -> Any:
-    """The reasoning-gym dataset object (cached): it generates items and owns `score_answer`."""
-    return _cached_dataset(name, int(seed), json.dumps(config or {}, sort_keys=True))
+def gym_dataset(name: str, seed: int = 0, config: dict[str, Any] | None = None, size: int = 1) -> Any:
+    """The reasoning-gym dataset object (cached): it generates items and owns `score_answer`.
+
+    Some tasks precompute per-index state at creation (gsm_symbolic draws a template per index),
+    so `size` is rounded up to a power of two: a few cached objects serve every request, and the
+    precomputation is prefix-stable, so item i does not depend on the size asked for.
+    """
+    size = 1 << max(int(size) - 1, 0).bit_length()
+    return _cached_dataset(name, int(seed), json.dumps(config or {}, sort_keys=True), size)
 
 
 def gym_prompts(
@@ -70,10 +76,10 @@ def gym_prompts(
     if size < 1:
         raise MilesError(f"size must be >= 1, got {size}")
     config = dict(config or {})
-    dataset = gym_dataset(name, seed, config)
     system = _system_text(system_prompt)
     fraction = eval_fraction if split == "eval" else 1.0 - eval_fraction
     max_draws = int(size / fraction * _DRAWS_PER_PROMPT) + 1000
+    dataset = gym_dataset(name, seed, config, size=max_draws)
     out: list[Prompt] = []
     seen: set[str] = set()
     for index in range(max_draws):
@@ -99,9 +105,7 @@ def _system_text(system_prompt: str | None) -> str | None:
     return SYSTEM_PROMPTS.get(system_prompt, system_prompt)
 
 
-def _to_prompt(
-    name: str, entry: dict, index: int, seed: int, split: str, config: dict, system: str | None
-) -> Prompt:
+def _to_prompt(name: str, entry: dict, index: int, seed: int, split: str, config: dict, system: str | None) -> Prompt:
     question = entry["question"]
     messages = ({"role": "system", "content": system},) if system else ()
     messages += ({"role": "user", "content": question},)
