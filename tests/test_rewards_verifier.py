@@ -53,9 +53,11 @@ CASES = [
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", 1.0),
     ("\\boxed{(B)}", "B", 1.0),
     ("\\boxed{-5}", "5", 0.0),
-    # integers compare exactly; non-integers only within 1e-6 relative
+    # finite decimals compare exactly; only values like 1/3 get a 1e-6 relative tolerance
     ("2203636303", "2203636302", 0.0),
     ("\\boxed{74.9162}", "74.9161", 0.0),
+    ("\\boxed{-127.2110}", "-127.2111", 0.0),  # within 1e-6 relative, but written exactly
+    ("\\boxed{-127.21110}", "-127.2111", 1.0),
     ("\\boxed{41}", "42", 0.0),
     # no answer at all
     ("no number here", "5", 0.0),

@@ -4,9 +4,9 @@ Equal means equal as numbers where both sides are numbers, after normalising how
 them: thousands separators (`1,000`, `1 000`), leading zeros, decimals (`.5`, `0.50`),
 fractions (`3/4`, `\\frac{3}{4}`, `\\dfrac34`), percentages (`50%` matches `50` and `0.5`),
 LaTeX wrappers (`$...$`, `\\text{}`, `\\left(`), units in `\\text{}`, scientific notation and
-`x = 5`. Numbers are parsed exactly (as fractions), so integers compare exactly
-(2203636302 != 2203636303) and only non-integers get a relative tolerance (`0.3333333` equals
-`1/3`). Anything else is compared as a normalised string.
+`x = 5`. Numbers are parsed exactly (as fractions), so values with a finite decimal form
+compare exactly (2203636302 != 2203636303, -127.2111 != -127.2110) and only values without one
+get a relative tolerance (`0.3333333` equals `1/3`). Anything else is compared as a normalised string.
 """
 
 from __future__ import annotations
@@ -86,12 +86,25 @@ def _exact(s: str) -> Fraction | None:
 
 
 def _close(a: Fraction, b: Fraction, rel_tol: float) -> bool:
-    """Exact for integers; relative tolerance as soon as either side is not an integer."""
+    """Exact when both have a finite decimal form; relative tolerance otherwise (`0.3333333` ~ 1/3).
+
+    A value that can be written exactly (an integer, -127.2111) must be written exactly: a
+    relative tolerance would accept -127.2110 or 2203636303 for them.
+    """
     if a == b:
         return True
-    if a.denominator == 1 and b.denominator == 1:
+    if _terminating(a) and _terminating(b):
         return False
     return abs(float(a) - float(b)) <= rel_tol * max(abs(float(a)), abs(float(b)))
+
+
+def _terminating(x: Fraction) -> bool:
+    """Whether x has a finite decimal expansion (its denominator has no prime but 2 and 5)."""
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
 
 
 def _candidates(value: Fraction, percent: bool) -> tuple[Fraction, ...]:
