@@ -3,8 +3,12 @@
     miles eval --rollouts runs/x/rollouts/iter_3 --k 1,4,8 --out runs/x/eval/iter_3
     miles eval --rollouts ... --source reasoning_gym:chain_sum?size=200&split=eval --reward auto
     miles eval --rollouts ... --out runs/y/eval --compare-to runs/x/eval/iter_3
+    miles eval --model ckpt/hf --source 'reasoning_gym:chain_sum?size=100' --n-samples 8 --k 1,4,8 \\
+        --out runs/x/eval/base
 
-The work is `miles_core.eval.evaluate_rollouts`; this module only parses options and prints.
+The work is `miles_core.eval.evaluate_rollouts` / `evaluate_model`; this module parses options
+and prints. With --model, sources default to their eval split (reasoning-gym) and the samples are
+kept under OUT/rollouts/.
 """
 
 from __future__ import annotations
@@ -33,27 +37,42 @@ def eval_command(
     rollouts: str = typer.Option(None, "--rollouts", help="Rollouts Parquet: a part file or a folder of parts."),
     k: str = typer.Option("1", "--k", help="Comma-separated k values for pass@k and maj@k, e.g. 1,4,8."),
     out: str = typer.Option(None, "--out", help="Folder (fsspec URL) for results.parquet and summary.json."),
-    source: list[str] = typer.Option(None, "--source", help="Prompt source(s) to re-score against."),
+    source: list[str] = typer.Option(
+        None, "--source", help="Prompt source(s): generate from (--model) or re-score against (--rollouts)."
+    ),
     reward: str = typer.Option(None, "--reward", help="auto | math | reasoning_gym | package.module:function"),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first reward error instead of counting."),
     threshold: float = typer.Option(1.0, "--correct-threshold", help="Reward at or above which a sample is correct."),
     compare_to: str = typer.Option(None, "--compare-to", help="A previous evaluation folder to compare with."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
-    model: str = typer.Option(None, "--model", help="Checkpoint to generate samples with (needs the rollout engine)."),
-    n_samples: int = typer.Option(None, "--n-samples", help="Samples per prompt when generating with --model."),
+    model: str = typer.Option(None, "--model", help="HF checkpoint folder to generate samples with."),
+    n_samples: int = typer.Option(None, "--n-samples", help="Samples per prompt with --model (default: largest k)."),
+    size: int = typer.Option(None, "--size", help="Prompts per source (required for reasoning-gym)."),
+    split: str = typer.Option("eval", "--split", help="Split of reasoning-gym sources (train | eval)."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature with --model."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda, with --model."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16, with --model."),
 ) -> None:
-    """Evaluate generated samples: mean reward, pass@k, maj@k, per source; optionally compare."""
-    from miles_core.eval.run import evaluate_rollouts, require_generation
+    """Evaluate samples (given, or generated with --model): mean reward, pass@k, maj@k per source."""
+    from miles_core.eval import evaluate_model, evaluate_rollouts
 
-    if model is not None:
-        require_generation()
-    if rollouts is None:
-        raise MilesError("nothing to evaluate: pass --rollouts URL (or --model DIR once generation is available)")
     ks = parse_ks(k)
-    run = evaluate_rollouts(
-        rollouts, out, ks, sources=source, reward=reward, strict=strict,
-        correct_threshold=threshold, compare_to=compare_to, seed=seed,
-    )  # fmt: skip
+    if model is not None and rollouts is not None:
+        raise MilesError("pass either --model (generate, then evaluate) or --rollouts (evaluate), not both")
+    if model is not None:
+        run = evaluate_model(
+            model, source or [], out, ks, n_samples=n_samples, size=size, split=split, temperature=temperature,
+            max_new_tokens=max_new_tokens, seed=seed, reward=reward or "auto", correct_threshold=threshold,
+            compare_to=compare_to, device=device, dtype=dtype,
+        )  # fmt: skip
+    elif rollouts is not None:
+        run = evaluate_rollouts(
+            rollouts, out, ks, sources=source, size=size, split=split, reward=reward, strict=strict,
+            correct_threshold=threshold, compare_to=compare_to, seed=seed,
+        )  # fmt: skip
+    else:
+        raise MilesError("nothing to evaluate: pass --rollouts URL, or --model DIR with --source")
     _print_summary(run.result.summary, ks)
     if run.comparison is not None:
         _print_comparison(run.comparison)
