@@ -22,6 +22,11 @@ from miles_core.errors import MilesError
 console = Console()
 
 
+def _show(table: Table) -> None:
+    """Print a table; into a file or pipe (logs, CI) at full width, since nobody can widen those."""
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
 def parse_ks(text: str) -> list[int]:
     """`1,4,8` -> [1, 4, 8]; anything else is a user error."""
     try:
@@ -90,7 +95,7 @@ def _print_summary(summary: dict, ks: list[int]) -> None:
     rows = [("all", summary["overall"]), *summary["by_source"].items()]
     for name, agg in rows:
         table.add_row(name, str(agg["n_prompts"]), *(f"{agg[m]:.4f}" for m in metrics))
-    console.print(table)
+    _show(table)
     counts = summary.get("score_counts")
     if counts:
         console.print(f"re-scored {counts['samples']} samples: {counts['errors']} reward error(s)")
@@ -106,7 +111,7 @@ def _print_comparison(comparison: dict) -> None:
     for name, m in comparison["metrics"].items():
         ci = f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]" + (" *" if m["significant"] else "")
         table.add_row(name, f"{m['base']:.4f}", f"{m['new']:.4f}", f"{m['delta']:+.4f}", ci)
-    console.print(table)
+    _show(table)
 
 
 def register(app: typer.Typer) -> None:
