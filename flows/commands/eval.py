@@ -49,7 +49,7 @@ def eval_command(
     strict: bool = typer.Option(False, "--strict", help="Fail on the first reward error instead of counting."),
     threshold: float = typer.Option(1.0, "--correct-threshold", help="Reward at or above which a sample is correct."),
     compare_to: str = typer.Option(None, "--compare-to", help="A previous evaluation folder to compare with."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling (and of the engine with --model)."),
     model: str = typer.Option(None, "--model", help="HF checkpoint folder to generate samples with."),
     n_samples: int = typer.Option(None, "--n-samples", help="Samples per prompt with --model (default: largest k)."),
     size: int = typer.Option(None, "--size", help="Prompts per source (required for reasoning-gym)."),

@@ -37,9 +37,7 @@ class RowProblem(ValueError):
     """Why one row is malformed; turned into a `RowError` with file and line by the reader."""
 
 
-def read_prompt_file(
-    url: str, source: str | None = None, strict: bool = True
-) -> tuple[list[Prompt], LoadReport]:
+def read_prompt_file(url: str, source: str | None = None, strict: bool = True) -> tuple[list[Prompt], LoadReport]:
     """Read one JSONL or Parquet prompt file.
 
     strict: raise a `MilesError` listing the malformed rows; otherwise skip them and return them

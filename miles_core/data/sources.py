@@ -80,9 +80,7 @@ def load_sources(specs: list[str], **kwargs: Any) -> tuple[list[Prompt], LoadRep
         report.merge(rep)
     ids = [p.prompt_id for p in prompts]
     if len(set(ids)) != len(ids):
-        raise MilesError(
-            f"sources {specs} share prompt ids; load them separately or give each its own source"
-        )
+        raise MilesError(f"sources {specs} share prompt ids; load them separately or give each its own source")
     return prompts, report
 
 
