@@ -126,7 +126,7 @@ def test_torch_dist_source_quantizes_like_its_hf_source(tmp_path):
     ck = pytest.importorskip("miles_core.checkpoint")
     if not hasattr(ck, "hf_to_torch_dist"):
         pytest.skip("no torch_dist converter")
-    from miles_core.quant.checkpoint import iter_hf_tensors
+    from miles_core.model import iter_hf_tensors
 
     hf = str(tmp_path / "hf")
     _tiny_qwen3_moe(hf)

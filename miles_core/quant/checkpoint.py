@@ -17,11 +17,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from miles_core.errors import MilesError
 from miles_core.io import atomic_dir
+from miles_core.model.loader import iter_hf_tensors
 from miles_core.quant.hf_format import (
     DEFAULT_KEEP,
     default_scope,
@@ -32,30 +32,9 @@ from miles_core.quant.hf_format import (
     split_stacked_experts,
 )
 
-__all__ = ["quantize_checkpoint", "iter_hf_tensors", "hf_weight_files"]
+__all__ = ["quantize_checkpoint"]
 
 _WEIGHT_FILES = {"model.safetensors.index.json", "config.json"}
-
-
-def hf_weight_files(hf_dir: str) -> list[str]:
-    """The safetensors files of an HF checkpoint folder (from its index when sharded)."""
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        names = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
-    if not names:
-        raise MilesError(f"{hf_dir} holds no *.safetensors weights")
-    return [os.path.join(hf_dir, n) for n in names]
-
-
-def iter_hf_tensors(hf_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, one at a time."""
-    for path in hf_weight_files(hf_dir):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
-                yield key, f.get_tensor(key)
 
 
 class _ShardWriter:
