@@ -88,14 +88,24 @@ def synthetic_samples(batch: int, seq: int, vocab: int, prompt: int = 64):
     return samples
 
 
-def bench_miles(miles, samples, device, reps: int) -> float:
+def bench_miles(miles, samples, device, reps: int, profile: bool = False) -> float:
     from miles_core.train import TrainConfig, Trainer, assign_advantages, grpo_step
 
     cfg = TrainConfig(lr=1e-6, micro_batch_tokens=10**9, r3=False, eps_clip_high=0.28)
     trainer = Trainer(miles, cfg)
     kept, _ = assign_advantages(samples, cfg)
     mbs = trainer.micro_batches(kept)
-    return timed(lambda: grpo_step(miles, trainer.optimizer, trainer.scheduler, mbs, cfg), device, reps=reps)
+    step = lambda: grpo_step(miles, trainer.optimizer, trainer.scheduler, mbs, cfg)  # noqa: E731
+    seconds = timed(step, device, reps=reps)
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    return seconds
 
 
 def bench_transformers(hf, samples, device, reps: int) -> float:
@@ -163,6 +173,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shape on the CPU (fp32): checks the script only")
     ap.add_argument("--skip-sync", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time miles with torch.compile'd layers")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one miles step")
     args = ap.parse_args()
     if args.small:
         args.layers, args.batch, args.seq, args.reps = 2, 2, 128, 2
@@ -178,7 +190,10 @@ def main() -> None:
     samples = synthetic_samples(args.batch, args.seq, raw["vocab_size"])
     tokens = args.batch * args.seq
     flops = 3 * moe_forward_flops(raw, args.layers, args.batch, args.seq)
-    rows = [("miles grpo_step", bench_miles(miles, samples, device, args.reps))]
+    rows = [("miles grpo_step", bench_miles(miles, samples, device, args.reps, args.profile))]
+    if args.compile:
+        miles.compile_layers()
+        rows.append(("miles grpo_step + compile_layers", bench_miles(miles, samples, device, args.reps)))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     label = "transformers grouped_mm" if device.type == "cuda" else "transformers (default experts)"
@@ -196,7 +211,10 @@ def main() -> None:
         tf = flops / s / 1e12
         of_ceiling = f"{100 * tf / ceiling:.1f}%" if ceiling else "-"
         print(f"| {name} | {s:.3f} | {tokens / s:,.0f} | {tf:.1f} | {100 * tf / H100_BF16_PEAK:.1f}% | {of_ceiling} |")
-    print(f"miles speed-up vs {rows[1][0]}: {rows[1][1] / rows[0][1]:.2f}x")
+    base = next(t for name, t in rows if name.startswith("transformers"))
+    for name, t in rows:
+        if name.startswith("miles"):
+            print(f"{name} speed-up vs transformers: {base / t:.2f}x")
 
     if not args.skip_sync:
         sync = bench_sync(miles, device, args.reps)
