@@ -26,6 +26,7 @@ app = typer.Typer(
 # Each module defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES = [
     "flows.commands.pipeline",
+    "flows.commands.bench",
     "flows.commands.eval",
     "flows.commands.quantize",
     "flows.commands.convert",
