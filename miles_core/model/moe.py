@@ -86,20 +86,30 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [N, H], weights/experts: [N, k] -> [N, H] = sum_k weight_k * expert_k(x)."""
-        n, k = experts.shape
-        flat = experts.reshape(-1)  # [N*k]
-        order = torch.argsort(flat, stable=True)  # slots sorted by expert
-        # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        ys = self.sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
-        # Un-permute with a gather by the inverse permutation (deterministic, unlike index_add's
-        # atomics, and a vectorised gather rather than a scatter), then a fixed-order weighted sum
-        # over the k slots of each token.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
-        return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
+        return dispatch(self.sorted_forward, x, weights, experts, self.gate_up_proj.shape[0])
+
+
+def dispatch(sorted_forward, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n_experts: int):
+    """Sort token slots by expert, run `sorted_forward(rows, counts)`, un-permute, weight and sum.
+
+    Shared by every experts implementation (bf16, FP8, INT4) and by the rollout engine, so they
+    permute identically. No host sync: a CUDA graph can capture it.
+    x: [N, H], weights/experts: [N, k] -> [N, H].
+    """
+    n, k = experts.shape
+    flat = experts.reshape(-1)  # [N*k]
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
+    # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    ys = sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
+    # Un-permute with a gather by the inverse permutation (deterministic, unlike index_add's
+    # atomics, and a vectorised gather rather than a scatter), then a fixed-order weighted sum
+    # over the k slots of each token.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
+    return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
 
 
 class MoE(nn.Module):

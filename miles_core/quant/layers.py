@@ -158,14 +158,10 @@ class QuantExperts(nn.Module):
         return self._linear(self.act(gate) * up, "down", counts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x: [N, H], weights/experts: [N, k] -> [N, H]; the same permutation as the model core's Experts."""
-        n, k = experts.shape
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        ys = self.sorted_forward(x[order // k], counts)
-        y = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)
-        return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
+        """x: [N, H], weights/experts: [N, k] -> [N, H]; the model core's dispatch, quantized GEMMs."""
+        from miles_core.model.moe import dispatch
+
+        return dispatch(self.sorted_forward, x, weights, experts, self.num_experts)
 
     @property
     def num_experts(self) -> int:

@@ -134,27 +134,11 @@ def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch
 
 
 def moe_forward(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model core's MoE forward (same ops, same order) with a capture-safe expert count.
+    """The model core's MoE block (its dispatch needs no host sync, so a CUDA graph can capture it).
 
-    x: [B, T, H] -> (out [B, T, H], experts [B*T, k]). `torch.bincount` reads the max id back to
-    the host; a scatter-add into E counters does not, so the step can live in a CUDA graph.
+    x: [B, T, H] -> (out [B, T, H], experts [B*T, k]).
     """
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])  # [N, H]
-    weights, experts = mlp.gate(flat, None)  # [N, k]
-    n, k = experts.shape
-    ids = experts.reshape(-1)  # [N*k]
-    order = torch.argsort(ids, stable=True)
-    counts = torch.zeros(mlp.gate.n_experts, dtype=torch.int64, device=ids.device).scatter_add_(
-        0, ids, torch.ones_like(ids)
-    )  # [E]
-    ys = mlp.experts.sorted_forward(flat[order // k], counts)  # [N*k, H]
-    y = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)  # [N, k, H]
-    out = torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
-    out = out.view(shape)
-    if mlp.shared_experts is not None:
-        out = out + mlp.shared_experts(x)
-    return out, experts
+    return mlp(x)
 
 
 def forward_step(
