@@ -31,6 +31,9 @@ def pipeline(
     """
     from miles_core.config import load_pipeline_config
 
+    # The ephemeral server's telemetry write can race the first flow run on its SQLite file
+    # ("database is locked", harmless but alarming); users can still turn it on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if config is None and os.path.exists(DEFAULT_CONFIG):
         config = DEFAULT_CONFIG
     extra = list(overrides or [])
