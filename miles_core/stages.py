@@ -8,7 +8,6 @@ them with retries, caching and the manifest, and tests call them directly.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -177,17 +176,7 @@ def train(
     cfg = TrainConfig(**train)
     progress = None if on_progress is None else (lambda done, total, _m: on_progress(done / max(total, 1)))
     steps = run_train(ckpt, rollouts, out_dir, cfg, device="cpu", progress=progress)
-    _keep_side_files(ckpt, out_dir)
     return summarize_steps(steps)
-
-
-def _keep_side_files(src: str, dst: str) -> None:
-    """Tokenizer and other HF side files travel with every checkpoint (later stages need nothing else)."""
-    from miles_core.checkpoint.folders import SIDE_FILES
-
-    for name in SIDE_FILES:
-        if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(dst, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 def summarize_steps(steps: list[dict[str, float]]) -> dict[str, Any]:
@@ -266,7 +255,3 @@ def _size(path: str) -> int:
     for root, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     return total
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -64,12 +64,14 @@ def iter_dir_name(iteration: int | None) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
 
 
-def copy_side_files(src: str, dst: str) -> list[str]:
+def copy_side_files(src: str, dst: str, missing_only: bool = False) -> list[str]:
+    """Copy the HF side files (config, tokenizer, chat template) from `src` to `dst`; returns their names.
+    `missing_only` keeps files `dst` already has."""
     copied = []
     for name in SIDE_FILES:
-        p = os.path.join(src, name)
-        if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(dst, name))
+        p, q = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isfile(p) and not (missing_only and os.path.exists(q)):
+            shutil.copy2(p, q)
             copied.append(name)
     return copied
 

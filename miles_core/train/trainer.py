@@ -228,6 +228,10 @@ def train(
         if progress is not None:
             progress(n + 1, len(iterations), metrics[-1])
     trainer.save(out, extra={"ref_ckpt": ref_ckpt, "ref_iteration": ref_iter})
+    if os.path.isdir(ckpt):  # the tokenizer and chat template travel with every checkpoint
+        from miles_core.checkpoint.folders import copy_side_files
+
+        copy_side_files(ckpt, out, missing_only=True)
     with open(os.path.join(out, "train_metrics.jsonl"), "a") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
