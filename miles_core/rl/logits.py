@@ -24,7 +24,9 @@ from miles_core.rl.aggregation import AggMode, aggregate_loss
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """[N, V] logits upcast to >= float32, divided by the temperature."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype) / temperature
+    scaled = logits.to(dtype)
+    # x / 1.0 == x bit for bit: skip the second vocabulary-sized float32 copy at T = 1.
+    return scaled if temperature == 1.0 else scaled / temperature
 
 
 def _entropy_from_logp(logp: Tensor) -> Tensor:
