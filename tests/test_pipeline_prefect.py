@@ -205,3 +205,21 @@ def test_memory_artifact_root(prefect_api):
     assert fs.exists(run + "/manifest.json")
     assert fs.glob(run + "/rollouts/iter_1/part-*.parquet")
     assert summary["iterations"][0]["iteration"] == 1
+
+
+def test_retrain_continues_newest_checkpoint_on_fresh_prompts(prefect_api, tmp_path):
+    from flows.pipeline import retrain
+    from miles_core.stages import select_prompts
+
+    cfg = _config(str(tmp_path / "art"), "iterations=1", "run_name=nightly")
+    first = _run_inprocess(cfg)
+    stamps = {k: v["finished_at"] for k, v in Manifest(first["run_root"]).stages.items()}
+    summary = retrain(cfg, more_iterations=1)
+    stages = Manifest(summary["run_root"]).stages
+    assert "train/iter_2" in stages and "rollout/iter_2" in stages
+    for name in ("convert", "rollout/iter_1", "train/iter_1"):  # not redone
+        assert stages[name]["finished_at"] == stamps[name]
+    assert stages["train/iter_2"]["inputs"][0] == stages["train/iter_1"]["content_hash"]  # from the newest
+    old = {p.prompt_id for p in select_prompts(cfg.data.model_dump(), 1, cfg.seed)}
+    new = {p.prompt_id for p in select_prompts(cfg.data.model_dump(), 2, cfg.seed)}
+    assert not old & new
