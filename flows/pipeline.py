@@ -58,7 +58,7 @@ def rl_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     qparams = {"format": config.quant.format, "group_size": config.quant.group_size}
     weights = call(t.quantize, "quantize", join(root, "weights", "iter_0"), root, {"ckpt": ckpt}, qparams, run)
     evals = {0: _eval(config, root, weights, "iter_0", config.eval)}
-    rows = []
+    rows, ro = [], None
     for i in range(1, config.iterations + 1):
         rparams = {
             "data": config.data.model_dump(),
@@ -66,15 +66,10 @@ def rl_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
             "iteration": i,
             "seed": config.seed,
         }
-        ro = call(
-            t.rollout,
-            f"rollout/iter_{i}",
-            join(root, "rollouts", f"iter_{i}"),
-            root,
-            {"weights": weights},
-            rparams,
-            run,
-        )
+        inputs = {"weights": weights}
+        if config.rollout.partial_budget_tokens and ro is not None:
+            inputs["carry"] = ro  # partial rollout: unfinished groups of the previous round resume first
+        ro = call(t.rollout, f"rollout/iter_{i}", join(root, "rollouts", f"iter_{i}"), root, inputs, rparams, run)
         tparams = {"train": config.train.model_dump(), "iteration": i}
         ckpt = call(
             t.train,

@@ -77,6 +77,9 @@ class SamplingConfig(BaseModel):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, lt=1)
     max_slots: int = Field(256, gt=0, description="samples the engine decodes together")
+    partial_budget_tokens: int | None = Field(
+        None, gt=0, description="partial rollout: tokens per iteration's round; unfinished samples resume next iteration"
+    )
 
 
 class QuantConfig(BaseModel):

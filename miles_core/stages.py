@@ -76,68 +76,43 @@ def select_prompts(data: dict[str, Any], iteration: int, seed: int) -> list:
     return [pool[(start + j) % len(pool)] for j in range(min(n, len(pool)))]
 
 
-def _generate(
-    weights: str,
-    prompts: list,
-    sampling: dict[str, Any],
-    n_samples: int,
-    iteration: int,
-    seed: int,
-    reward: str,
-    out: str,
-    on_progress: Progress,
-):
-    """Samples from the engine on the rollout weights; rows written to `out` (a rollouts iter folder)."""
-    import time
-
-    from miles_core.data import encode_prompt
-    from miles_core.model import load_model, load_tokenizer
-    from miles_core.rollout.engine import EngineConfig
-    from miles_core.rollout.generate import generate_rollouts
+def _sampling_params(sampling: dict[str, Any]):
     from miles_core.rollout.sampling import SamplingParams
 
-    model, tok = load_model(weights), load_tokenizer(weights)
-    params = SamplingParams(
+    return SamplingParams(
         temperature=sampling["temperature"],
         top_p=sampling.get("top_p", 1.0),
         top_k=sampling.get("top_k", 0),
         min_p=sampling.get("min_p", 0.0),
         max_new_tokens=sampling["max_new_tokens"],
     )
-    longest = max(len(encode_prompt(p, tok)) for p in prompts)
-    engine = EngineConfig(
+
+
+def _engine_config(longest_prompt: int, params, sampling: dict[str, Any], seed: int, iteration: int):
+    from miles_core.rollout.engine import EngineConfig
+
+    return EngineConfig(
         max_slots=sampling.get("max_slots", 256),
-        max_len=longest + params.max_new_tokens + 1,
+        max_len=longest_prompt + params.max_new_tokens + 1,
         seed=seed * 7919 + iteration,
     )
-    total = len(prompts) * n_samples
+
+
+def _progress(total: int, on_progress: Progress):
     done = [0]
 
     def on_step(_, finished):
         done[0] += len(finished)
         if on_progress is not None:
-            on_progress(done[0] / total)
+            on_progress(min(1.0, done[0] / max(total, 1)))
 
-    start = time.time()
-    rows = generate_rollouts(
-        model,
-        tok,
-        prompts,
-        params,
-        n_samples,
-        iteration=iteration,
-        reward=reward,
-        engine_config=engine,
-        on_step=on_step,
-    )
-    if out is not None:
-        from miles_core.data import write_rollouts
+    return on_step
 
-        write_rollouts(rows, os.path.join(out, "part-0.parquet"))
-    seconds = time.time() - start
+
+def _rollout_metrics(rows: list[dict], prompts: list, seconds: float) -> dict[str, Any]:
     tokens = sum(len(r["response_tokens"]) for r in rows)
     rewards = [r["reward"] for r in rows]
-    return rows, {
+    return {
         "samples": len(rows),
         "prompts": len(prompts),
         "reward_mean": sum(rewards) / max(len(rewards), 1),
@@ -148,6 +123,69 @@ def _generate(
     }
 
 
+def _generate(weights: str, prompts: list, sampling: dict[str, Any], n_samples: int, iteration: int, seed: int,
+              reward: str, out: str | None, on_progress: Progress):  # fmt: skip
+    """Samples from the engine on the rollout weights; rows written to `out` (a rollouts iter folder)."""
+    import time
+
+    from miles_core.data import encode_prompt, write_rollouts
+    from miles_core.model import load_model, load_tokenizer
+    from miles_core.rollout.generate import generate_rollouts
+
+    model, tok = load_model(weights), load_tokenizer(weights)
+    params = _sampling_params(sampling)
+    engine = _engine_config(max(len(encode_prompt(p, tok)) for p in prompts), params, sampling, seed, iteration)
+    start = time.time()
+    on_step = _progress(len(prompts) * n_samples, on_progress)
+    rows = generate_rollouts(model, tok, prompts, params, n_samples, iteration=iteration, reward=reward,
+                             engine_config=engine, on_step=on_step)  # fmt: skip
+    if out is not None:
+        write_rollouts(rows, os.path.join(out, "part-0.parquet"))
+    return rows, _rollout_metrics(rows, prompts, time.time() - start)
+
+
+CARRY_FILE = "carry.pkl"
+
+
+def _partial_round(out_dir: str, weights: str, prompts: list, sampling: dict[str, Any], iteration: int, seed: int,
+                   reward: str, carry: str | None, on_progress: Progress) -> dict[str, Any]:  # fmt: skip
+    """One partial-rollout round: resume the previous iteration's carried samples first (their new
+    tokens under this iteration's weights, version iteration-1), start this iteration's prompts,
+    stop at the token budget; write the groups that finished, pickle the rest for the next round."""
+    import pickle
+    import time
+
+    from miles_core.data import encode_prompt, write_rollouts
+    from miles_core.model import load_model, load_tokenizer
+    from miles_core.rollout.generate import build_engine, generate_rollouts
+    from miles_core.rollout.partial import Budget, PartialRollout
+
+    carried = []
+    if carry is not None and os.path.exists(os.path.join(carry, CARRY_FILE)):
+        with open(os.path.join(carry, CARRY_FILE), "rb") as f:
+            carried = pickle.load(f)  # our own artifact, written below
+    model, tok = load_model(weights), load_tokenizer(weights)
+    params = _sampling_params(sampling)
+    longest = max([len(encode_prompt(p, tok)) for p in prompts] + [len(s.prompt_tokens) for s in carried])
+    engine = build_engine(model, tok, _engine_config(longest, params, sampling, seed, iteration))
+    engine.update_weights(model, version=iteration - 1)  # same object: only the version tag changes
+    partial = PartialRollout(engine, Budget(tokens=sampling["partial_budget_tokens"]))
+    partial.restore(carried)
+    start = time.time()
+    n = sampling["n_samples"]
+    rows = generate_rollouts(None, tok, prompts, params, n, iteration=iteration, reward=reward, partial=partial,
+                             on_step=_progress((len(prompts) + len(carried)) * n, on_progress))  # fmt: skip
+    if rows:
+        write_rollouts(rows, os.path.join(out_dir, "part-0.parquet"))
+    state = partial.state()
+    with open(os.path.join(out_dir, CARRY_FILE), "wb") as f:
+        pickle.dump(state, f)
+    metrics = _rollout_metrics(rows, prompts, time.time() - start)
+    resumed = sum(1 for r in rows if len(set(list(r.get("logprob_versions", ())))) > 1)  # tokens of 2+ versions
+    metrics.update(carried_in=len(carried), carried_out=len(state), resumed_samples=resumed)
+    return metrics
+
+
 def rollout(
     out_dir: str,
     weights: str,
@@ -155,11 +193,18 @@ def rollout(
     sampling: dict[str, Any],
     iteration: int,
     seed: int,
+    carry: str | None = None,
     on_progress: Progress = None,
 ) -> dict[str, Any]:
     """Generate the iteration's groups on the current rollout weights into a rollouts folder
-    (`part-0.parquet`: tokens, log-probs, routed experts, rewards, statuses, weight version)."""
+    (`part-0.parquet`: tokens, log-probs, routed experts, rewards, statuses, weight version).
+
+    With `sampling["partial_budget_tokens"]` the round stops at that many generated tokens; groups
+    still unfinished are saved in `carry.pkl` and resumed first by the next iteration (`carry` is
+    the previous rollouts folder), their old tokens tagged with the older weight version."""
     prompts = select_prompts(data, iteration, seed)
+    if sampling.get("partial_budget_tokens"):
+        return _partial_round(out_dir, weights, prompts, sampling, iteration, seed, data["reward"], carry, on_progress)
     _, metrics = _generate(
         weights, prompts, sampling, sampling["n_samples"], iteration, seed, data["reward"], out_dir, on_progress
     )
@@ -174,6 +219,13 @@ def train(
     from miles_core.train.trainer import train as run_train
 
     cfg = TrainConfig(**train)
+    if not any(f.startswith("part-") for f in os.listdir(rollouts)):
+        # A partial-rollout round can finish no group at all: nothing to learn from, the policy
+        # (and its optimizer state) carries over unchanged.
+        import shutil
+
+        shutil.copytree(ckpt, out_dir, dirs_exist_ok=True)
+        return {"optimizer_steps": 0, "empty_rollout": 1}
     progress = None if on_progress is None else (lambda done, total, _m: on_progress(done / max(total, 1)))
     steps = run_train(ckpt, rollouts, out_dir, cfg, device="cpu", progress=progress)
     return summarize_steps(steps)

@@ -223,3 +223,31 @@ def test_retrain_continues_newest_checkpoint_on_fresh_prompts(prefect_api, tmp_p
     old = {p.prompt_id for p in select_prompts(cfg.data.model_dump(), 1, cfg.seed)}
     new = {p.prompt_id for p in select_prompts(cfg.data.model_dump(), 2, cfg.seed)}
     assert not old & new
+
+
+def test_partial_rollout_carries_unfinished_groups_across_iterations(prefect_api, tmp_path):
+    """With a token budget per round, unfinished groups are pickled with the rollout and resumed first
+    by the next iteration under the new weights: no group is lost or written twice, and resumed
+    samples carry tokens of two weight versions."""
+    import pickle
+
+    from miles_core.stages import CARRY_FILE, select_prompts
+
+    cfg = _config(str(tmp_path / "art"), "iterations=3", "run_name=partial", "rollout.partial_budget_tokens=300")
+    summary = _run_inprocess(cfg)
+    run = summary["run_root"]
+    table = read_rollouts(os.path.join(run, "rollouts"))
+    rows = table.to_pylist()
+    keys = collections.Counter((r["prompt_id"], r["sample_index"]) for r in rows)
+    assert keys and max(keys.values()) == 1, "a sample was written twice"
+    groups = collections.Counter(r["prompt_id"] for r in rows)
+    assert set(groups.values()) == {cfg.rollout.n_samples}, "a group was written incomplete"
+    with open(os.path.join(run, "rollouts", f"iter_{cfg.iterations}", CARRY_FILE), "rb") as f:
+        carried = {s.request.prompt_id for s in pickle.load(f)}
+    selected = set()
+    for i in range(1, cfg.iterations + 1):
+        selected |= {p.prompt_id for p in select_prompts(cfg.data.model_dump(), i, cfg.seed)}
+    assert set(groups) | carried == selected and not set(groups) & carried
+    resumed = [r for r in rows if len(set(r["logprob_versions"])) > 1]
+    assert resumed, "no sample spanned two rounds"
+    assert all(r["weight_version"] == min(r["logprob_versions"]) < r["iteration"] - 1 for r in resumed)

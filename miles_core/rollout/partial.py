@@ -88,6 +88,20 @@ class PartialRollout:
             self._groups.setdefault(id(s.request), []).append(s)
         self._pending.extend(samples)
 
+    def state(self) -> list[Sample]:
+        """Every carried sample (unfinished ones and finished members of unfinished groups): what a
+        later PartialRollout, perhaps in another process, needs to `restore` and resume them."""
+        return [s for group in self._groups.values() for s in group]
+
+    def restore(self, samples: list[Sample]) -> None:
+        """Carry `samples` from an earlier `state()` (e.g. unpickled) into this rollout; samples of one
+        group must share their Request object, as they do in `state()`."""
+        for s in samples:
+            s.slot, s.fed = None, 0  # engine-internal; the resume prefills prompt + partial response
+            self._groups.setdefault(id(s.request), []).append(s)
+            if not s.finished:
+                self._pending.append(s)
+
     @property
     def carried(self) -> int:
         return sum(len(g) for g in self._groups.values())
