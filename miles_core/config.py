@@ -78,7 +78,7 @@ class SamplingConfig(BaseModel):
     min_p: float = Field(0.0, ge=0, lt=1)
     max_slots: int = Field(256, gt=0, description="samples the engine decodes together")
     partial_budget_tokens: int | None = Field(
-        None, gt=0, description="partial rollout: tokens per iteration's round; unfinished samples resume next iteration"
+        None, gt=0, description="partial rollout: tokens per round; unfinished samples resume next iteration"
     )
 
 
