@@ -15,6 +15,7 @@ from miles_core.model.loader import (
     load_tokenizer,
 )
 from miles_core.model.mtp import mtp_logits, mtp_loss
+from miles_core.model.saving import save_hf_checkpoint
 from miles_core.model.transformer import CausalLM, ModelOutput
 from miles_core.model.weights import miles_to_hf
 
@@ -32,4 +33,5 @@ __all__ = [
     "miles_to_hf",
     "mtp_logits",
     "mtp_loss",
+    "save_hf_checkpoint",
 ]
