@@ -37,6 +37,21 @@ def _config(root: str, *extra: str):
     return load_pipeline_config(TINY, [f"artifact_root={root}", *extra])
 
 
+def _task_runs(flow_run_id) -> dict:
+    """name -> task run of one flow run, read back from the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=flt)
+
+    return {tr.name: tr for tr in asyncio.run(fetch())}
+
+
 def _run_inprocess(cfg):
     from flows.pipeline import rl_pipeline
 
@@ -86,20 +101,25 @@ def test_transient_rollout_failure_is_retried_and_run_completes(prefect_api, tmp
     monkeypatch.setenv("MILES_INJECT_FAULT", "rollout:1")
     monkeypatch.setenv("MILES_FAULT_STATE", str(tmp_path / "fault-state"))
     cfg = _config(str(tmp_path / "art"))
-    summary = _run_inprocess(cfg)
+    from flows.pipeline import rl_pipeline
+
+    state = rl_pipeline(cfg, return_state=True)
+    summary = state.result()
     assert (tmp_path / "fault-state").read_text() == "1"  # the injected failure did happen
+    rollout = _task_runs(state.state_details.flow_run_id)["rollout/iter_1"]
+    assert rollout.state.is_completed() and rollout.run_count == 2  # failed once, retried once
     assert len(summary["iterations"]) == cfg.iterations
     _groups_exactly_once(cfg, str(tmp_path / "art"))
 
 
 def test_bad_input_is_not_retried(prefect_api, tmp_path):
-    from miles_core.errors import MilesError
+    from flows.pipeline import rl_pipeline
 
     cfg = _config(str(tmp_path / "art"), "data.train_source=/nonexistent/prompts.jsonl")
-    start = time.time()
-    with pytest.raises(MilesError):
-        _run_inprocess(cfg)
-    assert time.time() - start < 60  # no backoff retries on a MilesError
+    state = rl_pipeline(cfg, return_state=True)
+    assert state.is_failed() and "does not exist" in state.message
+    rollout = _task_runs(state.state_details.flow_run_id)["rollout/iter_1"]
+    assert rollout.state.is_failed() and rollout.run_count == 1  # a MilesError fails at once: no retry
 
 
 @pytest.mark.parametrize("stage", ["rollout/iter_1", "train/iter_2"])
