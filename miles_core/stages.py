@@ -129,10 +129,11 @@ def _generate(weights: str, prompts: list, sampling: dict[str, Any], n_samples: 
     import time
 
     from miles_core.data import encode_prompt, write_rollouts
-    from miles_core.model import load_model, load_tokenizer
+    from miles_core.model import load_tokenizer
     from miles_core.rollout.generate import generate_rollouts
+    from miles_core.train.checkpoint import load_policy
 
-    model, tok = load_model(weights), load_tokenizer(weights)
+    model, tok = load_policy(weights), load_tokenizer(weights)  # HF, FP8/INT4 HF or torch_dist
     params = _sampling_params(sampling)
     engine = _engine_config(max(len(encode_prompt(p, tok)) for p in prompts), params, sampling, seed, iteration)
     start = time.time()
@@ -156,15 +157,16 @@ def _partial_round(out_dir: str, weights: str, prompts: list, sampling: dict[str
     import time
 
     from miles_core.data import encode_prompt, write_rollouts
-    from miles_core.model import load_model, load_tokenizer
+    from miles_core.model import load_tokenizer
     from miles_core.rollout.generate import build_engine, generate_rollouts
     from miles_core.rollout.partial import Budget, PartialRollout
+    from miles_core.train.checkpoint import load_policy
 
     carried = []
     if carry is not None and os.path.exists(os.path.join(carry, CARRY_FILE)):
         with open(os.path.join(carry, CARRY_FILE), "rb") as f:
             carried = pickle.load(f)  # our own artifact, written below
-    model, tok = load_model(weights), load_tokenizer(weights)
+    model, tok = load_policy(weights), load_tokenizer(weights)  # HF, FP8/INT4 HF or torch_dist
     params = _sampling_params(sampling)
     longest = max([len(encode_prompt(p, tok)) for p in prompts] + [len(s.prompt_tokens) for s in carried])
     engine = build_engine(model, tok, _engine_config(longest, params, sampling, seed, iteration))

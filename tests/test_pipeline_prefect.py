@@ -271,3 +271,17 @@ def test_partial_rollout_carries_unfinished_groups_across_iterations(prefect_api
     resumed = [r for r in rows if len(set(r["logprob_versions"])) > 1]
     assert resumed, "no sample spanned two rounds"
     assert all(r["weight_version"] == min(r["logprob_versions"]) < r["iteration"] - 1 for r in resumed)
+
+
+def test_evaluate_flow_on_torch_dist_and_hf_checkpoints(prefect_api, tmp_path):
+    from flows.pipeline import evaluate
+
+    cfg = _config(str(tmp_path / "art"), "iterations=1", "run_name=evalme")
+    run = _run_inprocess(cfg)["run_root"]
+    for name, path in [("ckpt", f"{run}/checkpoints/iter_1"), ("hf", f"{run}/export")]:
+        metrics = evaluate(path, cfg.eval, artifact_root=str(tmp_path / "art"), name=name)
+        assert 0.0 <= metrics["pass@1"] <= 1.0 and metrics["n_prompts"] == 16
+    # the trained torch_dist checkpoint and its HF export are the same model: same samples, same score
+    a = json.loads((tmp_path / "art" / "evals" / "ckpt" / "result" / "summary.json").read_text())
+    b = json.loads((tmp_path / "art" / "evals" / "hf" / "result" / "summary.json").read_text())
+    assert a["overall"] == b["overall"]
