@@ -65,3 +65,24 @@ def moe_forward_flops(cfg: dict, layers: int, batch: int, seq: int, with_head: b
     if with_head:
         total += 2 * tokens * h * cfg["vocab_size"]
     return total
+
+
+def build_pair(raw: dict, device, dtype: torch.dtype):
+    """transformers' model with random weights, and a miles model over the very same tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from miles_core.model import build_model
+    from miles_core.model.config import ModelConfig
+
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
+    hf_cfg.architectures = raw["architectures"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    miles = build_model(ModelConfig.from_hf(raw), device=device, dtype=dtype)
+    missing, unexpected = miles.load_state_dict(hf.state_dict(), strict=False, assign=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf, miles

@@ -14,28 +14,13 @@ import time
 
 import torch
 
-from bench.common import QWEN3_30B_A3B, bench_ms, gemm_ceiling_tflops, moe_forward_flops
+from bench.common import QWEN3_30B_A3B, bench_ms, build_pair, gemm_ceiling_tflops, moe_forward_flops
 
 
 def build(layers: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from miles_core.model import build_model
-    from miles_core.model.config import ModelConfig
-
     raw = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
-    hf_cfg = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
-    hf_cfg.architectures = raw["architectures"]
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    miles = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
-    missing, unexpected = miles.load_state_dict(hf.state_dict(), strict=False, assign=True)
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf, miles, raw
+    hf, miles = build_pair(raw, "cuda", torch.bfloat16)
+    return hf.eval(), miles.eval(), raw
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.common import QWEN3_30B_A3B, moe_forward_flops
+from bench.common import QWEN3_30B_A3B, build_pair, moe_forward_flops
 
 H100_BF16_PEAK = 989.0  # TFLOP/s, dense
 
@@ -52,27 +52,6 @@ def shape(args) -> dict:
     small = dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, vocab_size=1024)  # fmt: skip
     return dict(QWEN3_30B_A3B, num_hidden_layers=args.layers, **small)
-
-
-def build(raw: dict, device: torch.device, dtype: torch.dtype):
-    """transformers' model with random weights, and a miles model over the very same tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from miles_core.model import build_model
-    from miles_core.model.config import ModelConfig
-
-    hf_cfg = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
-    hf_cfg.architectures = raw["architectures"]
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    miles = build_model(ModelConfig.from_hf(raw), device=device, dtype=dtype)
-    missing, unexpected = miles.load_state_dict(hf.state_dict(), strict=False, assign=True)
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf, miles
 
 
 def synthetic_samples(batch: int, seq: int, vocab: int, prompt: int = 64):
@@ -186,7 +165,7 @@ def main() -> None:
 
         ceiling = gemm_ceiling_tflops()
     raw = shape(args)
-    hf, miles = build(raw, device, dtype)
+    hf, miles = build_pair(raw, device, dtype)
     samples = synthetic_samples(args.batch, args.seq, raw["vocab_size"])
     tokens = args.batch * args.seq
     flops = 3 * moe_forward_flops(raw, args.layers, args.batch, args.seq)
