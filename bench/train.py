@@ -15,7 +15,8 @@ peak (989 TFLOP/s, as in BASELINES.md) and against the bf16 GEMM ceiling measure
 Weight sync, per GB of trainer weights: `sync_weights` into (a) a separate bf16 copy of the model
 (one copy_ per tensor), (b) an FP8 engine model (re-quantization on the fly), (c) the very same
 module (shared: nothing moves); the floor is one device-to-device copy of the same bytes, measured.
-UNTESTED ON THE GPU: written in a session without a GPU; `--small` checks the code paths on the CPU.
+`--small` checks the code paths on the CPU. `--micro-batches N` accumulates N micro-batches per
+optimizer step (both implementations), as a GRPO step over a larger batch does.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def synthetic_samples(batch: int, seq: int, vocab: int, prompt: int = 64):
     return samples
 
 
-def bench_miles(miles, samples, device, reps: int, profile: bool = False) -> float:
+def bench_miles(miles, samples, device, reps: int, mb_tokens: int, profile: bool = False) -> float:
     from miles_core.train import TrainConfig, Trainer, assign_advantages, grpo_step
 
-    cfg = TrainConfig(lr=1e-6, micro_batch_tokens=10**9, r3=False, eps_clip_high=0.28)
+    cfg = TrainConfig(lr=1e-6, micro_batch_tokens=mb_tokens, r3=False, eps_clip_high=0.28)
     trainer = Trainer(miles, cfg)
     kept, _ = assign_advantages(samples, cfg)
     mbs = trainer.micro_batches(kept)
@@ -87,24 +88,25 @@ def bench_miles(miles, samples, device, reps: int, profile: bool = False) -> flo
     return seconds
 
 
-def bench_transformers(hf, samples, device, reps: int) -> float:
+def bench_transformers(hf, samples, device, reps: int, mb_tokens: int) -> float:
     from miles_core.rl import aggregate_loss, grpo_advantages, ppo_clip_loss, token_logprobs
     from miles_core.train import make_micro_batches
 
     if device.type == "cuda":
         hf.set_experts_implementation("grouped_mm")
-    (mb,) = make_micro_batches(samples, 10**9)
-    mb = mb.to(device)
-    adv = grpo_advantages(mb.rewards, torch.arange(len(samples), device=device) // 2)
+    mbs = [mb.to(device) for mb in make_micro_batches(samples, mb_tokens)]
+    advs = [grpo_advantages(mb.rewards, torch.arange(mb.rewards.shape[0], device=device) // 2) for mb in mbs]
+    denom = float(sum(int(mb.loss_mask.sum()) for mb in mbs))  # token-mean over the whole mini-batch
     params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.98), fused=device.type == "cuda" or None)
     hf.train()
 
     def step():
-        logits = hf(mb.input_ids).logits  # [B, T, V]
-        logp = token_logprobs(logits, mb.targets)
-        pl = ppo_clip_loss(logp, logp.detach(), adv, mb.loss_mask, eps_low=0.2, eps_high=0.28)
-        aggregate_loss(pl.loss, mb.loss_mask).backward()
+        for mb, adv in zip(mbs, advs, strict=True):
+            logits = hf(mb.input_ids).logits  # [B, T, V]
+            logp = token_logprobs(logits, mb.targets)
+            pl = ppo_clip_loss(logp, logp.detach(), adv, mb.loss_mask, eps_low=0.2, eps_high=0.28)
+            aggregate_loss(pl.loss, mb.loss_mask, denom=denom).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,6 +151,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="micro-batches of batch x seq tokens per optimizer step (gradient accumulation)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shape on the CPU (fp32): checks the script only")
     ap.add_argument("--skip-sync", action="store_true")
@@ -166,19 +174,22 @@ def main() -> None:
         ceiling = gemm_ceiling_tflops()
     raw = shape(args)
     hf, miles = build_pair(raw, device, dtype)
-    samples = synthetic_samples(args.batch, args.seq, raw["vocab_size"])
-    tokens = args.batch * args.seq
-    flops = 3 * moe_forward_flops(raw, args.layers, args.batch, args.seq)
-    rows = [("miles grpo_step", bench_miles(miles, samples, device, args.reps, args.profile))]
+    n_mb = args.micro_batches
+    samples = synthetic_samples(args.batch * n_mb, args.seq, raw["vocab_size"])
+    mb_tokens = args.batch * args.seq
+    tokens = mb_tokens * n_mb
+    flops = 3 * moe_forward_flops(raw, args.layers, args.batch * n_mb, args.seq)
+    rows = [("miles grpo_step", bench_miles(miles, samples, device, args.reps, mb_tokens, args.profile))]
     if args.compile:
         miles.compile_layers()
-        rows.append(("miles grpo_step + compile_layers", bench_miles(miles, samples, device, args.reps)))
+        rows.append(("miles grpo_step + compile_layers", bench_miles(miles, samples, device, args.reps, mb_tokens)))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     label = "transformers grouped_mm" if device.type == "cuda" else "transformers (default experts)"
-    rows.append((label, bench_transformers(hf, samples, device, args.reps)))
+    rows.append((label, bench_transformers(hf, samples, device, args.reps, mb_tokens)))
 
-    print(f"\nGRPO train step, Qwen3-MoE shape, {args.layers} layers, {args.batch} x {args.seq} = {tokens} tokens")
+    print(f"\nGRPO train step, Qwen3-MoE shape, {args.layers} layers, {n_mb} micro-batch(es) of "
+          f"{args.batch} x {args.seq} = {tokens} tokens per optimizer step")  # fmt: skip
     n_params = sum(p.numel() for p in miles.parameters())
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}, {n_params / 1e9:.2f} B params, {flops / 1e12:.1f} TFLOP per step")  # fmt: skip

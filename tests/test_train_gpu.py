@@ -1,7 +1,8 @@
-"""GPU paths of the trainer (skipped without CUDA). UNTESTED: written in a session with no GPU.
+"""GPU paths of the trainer (skipped without CUDA).
 
 bf16 autocast with fp32 master weights: a GRPO step runs, trains, and its log-probs stay close to
-the fp32 ones; weight sync into a bf16 engine copy is one copy_ per tensor on the device.
+the fp32 ones; weight sync into a bf16 engine copy is one copy_ per tensor on the device; the fused
+optimizer update (clipping and the NaN guard inside the fused AdamW kernel) equals the reference path.
 """
 
 import copy
@@ -48,3 +49,35 @@ def test_copy_sync_on_the_device_writes_in_place():
     assert report.mode == "copy" and [p.data_ptr() for p in engine.parameters()] == ptrs
     for (n, p), q in zip(engine.named_parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q.to(torch.bfloat16)), n
+
+
+def test_fused_update_clips_and_guards_like_the_reference_path():
+    # The fused path folds clipping and the NaN guard into the fused AdamW kernel (grad_scale /
+    # found_inf); the reference path clips with clip_grad_norm_ and steps a non-fused AdamW.
+    from miles_core.train.optim import build_optimizer, build_scheduler
+    from miles_core.train.step import apply_update
+
+    cfg = TrainConfig(lr=1e-2, clip_grad=0.05, weight_decay=0.1)
+    a, b = tiny_model(seed=3).cuda(), tiny_model(seed=3).cuda()
+    opt_a, opt_b = build_optimizer(a, cfg), build_optimizer(b, cfg)
+    assert opt_a.defaults["fused"]
+    opt_b.defaults["fused"] = False
+    for g in opt_b.param_groups:
+        g["fused"] = False
+    sched_a, sched_b = build_scheduler(opt_a, cfg), build_scheduler(opt_b, cfg)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(3):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            q.grad = p.grad.clone()
+        norm_a, skip_a = apply_update(opt_a, sched_a, cfg)
+        norm_b, skip_b = apply_update(opt_b, sched_b, cfg)
+        assert not skip_a and not skip_b and abs(norm_a - norm_b) < 1e-4 * norm_b and norm_b > 10 * cfg.clip_grad
+        for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert (p - q).abs().max() < 1e-6, (step, n)
+    before = [p.detach().clone() for p in a.parameters()]
+    for i, p in enumerate(a.parameters()):
+        p.grad = torch.full_like(p, float("nan") if i == 2 else 0.1)
+    norm, skipped = apply_update(opt_a, sched_a, cfg)
+    assert skipped and norm != norm and sched_a.last_epoch == 3
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before, strict=True))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles_core.kernels import moe_combine
 from miles_core.kernels.grouped_gemm import grouped_linear
 from miles_core.model.config import ModelConfig
 from miles_core.model.layers import MLP, activation
@@ -108,6 +109,8 @@ def dispatch(sorted_forward, x: torch.Tensor, weights: torch.Tensor, experts: to
     # over the k slots of each token.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
+    if moe_combine.available(ys):  # the same sum in one Triton pass, and a one-pass backward
+        return moe_combine.combine(ys, inverse, weights)
     y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
     return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from miles_core.kernels import logprobs as fused_logprobs
 from miles_core.rl import entropy_from_logits, logprobs_and_entropy, token_logprobs
 from miles_core.train.batching import MicroBatch
 
@@ -30,10 +31,7 @@ class PolicyOut:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA (fp32 master weights, fp32 log-softmax); a no-op elsewhere.
-
-    UNTESTED on the device in this session (no GPU was available).
-    """
+    """bf16 autocast on CUDA (fp32 master weights, fp32 log-softmax); a no-op elsewhere."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -56,6 +54,10 @@ def policy_forward(
     `entropy_grad=False`: the entropy is a metric only, computed without autograd (chunked by
     `chunk_rows`), so the backward keeps no [N, V] entropy graph: for a 150k vocabulary that is
     several GB per micro-batch.
+
+    On CUDA the log-probs and the entropy come from one fused Triton pass over the logits in their
+    own dtype (`miles_core.kernels.logprobs`; its backward writes the logits' gradient in one more
+    pass); elsewhere from the pure-torch functions of `miles_core.rl`, its reference.
     """
     routed = mb.routed_experts if replay else None
     record = mb.routed_experts is not None and getattr(model, "num_moe_layers", 0) > 0
@@ -68,7 +70,10 @@ def policy_forward(
             return_hidden_states=hidden,
         )
     logits = out.logits  # [B, T, V]
-    if entropy and (entropy_grad or not logits.requires_grad):
+    if fused_logprobs.available(logits):  # one Triton pass over the logits, forward and backward
+        logp, ent = fused_logprobs.fused_logprobs_entropy(logits, mb.targets, temperature)
+        ent = (ent if entropy_grad else ent.detach()) if entropy else None
+    elif entropy and (entropy_grad or not logits.requires_grad):
         rows = None if logits.requires_grad else chunk_rows  # chunking saves nothing under autograd
         logp, ent = logprobs_and_entropy(logits, mb.targets, temperature, rows)
     elif entropy:

@@ -41,6 +41,8 @@ def apply_update(optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig, 
     """Clip, then step unless the loss or the gradient norm is not finite: (grad_norm, skipped)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
+    if params and params[0].is_cuda and optimizer.defaults.get("fused"):
+        return _fused_update(optimizer, scheduler, cfg, params, max_norm, loss_finite)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
     norm = float(norm)
     skipped = cfg.nan_guard and not (loss_finite and math.isfinite(norm))
@@ -49,6 +51,37 @@ def apply_update(optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig, 
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, skipped
+
+
+def _fused_update(optimizer, scheduler, cfg: TrainConfig, params, max_norm: float, loss_finite: bool):
+    """`apply_update` for a fused CUDA optimizer: clipping and the guard happen inside its kernel.
+
+    The fused Adam(W) kernel divides every gradient by `optimizer.grad_scale` and skips the update
+    (weights, moments and step count) where `optimizer.found_inf` is non-zero: the contract
+    torch.amp.GradScaler uses. Clipping becomes grad_scale = max(1, (norm + 1e-6) / max_norm), the same
+    factor `clip_grad_norm_` multiplies by, inverted; this saves a read-modify-write pass over every
+    gradient and the host round-trip before the step. The host reads the norm (copied before the
+    step is launched) while the step runs, and steps the scheduler only if the update happened.
+    """
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if math.isfinite(max_norm) else None
+    bad = ~torch.isfinite(norm) | (not loss_finite)
+    optimizer.found_inf = bad.float() if cfg.nan_guard else None
+    host = torch.empty((), dtype=norm.dtype, pin_memory=True)
+    host.copy_(norm, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    ready.synchronize()  # the norm only; the step's kernels keep running
+    value = float(host)
+    skipped = cfg.nan_guard and not (loss_finite and math.isfinite(value))
+    if not skipped:
+        scheduler.step()
+    return value, skipped
 
 
 def minibatch_denominators(micro_batches: list[MicroBatch], cfg: TrainConfig) -> tuple[float, float | None]:
