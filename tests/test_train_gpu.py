@@ -51,14 +51,16 @@ def test_copy_sync_on_the_device_writes_in_place():
         assert torch.equal(p, q.to(torch.bfloat16)), n
 
 
-def test_fused_update_clips_and_guards_like_the_reference_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_update_clips_and_guards_like_the_reference_path(dtype):
     # The fused path folds clipping and the NaN guard into the fused AdamW kernel (grad_scale /
     # found_inf); the reference path clips with clip_grad_norm_ and steps a non-fused AdamW.
     from miles_core.train.optim import build_optimizer, build_scheduler
     from miles_core.train.step import apply_update
 
     cfg = TrainConfig(lr=1e-2, clip_grad=0.05, weight_decay=0.1)
-    a, b = tiny_model(seed=3).cuda(), tiny_model(seed=3).cuda()
+    a, b = tiny_model(seed=3).cuda().to(dtype), tiny_model(seed=3).cuda().to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # bf16: clip_grad_norm_ rounds the scaled grads
     opt_a, opt_b = build_optimizer(a, cfg), build_optimizer(b, cfg)
     assert opt_a.defaults["fused"]
     opt_b.defaults["fused"] = False
@@ -68,13 +70,13 @@ def test_fused_update_clips_and_guards_like_the_reference_path():
     gen = torch.Generator(device="cuda").manual_seed(0)
     for step in range(3):
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
-            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(dtype)
             q.grad = p.grad.clone()
         norm_a, skip_a = apply_update(opt_a, sched_a, cfg)
         norm_b, skip_b = apply_update(opt_b, sched_b, cfg)
-        assert not skip_a and not skip_b and abs(norm_a - norm_b) < 1e-4 * norm_b and norm_b > 10 * cfg.clip_grad
+        assert not skip_a and not skip_b and abs(norm_a - norm_b) < 1e-3 * norm_b and norm_b > 10 * cfg.clip_grad
         for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-            assert (p - q).abs().max() < 1e-6, (step, n)
+            assert (p - q).abs().max() < tol, (step, n)
     before = [p.detach().clone() for p in a.parameters()]
     for i, p in enumerate(a.parameters()):
         p.grad = torch.full_like(p, float("nan") if i == 2 else 0.1)

@@ -63,7 +63,8 @@ def _fused_update(optimizer, scheduler, cfg: TrainConfig, params, max_norm: floa
     gradient and the host round-trip before the step. The host reads the norm (copied before the
     step is launched) while the step runs, and steps the scheduler only if the update happened.
     """
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    # float32: the fused kernel takes float32 grad_scale / found_inf whatever the parameters' dtype
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True).float()
     optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if math.isfinite(max_norm) else None
     bad = ~torch.isfinite(norm) | (not loss_finite)
     optimizer.found_inf = bad.float() if cfg.nan_guard else None
