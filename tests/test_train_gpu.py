@@ -74,7 +74,7 @@ def test_fused_update_clips_and_guards_like_the_reference_path(dtype):
             q.grad = p.grad.clone()
         norm_a, skip_a = apply_update(opt_a, sched_a, cfg)
         norm_b, skip_b = apply_update(opt_b, sched_b, cfg)
-        assert not skip_a and not skip_b and abs(norm_a - norm_b) < 1e-3 * norm_b and norm_b > 10 * cfg.clip_grad
+        assert not skip_a and not skip_b and abs(norm_a - norm_b) < 5e-3 * norm_b and norm_b > 10 * cfg.clip_grad
         for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
             assert (p - q).abs().max() < tol, (step, n)
     before = [p.detach().clone() for p in a.parameters()]
