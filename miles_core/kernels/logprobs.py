@@ -43,7 +43,7 @@ def available(logits: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(x_ptr, stride, tok_ptr, logp_ptr, ent_ptr, lse_ptr, mean_ptr, V, temperature,
+    def _logprob_fwd_kernel(x_ptr, stride, tok_ptr, logp_ptr, ent_ptr, lse_ptr, mean_ptr, V, temperature,
                     BLOCK: tl.constexpr):  # fmt: skip
         row = tl.program_id(0)
         base = x_ptr + row.to(tl.int64) * stride
@@ -75,7 +75,7 @@ if triton is not None:
         tl.store(mean_ptr + row, mean)
 
     @triton.jit
-    def _bwd_kernel(x_ptr, stride, dx_ptr, dstride, tok_ptr, lse_ptr, mean_ptr, glogp_ptr, gent_ptr, V,
+    def _logprob_bwd_kernel(x_ptr, stride, dx_ptr, dstride, tok_ptr, lse_ptr, mean_ptr, glogp_ptr, gent_ptr, V,
                     temperature, HAS_GENT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -100,7 +100,7 @@ class _FusedLogprobs(torch.autograd.Function):
         n, v = logits.shape
         logp, ent, lse, mean = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
         if n:
-            _fwd_kernel[(n,)](logits, logits.stride(0), tokens, logp, ent, lse, mean, v, float(temperature),
+            _logprob_fwd_kernel[(n,)](logits, logits.stride(0), tokens, logp, ent, lse, mean, v, float(temperature),
                               BLOCK=_BLOCK_FWD, num_warps=8)  # fmt: skip
         ctx.save_for_backward(logits, tokens, lse, mean)
         ctx.temperature = temperature
@@ -116,7 +116,7 @@ class _FusedLogprobs(torch.autograd.Function):
         dx = torch.empty_like(logits)
         if n:
             grid = (n, triton.cdiv(v, _BLOCK_BWD))
-            _bwd_kernel[grid](logits, logits.stride(0), dx, dx.stride(0), tokens, lse, mean, g_logp, g_ent, v,
+            _logprob_bwd_kernel[grid](logits, logits.stride(0), dx, dx.stride(0), tokens, lse, mean, g_logp, g_ent, v,
                               float(ctx.temperature), HAS_GENT=has_ent, BLOCK=_BLOCK_BWD, num_warps=8)  # fmt: skip
         return dx, None, None
 

@@ -32,7 +32,7 @@ def available(ys: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(ys_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _combine_fwd_kernel(ys_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
         n = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         inside = offs < H
@@ -44,7 +44,7 @@ if triton is not None:
         tl.store(out_ptr + n.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _bwd_kernel(ys_ptr, inv_ptr, w_ptr, g_ptr, dys_ptr, dw_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _combine_bwd_kernel(ys_ptr, inv_ptr, w_ptr, g_ptr, dys_ptr, dw_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
         n = tl.program_id(0)
         lanes = tl.arange(0, BLOCK_H)
         g_row = g_ptr + n.to(tl.int64) * H
@@ -68,7 +68,7 @@ class _Combine(torch.autograd.Function):
         h = ys.shape[1]
         out = ys.new_empty(n, h)
         if n:
-            _fwd_kernel[(n, triton.cdiv(h, _BLOCK_H))](ys, inverse, weights, out, h, K=k, BLOCK_H=_BLOCK_H)
+            _combine_fwd_kernel[(n, triton.cdiv(h, _BLOCK_H))](ys, inverse, weights, out, h, K=k, BLOCK_H=_BLOCK_H)
         ctx.save_for_backward(ys, inverse, weights)
         return out
 
@@ -79,7 +79,7 @@ class _Combine(torch.autograd.Function):
         grad = grad.contiguous()
         dys, dw = torch.empty_like(ys), torch.empty_like(weights)
         if n:
-            _bwd_kernel[(n,)](ys, inverse, weights, grad, dys, dw, ys.shape[1], K=k, BLOCK_H=_BLOCK_H, num_warps=4)
+            _combine_bwd_kernel[(n,)](ys, inverse, weights, grad, dys, dw, ys.shape[1], K=k, BLOCK_H=_BLOCK_H, num_warps=4)
         return dys, None, dw
 
 
