@@ -1,4 +1,8 @@
-"""The fused token log-prob / entropy kernel (miles_core.kernels.logprobs) against float64 torch.
+"""Fused Triton kernels of the training/rollout path against float64 torch references: the token
+log-prob / entropy kernel (miles_core.kernels.logprobs), the MoE combine (moe_combine) and SwiGLU
+(swiglu); the last two are described at their sections below.
+
+Log-probs and entropy:
 
 Reference: `miles_core.rl.logprobs_and_entropy` in float64 with autograd, the CPU path of the
 trainer. Checked: log-probs, entropy, and the logits' gradient through either output or both, with
@@ -172,3 +176,50 @@ def test_gpu_moe_combine_matches_reference(dtype):
     for n, k, h, seed in [(8192, 8, 2048, 0), (300, 8, 7168, 1), (17, 1, 96, 2), (64, 6, 2000, 3)]:
         _poison()
         _check_combine(n, k, h, dtype, "cuda", seed)
+
+
+# ---- SwiGLU (miles_core.kernels.swiglu) ---------------------------------------------------------
+# Reference: `torch_swiglu` (chunk, silu, product) in float64, forward and the [M, 2I] gradient.
+
+
+def _check_swiglu(m, i, dtype, device, seed=0):
+    from miles_core.kernels.swiglu import _SwiGLU, torch_swiglu
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, 2 * i, generator=g) * 3).to(dtype)
+    grad = torch.randn(m, i, generator=g).to(dtype)
+    xr = x.double().requires_grad_(True)
+    ref = torch_swiglu(xr)
+    ref.backward(grad.double())
+    xk = x.to(device).requires_grad_(True)
+    out = _SwiGLU.apply(xk)
+    out.backward(grad.to(device))
+    bound = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for got, want in ((out, ref), (xk.grad, xr.grad)):
+        assert got.dtype == dtype and got.shape == want.shape and torch.isfinite(got).all()
+        err = (got.detach().cpu().double() - want.detach()).abs().max() / want.detach().abs().max()
+        assert err < bound, (dtype, float(err))
+
+
+def interp_swiglu():
+    for m, i, dtype in [(7, 300, torch.float32), (3, 1024, torch.float32), (5, 96, torch.float16)]:
+        _check_swiglu(m, i, dtype, "cpu")
+
+
+def test_swiglu_matches_reference_in_interpreter():
+    code = "import tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); import tests.test_kernels_fused as t; t.interp_swiglu()"  # noqa: E501
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_swiglu_matches_reference(dtype):
+    from tests.test_kernels_quant import _poison
+
+    for m, i, seed in [(65536, 768, 0), (513, 2048, 1), (1, 96, 2)]:
+        _poison()
+        _check_swiglu(m, i, dtype, "cuda", seed)

@@ -79,7 +79,9 @@ class _Combine(torch.autograd.Function):
         grad = grad.contiguous()
         dys, dw = torch.empty_like(ys), torch.empty_like(weights)
         if n:
-            _combine_bwd_kernel[(n,)](ys, inverse, weights, grad, dys, dw, ys.shape[1], K=k, BLOCK_H=_BLOCK_H, num_warps=4)
+            _combine_bwd_kernel[(n,)](
+                ys, inverse, weights, grad, dys, dw, ys.shape[1], K=k, BLOCK_H=_BLOCK_H, num_warps=4
+            )
         return dys, None, dw
 
 

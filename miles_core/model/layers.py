@@ -17,6 +17,20 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
+def gated(act, x: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up for x = [..., 2I] holding gate then up (a fused gate/up projection's output).
+
+    silu on CUDA is one Triton kernel each way (`miles_core.kernels.swiglu`), except under
+    torch.compile, which fuses the pure-torch form itself.
+    """
+    if act is F.silu and x.is_cuda and x.dim() == 2 and not torch.compiler.is_compiling():
+        from miles_core.kernels.swiglu import swiglu
+
+        return swiglu(x)
+    gate, up = x.chunk(2, dim=-1)
+    return act(gate) * up
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, the statistics in float32, the product in the input dtype."""
 

@@ -23,7 +23,7 @@ from torch import nn
 from miles_core.kernels import moe_combine
 from miles_core.kernels.grouped_gemm import grouped_linear
 from miles_core.model.config import ModelConfig
-from miles_core.model.layers import MLP, activation
+from miles_core.model.layers import MLP, activation, gated
 
 
 class Router(nn.Module):
@@ -82,8 +82,7 @@ class Experts(nn.Module):
         w1, w2 = self.gate_up_proj, self.down_proj
         if self.weight_transform is not None:
             w1, w2 = self.weight_transform(w1), self.weight_transform(w2)
-        gate, up = grouped_linear(xs, w1, counts).chunk(2, dim=-1)  # [M, I] each
-        return grouped_linear(self.act(gate) * up, w2, counts)
+        return grouped_linear(gated(self.act, grouped_linear(xs, w1, counts)), w2, counts)  # [M, 2I] -> [M, I]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [N, H], weights/experts: [N, k] -> [N, H] = sum_k weight_k * expert_k(x)."""

@@ -154,8 +154,9 @@ class QuantExperts(nn.Module):
 
     def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs: [M, H] rows sorted by expert, counts: [E] -> [M, H] expert outputs (unweighted)."""
-        gate, up = self._linear(xs, "gate_up", counts).chunk(2, dim=-1)  # [M, I] each
-        return self._linear(self.act(gate) * up, "down", counts)
+        from miles_core.model.layers import gated
+
+        return self._linear(gated(self.act, self._linear(xs, "gate_up", counts)), "down", counts)  # [M, 2I] -> [M, I]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [N, H], weights/experts: [N, k] -> [N, H]; the model core's dispatch, quantized GEMMs."""
