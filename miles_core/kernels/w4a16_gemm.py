@@ -44,7 +44,9 @@ class W4A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    unpack: int = 2  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave
+    unpack: int = 2  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave;
+    # 3: w4a16_planes_kernel (activations split into nibble planes), where it applies
+    swap: bool = False  # planes kernel, bm >= 16: W as the MMA's M side (y^T = W x^T)
 
 
 def default_config(m: int, n: int, k: int) -> W4A16Config:
@@ -114,30 +116,56 @@ def w4a16_linear(
         w = dequantize_packed(packed, scale, k, group_size, torch.bfloat16)
         return F.linear(x, w, bias)
     y = w4a16_linear_triton(x2, packed, scale, group_size, cfg)
-    y = y.to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], n)
+
+
+def _planes_ok(cfg: W4A16Config, group_size: int) -> bool:
+    # the planes kernel takes one scale per K block, and its tensor-core dots need depth BK/8 >= 16
+    return cfg.unpack == 3 and group_size % cfg.bk == 0 and (cfg.bm == 1 or cfg.bk >= 128)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K tile counters: int32 zeros, made once per device (the kernel leaves them at zero).
+    Calls that run concurrently on different streams must not share them (decode runs one stream)."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        locks = _LOCKS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    return locks
 
 
 def w4a16_linear_triton(
     x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int, cfg: W4A16Config
 ) -> torch.Tensor:
     """The kernel launch alone (any device the Triton backend runs on, the interpreter included).
-    x2: [M, K] -> [M, N] (fp32 when split-K accumulates with atomics)."""
+    x2: [M, K] -> [M, N] in x2.dtype. unpack == 3 runs the planes kernel where it applies."""
     m, k = x2.shape
     n = packed.shape[0]
     x2 = x2.contiguous()
-    if cfg.split_k > 1:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
-    else:
-        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    planes = _planes_ok(cfg, group_size)
+    if cfg.unpack == 3 and not planes:  # same tiles, the general kernel
+        cfg = W4A16Config(**{**cfg.__dict__, "unpack": 2})
     grid = (_cdiv(m, cfg.bm), _cdiv(n, cfg.bn), cfg.split_k)
-    load_triton_kernels().w4a16_kernel[grid](
+    if cfg.split_k > 1:
+        partials = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x2.device)  # no fill needed
+        locks = _tile_locks(x2.device, grid[0] * grid[1])
+    else:
+        partials, locks = y, y  # unused
+    kernels = load_triton_kernels()
+    kernel = kernels.w4a16_planes_kernel if planes else kernels.w4a16_kernel
+    extra = {"SWAP": cfg.swap} if planes else {"UNPACK": cfg.unpack}
+    kernel[grid](
         x2,
         packed,
         scale,
         y,
+        partials,
+        locks,
         m,
         n,
         k,
@@ -153,7 +181,7 @@ def w4a16_linear_triton(
         BK=cfg.bk,
         SPLIT_K=cfg.split_k,
         EVEN_K=k % (cfg.bk * cfg.split_k) == 0,
-        UNPACK=cfg.unpack,
+        **extra,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

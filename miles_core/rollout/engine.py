@@ -69,6 +69,7 @@ class Engine:
         self._eos = _eos_ids(tokenizer, model) | {int(e) for e in eos_token_ids}
         self._no_sync = self.device.type == "cuda"  # MoE without bincount's host sync (runner.moe_forward)
         self._graphs = None
+        self._st_key, self._st = None, None  # the last SamplingTensors and the samples it was built for
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise MilesError("cuda_graphs needs the model on a CUDA device")
         if self.config.cuda_graphs or self.config.static_decode:
@@ -182,8 +183,13 @@ class Engine:
 
     def _sample(self, samples: list[Sample], logits: torch.Tensor) -> list[Sample]:
         """Sample one token per sample from logits [N, V]; append it; stop those that are done."""
-        params = [s.sampling for s in samples]
-        st = SamplingTensors(params, [s.seed for s in samples], [len(s.response_tokens) for s in samples], self.device)
+        steps = [len(s.response_tokens) for s in samples]
+        key = tuple(samples)  # by identity (Sample has eq=False)
+        if key == self._st_key:  # the same samples as the last call: only the counters moved
+            st = self._st.at_steps(steps)
+        else:
+            st = SamplingTensors([s.sampling for s in samples], [s.seed for s in samples], steps, self.device)
+            self._st_key, self._st = key, st
         tokens, logprobs = sample(logits, st)
         host = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device-to-host copy per step
         finished = []

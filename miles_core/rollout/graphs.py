@@ -23,6 +23,7 @@ import torch
 
 from miles_core.rollout.cache import KVCache
 from miles_core.rollout.runner import StepBatch, forward_step
+from miles_core.rollout.sampling import device_tensor
 
 __all__ = ["GraphDecoder"]
 
@@ -33,8 +34,9 @@ class GraphDecoder:
         device = cache.a[0].device
         self.capture = device.type == "cuda" if capture is None else capture
         s = cache.slots
-        self.tokens = torch.zeros(s, 1, dtype=torch.long, device=device)  # [S, 1]
-        self.start = torch.zeros(s, dtype=torch.long, device=device)  # [S]
+        self.inputs = torch.zeros(2, s, dtype=torch.long, device=device)  # last token, position per slot
+        self.tokens = self.inputs[0].view(s, 1)  # [S, 1]
+        self.start = self.inputs[1]  # [S]
         self.slots = torch.arange(s, device=device)
         self.n_valid = torch.ones(s, dtype=torch.long, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -48,21 +50,26 @@ class GraphDecoder:
 
     def decode(self, rows: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """rows: ([last token], slot, position) of each running sample -> logits [N, V] in row order."""
-        tokens = torch.zeros(self.cache.slots, dtype=torch.long)
-        start = torch.zeros(self.cache.slots, dtype=torch.long)
+        s = self.cache.slots
+        tokens, start, which = [0] * s, [0] * s, []
         for ids, slot, pos in rows:
             tokens[slot], start[slot] = ids[0], pos
-        self.tokens.copy_(tokens[:, None], non_blocking=True)
-        self.start.copy_(start, non_blocking=True)
-        length = self._length(max(pos for _, _, pos in rows) + 1)
-        which = torch.tensor([slot for _, slot, _ in rows], device=self.tokens.device)
+            which.append(slot)
+        host = torch.tensor([tokens, start], dtype=torch.long)
+        if self.inputs.is_cuda:  # pinned: the copy is queued without a stream sync
+            host = host.pin_memory()
+        self.inputs.copy_(host, non_blocking=True)
+        length = self._length(max(start[slot] for slot in which) + 1)
         if not self.capture:
-            return forward_step(self.model, self.cache, self._batch(length), capture_safe=True)[which]
-        if length not in self._graphs:
-            self._graphs[length] = self._capture(length)
-        graph, logits = self._graphs[length]
-        graph.replay()
-        return logits[which]
+            logits = forward_step(self.model, self.cache, self._batch(length), capture_safe=True)
+        else:
+            if length not in self._graphs:
+                self._graphs[length] = self._capture(length)
+            graph, logits = self._graphs[length]
+            graph.replay()
+        if which == list(range(s)):  # every slot running, in slot order: no gather of [S, V] logits
+            return logits
+        return logits[device_tensor(which, torch.long, self.inputs.device)]
 
     def _capture(self, length: int):
         """Warm up on a side stream, then capture. The inputs are this step's real ones and the step

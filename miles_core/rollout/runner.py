@@ -15,8 +15,10 @@ computes, only over cached positions; the MoE layers return the experts they cho
 stored beside the KV entries. Logits are computed only where they are needed (the last fed
 position of each row, unless `all_logits`): a prompt's other positions never touch the LM head.
 
-Decode (T = 1) attends with `decode_attention`: GQA as grouped einsums (each KV head read once,
-never repeated per query head), MLA in the absorbed form (the query is mapped into the latent
+Decode (T = 1) attends with `flash_decode` on the GPU for GQA (a Triton kernel that reads each
+row's keys once, in place, up to the row's own length; see flash_decode.py), else with
+`decode_attention`: GQA as grouped einsums (each KV head read once, never repeated per query head,
+the reference and the CPU path), MLA in the absorbed form (the query is mapped into the latent
 space with kv_b_proj's key half, scores and values are taken against the cached latent, and the
 value half maps back), so a step reads kv_rank + rope_dim numbers per cached token and never
 expands the whole cache to per-head K/V. `capture_safe` swaps the MoE block's host-synchronising
@@ -32,6 +34,8 @@ from torch import nn
 
 from miles_core.model.attention import MLAttention, attend
 from miles_core.rollout.cache import KVCache
+from miles_core.rollout.flash_decode import flash_decode, flash_decode_ok
+from miles_core.rollout.sampling import device_tensor
 
 __all__ = ["StepBatch", "decode_attention", "forward_step", "moe_forward"]
 
@@ -54,11 +58,13 @@ class StepBatch:
         for i, (ids, _, _) in enumerate(rows):
             tokens[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         need = max(start + len(ids) for ids, _, start in rows)
+        if torch.device(device).type == "cuda":  # pinned: queued without a stream sync
+            tokens = tokens.pin_memory().to(device, non_blocking=True)
         return cls(
             tokens=tokens.to(device),
-            slots=torch.tensor([r[1] for r in rows], dtype=torch.long, device=device),
-            start=torch.tensor([r[2] for r in rows], dtype=torch.long, device=device),
-            n_valid=torch.tensor([len(r[0]) for r in rows], dtype=torch.long, device=device),
+            slots=device_tensor([r[1] for r in rows], torch.long, device),
+            start=device_tensor([r[2] for r in rows], torch.long, device),
+            n_valid=device_tensor([len(r[0]) for r in rows], torch.long, device),
             read_len=max(read_len or 0, need),
             fresh=all(r[2] == 0 for r in rows) and (read_len or 0) <= t,
         )
@@ -106,14 +112,19 @@ def _absorbable(attn: nn.Module) -> bool:
     return not isinstance(attn, MLAttention) or type(attn.kv_b_proj) is nn.Linear
 
 
-def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask):
-    """h: [B, T, H] -> attention output [B, T, H], after writing this step's entries into the cache."""
+def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask, ends):
+    """h: [B, T, H] -> attention output [B, T, H], after writing this step's entries into the cache.
+    mask: [B, 1, T, L] bool; ends: [B] keys each row attends (start + n_valid)."""
     if isinstance(attn, MLAttention):
         q = attn.query(h, cos, sin)  # [B, T, Hq, nope + R]
         new = attn.latent(h, cos, sin)  # latent [B, T, r], rope key [B, T, 1, R]
     else:
         q, *new = attn.qkv(h, cos, sin)  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
     cache.write(layer, wslot, wpos, *new)
+    if q.shape[1] == 1 and not isinstance(attn, MLAttention) and flash_decode_ok(q, cache.a[layer]):
+        # one new token per row: read the cache in place, each row only up to its own length
+        out = flash_decode(q[:, 0], cache.a[layer], cache.b[layer], batch.slots, ends, attn.scale, batch.read_len)
+        return attn.o_proj(out.view(q.shape[0], 1, -1))  # [B, 1, H]
     if batch.fresh:  # a prefill from position 0: the cache holds nothing else, so attend like a full forward
         k, v = attn.expand(*new) if isinstance(attn, MLAttention) else new
         out = attend(q, k, v, None, attn.scale)  # causal (flash on CUDA); right padding never reaches real rows
@@ -155,13 +166,15 @@ def forward_step(
     wpos = torch.where(valid, pos, offs[None].expand(b, t))
     keys = torch.arange(batch.read_len, device=device)  # [L]
     mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, L] True = may attend
+    ends = batch.start + batch.n_valid  # [B]
 
     backbone = model.model
     x = backbone.embed_tokens(batch.tokens)  # [B, T, H]
     cos, sin = backbone.rotary(pos, x.dtype)
     chosen = []
     for i, layer in enumerate(backbone.layers):
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, i, wslot, wpos, batch, mask)
+        h = layer.input_layernorm(x)
+        x = x + _attention(layer.self_attn, h, cos, sin, cache, i, wslot, wpos, batch, mask, ends)
         h = layer.post_attention_layernorm(x)
         if layer.is_moe:
             h, experts = moe_forward(layer.mlp, h) if capture_safe else layer.mlp(h, None)  # experts [B*T, k]

@@ -25,7 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from miles_core.errors import MilesError
 
-__all__ = ["SamplingParams", "SamplingTensors", "logprob_temperature", "sample", "sampling_probs", "uniform"]
+__all__ = [
+    "SamplingParams",
+    "SamplingTensors",
+    "device_tensor",
+    "logprob_temperature",
+    "sample",
+    "sampling_probs",
+    "uniform",
+]
 
 
 class SamplingParams(BaseModel):
@@ -60,20 +68,40 @@ def logprob_temperature(params: SamplingParams) -> float:
 
 
 class SamplingTensors:
-    """Per-row sampling parameters as tensors (one row per sample being stepped)."""
+    """Per-row sampling parameters as tensors (one row per sample being stepped).
+
+    Built once per set of running samples (the engine keeps it while the set is unchanged) and
+    given each step's counters with `at_steps`. Host-to-device copies go through pinned memory
+    without a stream sync, so building them never waits for the decode step queued before.
+    """
 
     def __init__(self, params: list[SamplingParams], seeds: list[int], steps: list[int], device):
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        self.temperature = t([p.temperature for p in params], torch.float32)  # [N], 0 = greedy
-        self.top_p = t([p.top_p for p in params], torch.float32)
-        self.top_k = t([p.top_k for p in params], torch.int64)
-        self.min_p = t([p.min_p for p in params], torch.float32)
-        self.seed = t([s % 2**63 for s in seeds], torch.int64)
-        self.step = t(steps, torch.int64)
+        self.device = torch.device(device)
+        self.temperature = self._tensor([p.temperature for p in params], torch.float32)  # [N], 0 = greedy
+        self.top_p = self._tensor([p.top_p for p in params], torch.float32)
+        self.top_k = self._tensor([p.top_k for p in params], torch.int64)
+        self.min_p = self._tensor([p.min_p for p in params], torch.float32)
+        self.seed = self._tensor([s % 2**63 for s in seeds], torch.int64)
         self.greedy = [p.greedy for p in params]
         self.filters = [not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p in params]
+        self.unit_temperature = all(p.temperature in (0.0, 1.0) for p in params)  # logits / T is the logits
+        self.at_steps(steps)
+
+    def at_steps(self, steps: list[int]) -> SamplingTensors:
+        """Set each row's token counter (the `step` of its uniform draw); returns self."""
+        self.step = self._tensor(steps, torch.int64)
+        return self
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return device_tensor(values, dtype, self.device)
+
+
+def device_tensor(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.tensor(values, device=device) without the stream sync of a pageable copy on CUDA."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it alive
 
 
 _M32 = 0xFFFFFFFF
@@ -98,9 +126,11 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((h >> 8).float() + 0.5) / float(1 << 24)
 
 
-def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+def _scaled(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """logits [N, V] -> float32 logits / T, with T = 1 on greedy rows (the recorded log-prob's T)."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    if st.unit_temperature:  # x / 1.0 == x bit for bit: skip a vocabulary-sized pass
+        return logits.float()
+    t = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
     return logits.float() / t[:, None]
 
 
@@ -122,7 +152,7 @@ def _filtered_sorted(scaled: torch.Tensor, st: SamplingTensors, rows: torch.Tens
 
 def sampling_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """The distribution each non-greedy row samples from, in vocabulary order: [N, V] float32 (tests, metrics)."""
-    scaled = _scaled(logits, st.temperature)
+    scaled = _scaled(logits, st)
     probs = scaled.softmax(-1)
     rows = torch.tensor([i for i, f in enumerate(st.filters) if f], dtype=torch.long, device=logits.device)
     if rows.numel():
@@ -140,18 +170,23 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] -> (tokens [N] int64, recorded log-probs [N] float32 of those tokens under logits / T)."""
-    scaled = _scaled(logits, st.temperature)  # [N, V] float32
+    scaled = _scaled(logits, st)  # [N, V] float32
     logp = scaled.log_softmax(-1)
-    tokens = scaled.argmax(-1)  # greedy rows keep this
-    u = uniform(st.seed, st.step)  # [N]
-    device = logits.device
     plain = [i for i, (g, f) in enumerate(zip(st.greedy, st.filters, strict=True)) if not g and not f]
     filt = [i for i, f in enumerate(st.filters) if f]
+    if len(plain) == len(st.greedy):  # every row samples softmax(logits / T) as it is: no argmax pass
+        tokens = _inverse_cdf(logp.exp(), uniform(st.seed, st.step))
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    tokens = scaled.argmax(-1)  # greedy rows keep this
+    if not plain and not filt:
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    u = uniform(st.seed, st.step)  # [N]
+    device = logits.device
     if plain:
-        rows = torch.tensor(plain, dtype=torch.long, device=device)
+        rows = device_tensor(plain, torch.long, device)
         tokens[rows] = _inverse_cdf(logp[rows].exp(), u[rows])
     if filt:
-        rows = torch.tensor(filt, dtype=torch.long, device=device)
+        rows = device_tensor(filt, torch.long, device)
         probs, order = _filtered_sorted(scaled[rows], st, rows)
         tokens[rows] = order.gather(1, _inverse_cdf(probs, u[rows])[:, None])[:, 0]
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
