@@ -28,6 +28,51 @@ def test_static_all_slot_decode_equals_dynamic_decode(arch):
         assert (a.experts is None and b.experts is None) or torch.equal(a.experts, b.experts)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3"])
+def test_lookahead_decode_equals_dynamic_decode_with_staggered_stops_and_budget_rounds(arch, monkeypatch):
+    """Every sample fits in a slot, so static decode queues each step before the previous one's
+    tokens are read: samples stopping at different steps (max_new_tokens, a stop token, max_len),
+    sampled and greedy rows together, and a partial rollout cut by a budget mid-lookahead all give
+    the dynamic engine's tokens, log-probs and experts."""
+    from miles_core.rollout import Budget, PartialRollout
+
+    _, _, model = tiny(arch)
+    prompts = ragged_prompts((5, 11, 3, 8), seed=12)
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=9, ignore_eos=True, seed=1),
+        SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, seed=2),
+        SamplingParams(temperature=0.7, max_new_tokens=30, stop_token_ids=[5, 17, 40, 61], seed=3),
+    ]
+    reqs = [Request(f"p{i}", p, sp, n_samples=2) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    ahead = []
+    launch = Engine._launch
+    monkeypatch.setattr(Engine, "_launch", lambda self, r, ahead_: ahead.append(ahead_) or launch(self, r, ahead_))
+
+    def run(static: bool, budget: int | None):
+        engine = Engine(model, config=EngineConfig(max_slots=8, max_len=32, static_decode=static, graph_len_bucket=8))
+        if budget is None:
+            return engine.generate(reqs)
+        partial = PartialRollout(engine, Budget(tokens=budget))
+        rounds = [partial.run_round(reqs)]
+        while partial.carried:
+            rounds.append(partial.run_round())
+        assert len(rounds) > 2
+        return sorted(
+            (s for r in rounds for g in r.groups for s in g), key=lambda s: (s.request.prompt_id, s.sample_index)
+        )
+
+    for budget in (None, 19):
+        ref = run(False, budget)
+        got = run(True, budget)
+        assert len({len(s.response_tokens) for s in got}) > 2  # stops at different steps
+        for a, b in zip(got, ref, strict=True):
+            assert a.response_tokens == b.response_tokens and a.finish_reason == b.finish_reason
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-5
+            assert (a.experts is None and b.experts is None) or torch.equal(a.experts, b.experts)
+    assert ahead.count(1) > 20 and ahead.count(0) < ahead.count(1)  # mostly queued ahead
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_capture_safe_moe_equals_the_model_moe_bitwise(arch):
     _, _, model = tiny(arch)

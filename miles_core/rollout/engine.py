@@ -19,6 +19,7 @@ is a copy into existing storage (see `weights.py`), or nothing at all when the o
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +29,7 @@ from miles_core.rollout.cache import KVCache
 from miles_core.rollout.numerics import Numerics, check_numerics
 from miles_core.rollout.partial import Budget
 from miles_core.rollout.runner import StepBatch, forward_step
-from miles_core.rollout.sampling import SamplingTensors, sample
+from miles_core.rollout.sampling import SamplingParams, SamplingTensors, sample
 from miles_core.rollout.scheduler import Scheduler
 from miles_core.rollout.sequence import Request, Sample
 from miles_core.rollout.weights import WeightSource, copy_weights_
@@ -70,6 +71,7 @@ class Engine:
         self._no_sync = self.device.type == "cuda"  # MoE without bincount's host sync (runner.moe_forward)
         self._graphs = None
         self._st_key, self._st = None, None  # the last SamplingTensors and the samples it was built for
+        self._ahead: _Step | None = None  # a decode step queued before its predecessor's tokens were read
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise MilesError("cuda_graphs needs the model on a CUDA device")
         if self.config.cuda_graphs or self.config.static_decode:
@@ -128,6 +130,8 @@ class Engine:
         except BaseException:
             self._reset()  # an error (OOM, Ctrl-C) must not leave slots taken for the next call
             raise
+        finally:
+            self._ahead = None  # a step queued for samples that are no longer running: ignored
         aborted = list(self.scheduler.running)
         for s in aborted:
             s.aborts += 1
@@ -161,10 +165,74 @@ class Engine:
             finished += self._sample(members, logits[torch.tensor(which, device=logits.device)])
             new_tokens += len(members)
         running = list(self.scheduler.running)
-        if running:
+        if running and self._graphs is not None and not self.scheduler.waiting:
+            finished += self._decode_ahead(running)  # no admission can change the batch: pipeline
+            new_tokens += len(running)
+        elif running:
+            self._ahead = None
             finished += self._sample(running, self._decode(running))
             new_tokens += len(running)
         return new_tokens, finished
+
+    # ---- one step of lookahead (static decode, nothing waiting) ------------------------------
+
+    def _decode_ahead(self, running: list[Sample]) -> list[Sample]:
+        """Decode `running` with the next step already queued behind this one.
+
+        The step's tokens stay on the device as the next step's inputs (`GraphDecoder.advance`),
+        so the next step is launched before this one's tokens reach the host, and the host's
+        bookkeeping (stops, log-probs) overlaps the device's work. Samples that stop here have a
+        row in the next step too; it is ignored (its cache writes land past the sample's end, in
+        a slot that a new prompt rewrites from position 0). Nothing is admitted meanwhile, so the
+        next step's samples are always among this one's.
+        """
+        pending, self._ahead = self._ahead, None
+        if pending is None or not all(s in pending.members for s in running):
+            pending = self._launch(running, 0)
+        if not all(self._last_token(s) for s in running):  # unless every sample stops at this token
+            self._ahead = self._launch(running, 1)
+        if pending.event is not None:
+            pending.event.synchronize()
+        for s in running:
+            s.fed += 1
+        tokens, logprobs = pending.host[0].long().tolist(), pending.host[1].tolist()
+        return self._record(running, [tokens[s.slot] for s in running], [logprobs[s.slot] for s in running])
+
+    def _last_token(self, s: Sample) -> bool:
+        """The token being decoded is certainly the sample's last (max_new_tokens or max_len)."""
+        return len(s.response_tokens) + 1 >= s.sampling.max_new_tokens or s.total_len + 1 >= self.config.max_len
+
+    def _launch(self, running: list[Sample], ahead: int) -> _Step:
+        """Queue one all-slot decode step and its sampling; `ahead` = 1: the step after the one
+        whose tokens are not on the host yet (inputs already on the device), 0: from the host."""
+        graphs = self._graphs
+        if not ahead:
+            graphs.upload([([s.response_tokens[-1]], s.slot, s.fed) for s in running])
+        logits = graphs.run(max(s.fed for s in running) + ahead + 1)  # [S, V]
+        tokens, logprobs = sample(logits, self._slot_sampling(running, ahead))  # [S] each
+        graphs.advance(tokens)
+        both = torch.stack([tokens.double(), logprobs.double()])  # [2, S]
+        if not both.is_cuda:
+            return _Step(set(running), both, None)
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Step(set(running), host, event)
+
+    def _slot_sampling(self, running: list[Sample], ahead: int) -> SamplingTensors:
+        """Sampling tensors with one row per slot (free slots: greedy placeholders)."""
+        by_slot: list[Sample | None] = [None] * self.cache.slots
+        for s in running:
+            by_slot[s.slot] = s
+        steps = [len(s.response_tokens) + ahead if s is not None else 0 for s in by_slot]
+        key = ("slots", *by_slot)
+        if key == self._st_key:
+            return self._st.at_steps(steps)
+        params = [s.sampling if s is not None else _PLACEHOLDER for s in by_slot]
+        st = SamplingTensors(params, [s.seed if s is not None else 0 for s in by_slot], steps, self.device)
+        self._st_key, self._st = key, st
+        return st
 
     def _decode(self, running: list[Sample]) -> torch.Tensor:
         """Feed each running sample its last token -> logits [N, V] in `running` order."""
@@ -192,8 +260,12 @@ class Engine:
             self._st_key, self._st = key, st
         tokens, logprobs = sample(logits, st)
         host = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device-to-host copy per step
+        return self._record(samples, host[0].long().tolist(), host[1].tolist())
+
+    def _record(self, samples: list[Sample], tokens: list[int], logprobs: list[float]) -> list[Sample]:
+        """Append each sample's new token; stop those that are done; returns the stopped ones."""
         finished = []
-        for s, tok, lp in zip(samples, host[0].long().tolist(), host[1].tolist(), strict=True):
+        for s, tok, lp in zip(samples, tokens, logprobs, strict=True):
             s.response_tokens.append(tok)
             s.logprobs.append(lp)
             s.versions.append(self.version)
@@ -245,6 +317,19 @@ class Engine:
         copy_weights_(self.model, source)  # in place: captured graphs stay valid
         self.version = self.version + 1 if version is None else int(version)
         return self.version
+
+
+@dataclass
+class _Step:
+    """A queued decode step: the samples it decodes and its [2, S] (token, log-prob) per slot,
+    copied to `host` when `event` completes (None: already there)."""
+
+    members: set[Sample]
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+
+_PLACEHOLDER = SamplingParams(temperature=0.0)  # the sampling of a free slot's ignored row
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:

@@ -48,26 +48,41 @@ class GraphDecoder:
     def _batch(self, read_len: int) -> StepBatch:
         return StepBatch(self.tokens, self.slots, self.start, self.n_valid, read_len, all_slots=True)
 
-    def decode(self, rows: list[tuple[list[int], int, int]]) -> torch.Tensor:
-        """rows: ([last token], slot, position) of each running sample -> logits [N, V] in row order."""
+    def upload(self, rows: list[tuple[list[int], int, int]]) -> None:
+        """rows: ([last token], slot, position) of each running sample; free slots get token 0 at 0."""
         s = self.cache.slots
-        tokens, start, which = [0] * s, [0] * s, []
+        tokens, start = [0] * s, [0] * s
         for ids, slot, pos in rows:
             tokens[slot], start[slot] = ids[0], pos
-            which.append(slot)
         host = torch.tensor([tokens, start], dtype=torch.long)
         if self.inputs.is_cuda:  # pinned: the copy is queued without a stream sync
             host = host.pin_memory()
         self.inputs.copy_(host, non_blocking=True)
-        length = self._length(max(start[slot] for slot in which) + 1)
+
+    def run(self, need: int) -> torch.Tensor:
+        """One step over every slot from the current inputs, attending `need` positions (rounded up
+        to the bucket) -> logits [S, V] in slot order (a graph's output buffer: read before the next run)."""
+        length = self._length(need)
         if not self.capture:
-            logits = forward_step(self.model, self.cache, self._batch(length), capture_safe=True)
-        else:
-            if length not in self._graphs:
-                self._graphs[length] = self._capture(length)
-            graph, logits = self._graphs[length]
-            graph.replay()
-        if which == list(range(s)):  # every slot running, in slot order: no gather of [S, V] logits
+            return forward_step(self.model, self.cache, self._batch(length), capture_safe=True)
+        if length not in self._graphs:
+            self._graphs[length] = self._capture(length)
+        graph, logits = self._graphs[length]
+        graph.replay()
+        return logits
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Next step's inputs on the device: each slot feeds its sampled token [S] one position on
+        (free slots too, clamped inside the slot: their rows are never read)."""
+        self.tokens.copy_(tokens[:, None])
+        self.start.add_(1).clamp_(max=self.cache.max_len - 1)
+
+    def decode(self, rows: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """rows: ([last token], slot, position) of each running sample -> logits [N, V] in row order."""
+        self.upload(rows)
+        logits = self.run(max(pos for _, _, pos in rows) + 1)
+        which = [slot for _, slot, _ in rows]
+        if which == list(range(self.cache.slots)):  # every slot running, in slot order: no gather
             return logits
         return logits[device_tensor(which, torch.long, self.inputs.device)]
 

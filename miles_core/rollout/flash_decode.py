@@ -1,0 +1,126 @@
+"""GQA decode attention straight from the slot cache (flash decoding), and its reference.
+
+A decode step's attention is a memory-bound read of every running sample's K/V. The reference
+(`runner.decode_attention`, the CPU path) attends over a [B, read_len] view of the cache with
+einsums: each einsum copies the strided K (then V) into a contiguous buffer first, materialises
+float32 scores and a mask over the whole bucket-rounded `read_len`, and runs several kernels per
+layer. On the GPU that read and wrote the cache about three times per step (bench/RESULTS.md).
+
+`flash_decode` reads each row's keys once, only up to its own length (not the bucket), from the
+cache tensor itself (any slot per row, so no gather): the keys of a row are split into chunks
+processed by separate programs (`split_kernel`, online softmax, fp32 accumulation, the G query
+heads of one KV head together so each K/V block is loaded once for all of them), and a second
+small kernel merges the chunks (`combine_kernel`). With one chunk per row (large batches) the first
+kernel writes the output directly. Both kernels have static grids for a given (batch, read_len),
+so a CUDA graph captures them; a row's result does not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["flash_decode", "flash_decode_ok", "flash_decode_reference", "tuned"]
+
+CHUNK_UNIT = 128  # key chunks are multiples of this (and so of every block size below)
+TARGET_PROGRAMS = 1024  # split rows until about this many programs run (132 SMs on an H100)
+# (keys per block, warps, pipeline stages) tried by triton.autotune on the first call per
+# (group size, head dim, single chunk or not); the partials it writes are rewritten by the real call.
+CONFIGS = [(64, 4, 2), (64, 4, 1), (32, 4, 2), (128, 4, 1), (128, 8, 2), (64, 8, 3), (32, 2, 3)]
+
+
+@functools.cache
+def _kernels():
+    """(split kernel, extra launch kwargs, combine kernel); the interpreter gets one fixed config."""
+    import triton
+
+    from miles_core.rollout import flash_decode_triton as k
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return k.split_kernel, {"BN": 64}, k.combine_kernel
+    configs = [triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn, w, st in CONFIGS]
+    return triton.autotune(configs, key=["G", "D", "DIRECT"])(k.split_kernel), {}, k.combine_kernel
+
+
+def tuned() -> str:
+    """The split kernel's autotuned choices so far (for benchmark logs)."""
+    split = _kernels()[0]
+    cache = getattr(split, "cache", {})
+    return "; ".join(f"{key[:3]}: {cfg}" for key, cfg in cache.items()) or "not tuned yet"
+
+
+def flash_decode_ok(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """The Triton kernel applies: CUDA, 16-bit, head_dim a power of two >= 16, whole query groups."""
+    d = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and cache_k.dtype == q.dtype
+        and d >= 16
+        and d & (d - 1) == 0
+        and q.shape[-2] % cache_k.shape[2] == 0
+        and cache_k.stride(-1) == 1
+    )
+
+
+def splits_for(batch: int, kv_heads: int, read_len: int) -> tuple[int, int]:
+    """(number of key chunks per row, chunk length, a multiple of CHUNK_UNIT) for a static grid."""
+    units = -(-read_len // CHUNK_UNIT)
+    nsplit = max(1, min(units, -(-TARGET_PROGRAMS // (batch * kv_heads))))
+    chunk = -(-units // nsplit) * CHUNK_UNIT
+    return -(-read_len // chunk), chunk
+
+
+def flash_decode(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    read_len: int,
+) -> torch.Tensor:
+    """q [B, Hq, D]; cache_k / cache_v [slots, max_len, Hkv, D]; slots, lengths [B] (row b attends
+    keys [0, lengths[b]) of slot slots[b], 1 <= lengths[b] <= read_len) -> out [B, Hq, D] in q.dtype."""
+    b, hq, d = q.shape
+    hkv = cache_k.shape[2]
+    g = hq // hkv
+    nsplit, chunk = splits_for(b, hkv, read_len)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    if nsplit == 1:
+        acc = mx = sm = out  # unused by the kernel
+    else:
+        acc = torch.empty(b, hq, nsplit, d, dtype=torch.float32, device=q.device)
+        mx = torch.empty(b, hq, nsplit, dtype=torch.float32, device=q.device)
+        sm = torch.empty_like(mx)
+    split, extra, combine = _kernels()
+    split[(b, hkv, nsplit)](
+        q, cache_k, cache_v, slots, lengths, out, acc, mx, sm,
+        q.stride(0), q.stride(1),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
+        out.stride(0), out.stride(1),
+        scale, chunk, nsplit,
+        G=g, BG=max(16, triton_pow2(g)), D=d, DIRECT=nsplit == 1, **extra,
+    )  # fmt: skip
+    if nsplit > 1:
+        combine[(b, hq)](acc, mx, sm, out, out.stride(0), out.stride(1), hq, nsplit, triton_pow2(nsplit), d)
+    return out
+
+
+def flash_decode_reference(q, cache_k, cache_v, slots, lengths, scale: float, read_len: int) -> torch.Tensor:
+    """The same in plain torch (float32 softmax), for tests: q [B, Hq, D] -> [B, Hq, D]."""
+    b, hq, d = q.shape
+    k, v = cache_k[slots, :read_len].float(), cache_v[slots, :read_len].float()  # [B, L, Hkv, D]
+    g = hq // k.shape[2]
+    qg = q.float().view(b, k.shape[2], g, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    keep = torch.arange(read_len, device=q.device)[None] < lengths[:, None]  # [B, L]
+    p = scores.masked_fill(~keep[:, None, None], float("-inf")).softmax(-1)
+    return torch.einsum("bhgl,blhd->bhgd", p, v).reshape(b, hq, d).to(q.dtype)
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
