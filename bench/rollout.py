@@ -1,26 +1,27 @@
 """Rollout throughput: the miles engine vs transformers `generate`, and the memory floor.
 
-    PYTHONPATH=. python bench/rollout.py --layers 8 --batch 64 256 --prompt 512 --new 512
-
-UNTESTED ON GPU: written in a session without a device; run it on an H100 and record the table in
-bench/RESULTS.md (issue 6's last acceptance line).
+    PYTHONPATH=. python bench/rollout.py --layers 8 --batch 64 256 --prompt 512 --new 512 --profile
 
 Model: Qwen3-30B-A3B shape cut to `--layers` layers, random bf16 weights shared by every engine
 (miles' parameters are assigned transformers' tensors; the FP8 model quantizes a copy). Each
 batch: B random prompts of `--prompt` tokens, `--new` greedy tokens each, EOS ignored.
 
-- miles: `Engine.generate` end to end (prefill + decode), with CUDA graphs and without, bf16 and
-  FP8 (`quantize_model_(model, "fp8")`). Decode ms/step is the median of the steps that only
-  decode (every sample running, no prefill in the step).
+- miles: `Engine.generate` end to end (prefill + decode), with CUDA graphs (bf16 and FP8,
+  `quantize_model_(model, "fp8")`) and without (bf16, dynamic eager decode, first batch only).
+  Decode ms/step is the median of the steps that only decode (every sample running, no prefill
+  in the step), measured between the ends of consecutive steps (each ends with a host sync).
 - transformers: `generate(do_sample=False)` with `set_experts_implementation("grouped_mm")` (its
-  fastest experts path) and with its default eager loop, in the same run on the same weights.
-  The eager loop is slow (about 0.4 s/step at batch 64 on an H100), so it generates only
-  `--eager-new` tokens and its ms/step is total / steps (prefill included, a slight overestimate).
+  fastest experts path; `--hf-new` tokens) and with its default eager loop (`--eager-new`), in the
+  same run on the same weights; ms/step = (time of N tokens - time of 1 token) / (N - 1), so the
+  prefill is left out.
 - floor: bytes one decode step must read (every attention / router / norm weight, the LM head,
   the experts at least one token of the batch routes to - expected count under uniform routing,
   E * (1 - (1 - k/E)^B) per layer - and the KV cache at the mean context length prompt + new/2)
   divided by the device bandwidth measured now (a 4 GiB device-to-device copy: 2 bytes moved per
   byte copied). Goal: miles' decode step <= 1.7x the floor at batch 64.
+- `--profile`: where a decode-only step's time goes at the first batch and context prompt + new/2
+  (`profile_decode`): step wall time, the CUDA-graph replay alone, and the top CUDA kernels; the
+  same for the dynamic eager decode (aten ops by CPU and CUDA time) and for FP8.
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ def run_miles(model, batch: int, prompt: int, new: int, graphs: bool, vocab: int
     }
 
 
-def profile_decode(model, batch: int, prompt: int, vocab: int, graphs: bool, steps: int = 6, top: int = 25) -> None:
-    """Print where a decode-only step's time goes: step wall time, the graph replay alone (GPU),
-    the rest (sampling + host work outside the replay), and the top CUDA kernels of `steps` steps
-    (under the graph: kernels only; eager static decode: aten ops with their CUDA time)."""
+def profile_decode(model, batch: int, prompt: int, vocab: int, mode: str, steps: int = 6, top: int = 25) -> None:
+    """Print where a decode-only step's time goes (mode: graphs | static | dynamic): step wall time,
+    the graph replay alone (GPU) and the rest (sampling + host work outside the replay), and the top
+    CUDA kernels of `steps` steps (eager modes: aten ops, by CUDA time and by CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
     from miles_core.rollout import Engine, EngineConfig, Request, SamplingParams
@@ -121,8 +122,8 @@ def profile_decode(model, batch: int, prompt: int, vocab: int, graphs: bool, ste
         max_slots=batch,
         max_len=prompt + 64,
         max_prefill_tokens=min(batch * prompt, 32768),
-        cuda_graphs=graphs,
-        static_decode=True,
+        cuda_graphs=mode == "graphs",
+        static_decode=mode != "dynamic",
         graph_len_bucket=128,
     )
     engine = Engine(model, None, config)
@@ -142,7 +143,7 @@ def profile_decode(model, batch: int, prompt: int, vocab: int, graphs: bool, ste
             walls.append(time.perf_counter() - t0)
         wall = 1e3 * statistics.median(walls)
         line = f"decode step wall {wall:.2f} ms"
-        if graphs:
+        if mode == "graphs":
             graph = next(iter(engine._graphs._graphs.values()))[0]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             graph.replay()  # rewrites the same cache entries: harmless
@@ -156,13 +157,20 @@ def profile_decode(model, batch: int, prompt: int, vocab: int, graphs: bool, ste
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine.step()  # each step ends with a host sync
-    mode = "CUDA graphs" if graphs else "eager static decode"
     print(f"\nprofile, batch {batch}, context ~{prompt}, {mode}: {line}")
     events = prof.key_averages()
     kernels = [e for e in events if str(e.device_type).endswith("CUDA")]
     busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
     print(f"kernel time per step {busy:.2f} ms (sum of self CUDA time / {steps} steps)")
-    print(events.table(sort_by="cuda_time_total" if not graphs else "self_cuda_time_total", row_limit=top))
+    print(events.table(sort_by="self_cuda_time_total" if mode == "graphs" else "cuda_time_total", row_limit=top))
+    if mode != "graphs":
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    try:
+        from miles_core.rollout.flash_decode import tuned
+
+        print(f"flash_decode autotune: {tuned()}")
+    except ImportError:  # an engine without the kernel
+        pass
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -207,6 +215,7 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph miles run")
     ap.add_argument("--profile", action="store_true", help="first profile decode steps at the first --batch")
     ap.add_argument("--profile-only", action="store_true", help="--profile, then stop")
+    ap.add_argument("--eager-profile", choices=["static", "dynamic"], default="dynamic", help="eager mode profiled")
     args = ap.parse_args()
 
     bandwidth = measured_bandwidth()
@@ -225,10 +234,10 @@ def main() -> None:
 
     ctx = args.prompt + args.new // 2
     if args.profile or args.profile_only:
-        profile_decode(miles, args.batch[0], ctx, vocab, graphs=True)
-        profile_decode(miles, args.batch[0], ctx, vocab, graphs=False, top=30)
+        profile_decode(miles, args.batch[0], ctx, vocab, "graphs")
+        profile_decode(miles, args.batch[0], ctx, vocab, args.eager_profile, top=30)
         if fp8 is not None:
-            profile_decode(fp8, args.batch[0], ctx, vocab, graphs=True)
+            profile_decode(fp8, args.batch[0], ctx, vocab, "graphs")
         if args.profile_only:
             return
 
@@ -240,16 +249,18 @@ def main() -> None:
         rows.append((b, f"floor bf16 ({gb:.1f} GB/step)", {"ms/step": floor_ms, "tok/s": b / floor_ms * 1e3}))
         if fp8 is not None:
             rows.append((b, "floor fp8 experts", {"ms/step": floor_fp8, "tok/s": b / floor_fp8 * 1e3}))
-        runs = [("miles bf16", miles, False)]
+        runs = [("miles bf16", miles, False)] if b == args.batch[0] or args.no_graphs else []
         if not args.no_graphs:
             runs.append(("miles bf16 + CUDA graphs", miles, True))
         if fp8 is not None:
             runs.append(("miles fp8 + CUDA graphs", fp8, not args.no_graphs))
         for name, model, graphs in runs:
             rows.append((b, name, run_miles(model, b, args.prompt, args.new, graphs, vocab)))
+            print(rows[-1], flush=True)  # partial results survive a timeout
         if not args.skip_hf:
             r = run_hf(hf, b, args.prompt, args.hf_new, "grouped_mm", vocab)
             rows.append((b, f"transformers grouped_mm ({args.hf_new} new)", r))
+            print(rows[-1], flush=True)
             if not args.skip_eager:
                 r = run_hf(hf, b, args.prompt, args.eager_new, "eager", vocab)
                 rows.append((b, f"transformers eager ({args.eager_new} new)", r))

@@ -9,7 +9,9 @@ prefilled once and its cache rows copied to the other members), sampling each me
 token from the prefill's last logits, then (2) decodes one token for every running sample in
 one batched forward. A sample stops at a stop token, a stop string, `max_new_tokens` or the
 cache's `max_len`, and frees its slot for the next prompt at the following step: there is no
-batch barrier, so short samples never wait for long ones.
+batch barrier, so short samples never wait for long ones. With static decode (CUDA graphs) and
+no prompt waiting for a slot, each decode step is queued before the previous one's tokens reach
+the host (one step of lookahead), so the host's per-token bookkeeping overlaps the GPU.
 
 miles runs it in-process on the model object the trainer owns (or one loaded from a path, FP8 /
 INT4 via `miles_core.quant`), so rollout numerics are the trainer's numerics and a weight update

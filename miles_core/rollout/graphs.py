@@ -1,7 +1,7 @@
 """Static-shape decode, replayed from CUDA graphs on the GPU.
 
-UNTESTED ON GPU (no device in the session that wrote it): the static-shape logic runs in the CPU
-tests (`capture=False`), the capture/replay itself has not run yet. See bench/rollout.py.
+The static-shape logic runs in the CPU tests (`capture=False`); capture and replay in the `gpu`
+tests and bench/rollout.py (bench/RESULTS.md, "Rollout decode").
 
 A decode step launches hundreds of small kernels (per layer: norms, projections, rope, cache
 writes, attention, router, grouped experts); at batch 64 each is a few microseconds, so Python and
@@ -12,6 +12,8 @@ row), reads its inputs from persistent buffers, and attends over a length rounde
 (`bucket`, e.g. 256): one graph per bucket, captured the first time that length is reached.
 The MoE block runs `moe_forward(capture_safe)` (no host sync); the experts run the grouped GEMM
 (`torch._grouped_mm`, bf16) which takes device-side offsets. Sampling stays outside the graph.
+`advance` turns a step's sampled tokens into the next step's inputs on the device, so the engine
+can queue the next step before the tokens reach the host (`Engine._decode_ahead`).
 
 Weights updated in place (`copy_`, see weights.py) keep their addresses, so graphs stay valid
 across weight updates; `reset()` drops them (needed only if a module's tensors were replaced).
