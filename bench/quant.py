@@ -1,12 +1,14 @@
 # ruff: noqa: B023 (each lambda is timed at once, inside its loop iteration)
 """Quantized GEMMs against bf16, on the GPU, with the baselines measured in the same run.
 
-    PYTHONPATH=. python bench/quant.py            # the table (about 2 minutes on an H100)
-    PYTHONPATH=. python bench/quant.py --sweep    # also sweep W4A16 tile configs per M
+    PYTHONPATH=. python bench/quant.py                        # eager tables (about 2 minutes on an H100)
+    PYTHONPATH=. python bench/quant.py --only graph           # decode sizes in CUDA graphs, default tiles
+    PYTHONPATH=. python bench/quant.py --only graph --sweep   # the tile sweeps behind default_config
 
 Rows (median of triton.testing.do_bench, which flushes L2 before each repetition):
 - FP8 block-scaled linear (Triton 1x128 act-quant + cuBLAS 1x128 x 128x128 `scaled_mm`) vs bf16
-  `x @ w.t()`, on large GEMMs; also the cuBLAS call alone (activations pre-quantized).
+  `x @ w.t()`, on large GEMMs; also the cuBLAS call alone (activations pre-quantized) and cuBLAS's
+  per-tensor / row-wise recipes and options on the same operands (its ceilings on this device).
 - W4A16 (Triton, in-kernel dequant) vs bf16 on 14336x4096 and 4096x14336 weights at M=1..256.
 - Grouped experts: Triton grouped FP8 and grouped W4A16 vs bf16 `torch._grouped_mm`.
 - `--only graph`: the decode sizes again, each timed inside a CUDA graph (as a decode engine runs
@@ -85,6 +87,43 @@ def fp8_dense():
         a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)
         t2 = bench(lambda: fp8_gemm._scaled_mm(a, wq.t(), sa, sb, torch.bfloat16))
         row("fp8 scaled_mm alone", f"{m}x{n}x{k}", base, t2, err, f"{2 * m * n * k / t2 / 1e6:.0f} TFLOP/s")
+        for name, fn in _scaled_mm_variants(a, wq, sa, sb).items():  # cuBLAS's other recipes: its ceilings here
+            try:
+                t4 = bench(fn)
+            except Exception as ex:  # a recipe this torch / cuBLAS does not take is said, not hidden
+                print(f"    {name}: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+                continue
+            row(f"cuBLAS {name}", f"{m}x{n}x{k}", base, t4, float("nan"), f"{2 * m * n * k / t4 / 1e6:.0f} TFLOP/s")
+
+
+def _scaled_mm_variants(a, wq, sa, sb) -> dict:
+    """Same operands through the other FP8 recipes and options (scales all ones: timing only)."""
+    import torch.nn.functional as F
+
+    m, n = a.shape[0], wq.shape[0]
+    one = torch.ones((), device="cuda")
+    ra, rb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    bf = torch.bfloat16
+    st = F.ScalingType
+    return {
+        "per-tensor": lambda: torch._scaled_mm(a, wq.t(), scale_a=one, scale_b=one, out_dtype=bf),
+        "per-tensor fast-accum": lambda: torch._scaled_mm(
+            a, wq.t(), scale_a=one, scale_b=one, out_dtype=bf, use_fast_accum=True
+        ),
+        "row-wise": lambda: torch._scaled_mm(a, wq.t(), scale_a=ra, scale_b=rb, out_dtype=bf),
+        "row-wise fast-accum": lambda: torch._scaled_mm(
+            a, wq.t(), scale_a=ra, scale_b=rb, out_dtype=bf, use_fast_accum=True
+        ),
+        "block fast-accum": lambda: F.scaled_mm(
+            a, wq.t(), sa, st.BlockWise1x128, sb, st.BlockWise128x128, output_dtype=bf, use_fast_accum=True
+        ),
+        "block fp32 out": lambda: F.scaled_mm(
+            a, wq.t(), sa, st.BlockWise1x128, sb, st.BlockWise128x128, output_dtype=torch.float32
+        ),
+        "block torch._scaled_mm": lambda: torch._scaled_mm(
+            a, wq.t(), scale_a=sa, scale_b=sb[: sa.shape[1]], out_dtype=bf
+        ),
+    }
 
 
 def _cfgs(*specs):
@@ -158,23 +197,52 @@ def w4a16_dense(sweep: bool):
                 row("w4a16 best of sweep", f"M={m} {n}x{k}", base, best[0], best[2], f"{best[1]}")
 
 
-GRAPH_CFGS = {
+# Candidates timed in CUDA graphs (`--only graph --sweep`); `default_config` was chosen from these.
+# (bm, bn, bk, split_k, num_warps, num_stages, unpack, swap, prefetch); unpack 4 with bm == 1 is the GEMV
+# kernel (magic-number dequant, fp32 FMAs), unpack 2 the interleave of the first version.
+GRAPH_SWEEP = {
     1: _cfgs(
         (1, 128, 128, 4, 4, 4, 2),
-        (1, 64, 128, 1, 4, 4, 2),
-        (1, 64, 128, 2, 4, 4, 2),
-        (16, 64, 128, 1, 4, 4, 2),
-        (16, 64, 128, 4, 4, 4, 2),
-        (16, 32, 128, 2, 4, 4, 2),
+        (1, 64, 128, 8, 1, 1, 4),
+        (1, 64, 128, 16, 1, 1, 4),
+        (1, 64, 128, 8, 1, 1, 4, False, True),
+        (1, 64, 128, 16, 1, 1, 4, False, True),
+        (1, 32, 128, 8, 1, 1, 4, False, True),
+        (1, 64, 256, 4, 1, 1, 4),
+        (1, 64, 256, 8, 1, 1, 4),
+        (1, 64, 256, 4, 1, 1, 4, False, True),
+        (1, 64, 256, 8, 1, 1, 4, False, True),
+        (1, 64, 256, 16, 1, 1, 4, False, True),
+        (1, 32, 256, 8, 1, 1, 4, False, True),
+        (1, 32, 256, 16, 1, 1, 4, False, True),
+        (1, 64, 256, 8, 2, 1, 4, False, True),
+        (1, 128, 256, 8, 4, 1, 4, False, True),
     ),
     16: _cfgs(
-        (16, 64, 128, 1, 4, 4, 2), (16, 64, 128, 4, 4, 4, 2), (16, 32, 128, 2, 4, 4, 2), (16, 64, 128, 1, 4, 4, 0)
+        (16, 64, 128, 4, 4, 4, 2),
+        (16, 64, 128, 2, 4, 4, 2),
+        (16, 64, 128, 8, 4, 4, 2),
+        (16, 64, 128, 4, 4, 3, 2),
+        (16, 64, 128, 4, 2, 4, 2),
+        (16, 32, 128, 4, 4, 4, 2),
+        (16, 64, 64, 4, 4, 4, 2),
+        (16, 64, 128, 4, 4, 4, 2, True),
+        (16, 64, 128, 2, 4, 4, 2, True),
+        (16, 64, 128, 8, 4, 4, 2, True),
+        (16, 128, 128, 4, 4, 4, 2, True),
+        (16, 64, 128, 4, 4, 3, 2, True),
     ),
-    64: _cfgs((64, 64, 128, 1, 4, 4, 2), (64, 64, 128, 2, 4, 4, 2), (32, 64, 128, 2, 4, 4, 2)),
+    64: _cfgs(
+        (64, 64, 128, 1, 4, 4, 2),
+        (64, 64, 128, 2, 4, 4, 2),
+        (64, 64, 128, 1, 4, 4, 4),
+        (64, 64, 128, 4, 4, 4, 4),
+        (64, 64, 128, 2, 4, 4, 2, True),
+    ),
 }
 
 
-def graph_decode():
+def graph_decode(sweep: bool):
     """W4A16 at M = 1, 16, 64 and grouped decode, timed in CUDA graphs against bf16 in CUDA graphs."""
     for n, k in [(14336, 4096), (4096, 14336)]:
         copies = 4  # 4 x 29 MB of int4 weights, so that L2 never holds the next call's weights
@@ -187,7 +255,7 @@ def graph_decode():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
             ref = x.float() @ wbs[0].float().t()
-            for c in GRAPH_CFGS[m]:
+            for c in GRAPH_SWEEP[m] if sweep else [w4a16_gemm.default_config(m, n, k)]:
                 err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
                 t = bench_graph(
                     [lambda p=p, sc=sc, c=c: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
@@ -214,11 +282,13 @@ def graph_decode():
         p = pack_int4(q)
         ref = w4a16_gemm.grouped_w4a16_linear_reference(xs.float(), p, sc, counts, 128)
         sc = w4a16_gemm.group_major(sc)
-        err = rel(w4a16_gemm.grouped_w4a16_linear(xs, p, sc, counts, 128), ref)
-        t = bench_graph([lambda: w4a16_gemm.grouped_w4a16_linear(xs, p, sc, counts, 128)])
-        row("grouped w4a16 (CUDA graph)", name, base, t, err)
+        for c in GROUPED_W4_GRAPH if sweep else [None]:
+            err = rel(w4a16_gemm.grouped_w4a16_linear(xs, p, sc, counts, 128, config=c), ref)
+            t = bench_graph([lambda c=c: w4a16_gemm.grouped_w4a16_linear(xs, p, sc, counts, 128, config=c)])
+            row("grouped w4a16 (CUDA graph)", name, base, t, err, str(c or "default"))
 
 
+GROUPED_W4_GRAPH = _cfgs((16, 64, 128, 1, 4, 4, 2), (16, 128, 128, 1, 4, 4, 2))
 GROUPED_FP8_SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 3)]
 GROUPED_W4_SWEEP = _cfgs(
     (16, 64, 128, 1, 4, 4, 0),
@@ -290,7 +360,7 @@ def main() -> int:
         ("fp8", fp8_dense),
         ("w4a16", lambda: w4a16_dense(args.sweep)),
         ("grouped", lambda: grouped(args.sweep)),
-        ("graph", graph_decode),
+        ("graph", lambda: graph_decode(args.sweep)),
     ]:
         if name in only:
             try:

@@ -86,12 +86,13 @@ def interp_w4a16() -> None:
         (1, 96, 256, 64, W4A16Config(bm=1, bn=32, bk=64, split_k=2, unpack=1)),
         (2, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=32, unpack=2)),
         (2, 48, 640, 128, W4A16Config(bm=16, bn=16, bk=128, split_k=4)),  # splits past the end of K
-        (1, 96, 256, 64, W4A16Config(bm=1, bn=32, bk=64, unpack=3)),  # planes: GEMV
-        (3, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=32, split_k=3, unpack=3)),
-        (2, 48, 640, 128, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=3)),
-        (17, 64, 256, 128, W4A16Config(bm=16, bn=32, bk=128, split_k=2, unpack=3)),  # planes: tensor cores
-        (5, 40, 200, 128, W4A16Config(bm=16, bn=32, bk=128, unpack=3, swap=True)),
-        (5, 96, 384, 128, W4A16Config(bm=16, bn=32, bk=128, split_k=2, unpack=3, swap=True)),
+        (1, 96, 256, 64, W4A16Config(bm=1, bn=32, bk=64, split_k=2, unpack=4)),  # magic + join
+        (3, 40, 200, 32, W4A16Config(bm=16, bn=32, bk=32, split_k=3, unpack=4)),
+        (2, 48, 640, 128, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=4)),
+        (2, 48, 640, 64, W4A16Config(bm=1, bn=16, bk=256, split_k=2, unpack=4, prefetch=True)),  # 4 groups/step
+        (1, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=64, split_k=2, unpack=4, prefetch=True)),
+        (5, 96, 256, 64, W4A16Config(bm=16, bn=32, bk=64, split_k=2, unpack=4, swap=True)),
+        (17, 64, 200, 32, W4A16Config(bm=16, bn=32, bk=32, swap=True)),
     ]:
         x = torch.randn(m, k, generator=g)
         q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)
@@ -108,7 +109,7 @@ def interp_grouped() -> None:
     xs = torch.randn(m, 96, generator=g)
     q, s = int4_group_quantize(torch.randn(5, 40, 96, generator=g), 32, torch.float32)
     ref = w4a16_gemm.grouped_w4a16_linear_reference(xs, pack_int4(q), s, counts, 32)
-    for cfg in (W4A16Config(bm=16, bn=32, bk=32, unpack=0), W4A16Config(bm=16, bn=32, bk=32)):
+    for cfg in (W4A16Config(bm=16, bn=32, bk=32, unpack=0), W4A16Config(bm=16, bn=32, bk=32, unpack=4)):
         y = w4a16_gemm.grouped_w4a16_linear_triton(xs, pack_int4(q), w4a16_gemm.group_major(s), counts, 32, cfg)
         assert _rel(y, ref) < 1e-5, _rel(y, ref)
     xs = _exact_fp8_input(m, 256, g)
@@ -176,7 +177,15 @@ def test_gpu_fp8_linear_matches_reference():
 @pytest.mark.gpu
 def test_gpu_w4a16_matches_reference_many_shapes_and_configs():
     g = torch.Generator().manual_seed(12)
-    cfgs = [None, W4A16Config(bm=16, bn=32, bk=128, split_k=4), W4A16Config(bm=64, bn=128, bk=64, num_warps=8)]
+    cfgs = [
+        None,
+        W4A16Config(bm=16, bn=32, bk=128, split_k=4),
+        W4A16Config(bm=64, bn=128, bk=64, num_warps=8),
+        W4A16Config(bm=1, bn=64, bk=128, split_k=2, num_warps=1, unpack=4),
+        W4A16Config(bm=16, bn=64, bk=128, split_k=4, unpack=4),
+        W4A16Config(bm=16, bn=64, bk=128, split_k=2, swap=True),
+        W4A16Config(bm=1, bn=64, bk=256, split_k=4, num_warps=1, unpack=4, prefetch=True),
+    ]
     for m, n, k, group in [
         (1, 4096, 4096, 128),
         (7, 1000, 1024, 128),
@@ -265,17 +274,29 @@ def _resources(kernel) -> str:
         return subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
 
 
-_PTRS = {"X": "*bf16", "W": "*i32", "S": "*bf16", "TILE_END": "*i32", "ROW_START": "*i32", "COUNTS": "*i32"}
+_PTRS = {
+    **{"X": "*bf16", "W": "*i32", "S": "*bf16", "P": "*fp32", "LOCKS": "*i32"},
+    **{"TILE_END": "*i32", "ROW_START": "*i32", "COUNTS": "*i32"},
+}
+
+
+def _w4(**consts) -> dict:
+    return {"GROUP": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False, "SWAP": False, **consts}
+
+
 _SM90_CASES = [
     # (kernel name, pointer types, constexprs, num_warps, expect wgmma)
     ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"}, {"BM": 16, "BLOCK": 128}, 4,
      False),
-    ("w4a16_kernel", {**_PTRS, "Y": "*fp32"},
-     {"GROUP": 128, "BM": 16, "BN": 64, "BK": 128, "SPLIT_K": 4, "EVEN_K": True, "UNPACK": 2}, 4, False),
-    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BM": 128, "BN": 128, "BK": 64, "SPLIT_K": 1, "EVEN_K": True, "UNPACK": 2}, 8, True),
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4), 4, False),
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=128, BN=128, BK=64, SPLIT_K=1), 8, True),
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=1, BN=64, BK=128, SPLIT_K=2, UNPACK=4, ASM=True), 1, False),
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4, SWAP=True), 4, True),
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=64, BN=64, BK=128, SPLIT_K=1, UNPACK=4, ASM=True), 4, True),
+    ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True}, 1, False),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2}, 4, False),
+     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False}, 4, False),
     ("grouped_fp8_kernel",
      {"A": "*fp8e4nv", "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", **_PTRS},
      {"E_P2": 128, "BM": 64, "BN": 128, "BK": 128, "EVEN_K": True}, 4, True),

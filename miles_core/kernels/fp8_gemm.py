@@ -3,8 +3,9 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 
 - `fp8_linear`: on CUDA, a Triton activation-quant kernel then cuBLAS's block-scaled FP8 GEMM
   (`F.scaled_mm` / `torch._scaled_mm`, 1x128 x 128x128 recipe). On an H100 (bench/RESULTS.md) the
-  cuBLAS call runs at 1.35-1.67x a bf16 GEMM and the whole layer at 1.29-1.56x: the activation pass
-  costs its bytes, which only fusing it into the producer of x would save.
+  cuBLAS call runs at 1.51-1.61x a bf16 GEMM and the whole layer at 1.43-1.56x: the activation pass
+  costs its bytes, which only fusing it into the producer of x would save. cuBLAS refuses fast
+  accumulation for block scales; per-tensor scales reach 1.7-1.9x (a coarser recipe).
   cuBLAS wants the activation scales column-major with M padded to a multiple of 4 and the
   weight's K-block count padded to a multiple of 4; the quant kernel writes that layout directly.
 - `grouped_fp8_linear`: MoE experts (rows sorted by expert), a Triton grouped kernel.

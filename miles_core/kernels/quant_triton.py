@@ -10,8 +10,8 @@ w4a16_gemm.py, so that miles_core imports without triton.
   of one per weight, and no rounding of q*scale to bf16). Split-K keeps the GPU busy at decode
   sizes, where the whole cost is streaming the 4-bit weights once; the last split of a tile sums
   the partials (no zero fill or cast launches).
-- `w4a16_planes_kernel`: the decode-size variant: nibbles stay in their words and the activations
-  are split into the 8 nibble planes instead; int4 -> float by bit tricks (no conversions).
+- `w4a16_gemv_kernel`: M = 1 (decode): int4 -> fp32 by magic numbers (the nibble or-ed into the
+  mantissa of 128.0, one LOP3 in PTX), fp32 FMAs, several groups per step, the next step prefetched.
 - `grouped_*_kernel`: the same for MoE experts, rows sorted by expert; a program's tile -> expert
   map is computed on the device from the per-expert tile counts (no host sync, no padding of rows).
 - `grouped_fp8_kernel`: FP8 block-scaled grouped GEMM (1x128 activation and 128x128 weight scales
@@ -48,12 +48,25 @@ def fp8_act_quant_kernel(
 
 @triton.jit
 def _load_int4(
-    W, cols, stride_wn, k0, N, k_words, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, UNPACK: tl.constexpr
+    W,
+    cols,
+    stride_wn,
+    k0,
+    N,
+    k_words,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UNPACK: tl.constexpr,
+    BF16: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     # -> [BN, BK] int32 in [-8, 7] for input columns k0 .. k0+BK; column 8j+i is nibble i of word j.
     # UNPACK 0: load [BN, BK/8] words, shift into [BN, BK/8, 8], reshape.
     # UNPACK 1: load the word of every column (each word 8 times, from L1), shift by column.
     # UNPACK 2: load [BN, BK/8] words, repeat each 8 times with tl.interleave, shift by column.
+    # UNPACK 4: load [BN, BK/8] words, magic numbers instead of conversions (_magic_join); returns
+    #   136 + q (exact, fp32 or BF16): the caller subtracts 136 * sum(x) (see _mac).
     if UNPACK == 1:
         ks = k0 + tl.arange(0, BK)
         wp = tl.load(
@@ -69,7 +82,9 @@ def _load_int4(
             mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
             other=0,
         )
-        if UNPACK == 0:
+        if UNPACK == 4:
+            out = _magic_join(wp, BF16, ASM)
+        elif UNPACK == 0:
             shifts = tl.arange(0, 8) * 4
             nib = tl.reshape((wp[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
         else:
@@ -77,16 +92,30 @@ def _load_int4(
             wp = tl.interleave(wp, wp)
             wp = tl.interleave(wp, wp)
             nib = (wp >> ((tl.arange(0, BK) % 8) * 4)[None, :]) & 0xF
-    return nib - 8
+    if UNPACK != 4:
+        out = nib - 8
+    return out
 
 
 @triton.jit
-def _mac(acc, x, w, s):
-    # acc [BM, BN] += (x [BM, BK] @ w^T [BK, BN]) * s [BN]; a GEMV in fp32 FMAs when BM == 1.
+def _mac(acc, x, w, s, OFFSET: tl.constexpr = 0.0, SWAP: tl.constexpr = False):
+    # acc [BM, BN] += (x [BM, BK] @ (w - OFFSET)^T [BK, BN]) * s [BN]; a GEMV in fp32 FMAs when BM == 1.
+    # OFFSET: w holds q + OFFSET (UNPACK 4), removed once per row as OFFSET * sum(x).
+    # SWAP: acc is [BN, BM] (= W x^T, the weights on the MMA's M side).
     if x.shape[0] == 1:
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :] * s[None, :]
+        y = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+    elif SWAP:
+        y = tl.dot(w.to(x.dtype), tl.trans(x))  # [BN, BM]
     else:
-        acc += tl.dot(x, tl.trans(w.to(x.dtype))) * s[None, :]
+        y = tl.dot(x, tl.trans(w.to(x.dtype)))
+    if SWAP and x.shape[0] > 1:
+        if OFFSET != 0.0:
+            y -= OFFSET * tl.sum(x.to(tl.float32), axis=1)[None, :]
+        acc += y * s[:, None]
+    else:
+        if OFFSET != 0.0:
+            y -= OFFSET * tl.sum(x.to(tl.float32), axis=1)[:, None]
+        acc += y * s[None, :]
     return acc
 
 
@@ -114,15 +143,21 @@ def w4a16_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     UNPACK: tl.constexpr,
+    ASM: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
 ):
     # X: [M, K] bf16 (fp16/fp32 also run: the interpreter tests); W: [N, ceil(K/8)] int32;
     # S: [N, ceil(K/GROUP)]; Y: [M, N]; P: [SPLIT_K, M, N] fp32 partials, LOCKS: tile counters (SPLIT_K > 1).
+    # SWAP (BM >= 16): y^T = W x^T per tile, the weights on the MMA's M side.
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     k_words = (K + 7) // 8
     # kb_per_split = ceil(ceil(K / BK) / SPLIT_K) K blocks per split (the last may run past K: masked)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP and BM > 1:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for i in range(0, kb_per_split):
         k0 = (pid_k * kb_per_split + i) * BK
         ks = k0 + tl.arange(0, BK)
@@ -131,10 +166,12 @@ def w4a16_kernel(
             mask=(rows[:, None] < M) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
-        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK)  # exact small integers
+        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK, BM > 1, ASM)  # exact
         s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
         s = s.to(tl.float32)  # masked past K: a split that runs past the end adds 0, not 0 * garbage
-        acc = _mac(acc, x, w, s)
+        acc = _mac(acc, x, w, s, 136.0 if UNPACK == 4 else 0.0, SWAP)
+    if SWAP and BM > 1:
+        acc = tl.trans(acc)
     _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
 
 
@@ -163,19 +200,90 @@ def _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K: tl.cons
 
 
 @triton.jit
-def _plane(wp, I: tl.constexpr):
-    # int32 words -> fp32 1 + u/16, u = nibble I (bits 4I..4I+3, the stored q + 8). The nibble is moved
-    # into the top 4 mantissa bits of 1.0: a shift and one and/or (LOP3), no int -> float conversion.
-    # 1 + u/16 is exact in bf16/fp16 too. sum_k x (1 + u/16) = 1.5 sum_k x + sum_k x q / 16.
-    if 4 * I <= 19:
-        t = wp << (19 - 4 * I)
+def _plane(wp, NIB: tl.constexpr):
+    # int32 words -> int32 bits of the fp32 128 + u (u = nibble NIB, bits 4NIB..4NIB+3: q + 8).
+    # The nibble goes to bits 16..19, where 128.0 has its units digit: a shift, an and, an or.
+    if NIB < 4:
+        t = wp << (16 - 4 * NIB)
     else:
-        t = wp >> (4 * I - 19)
-    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        t = wp >> (4 * NIB - 16)
+    return (t & 0xF0000) | 0x43000000
+
+
+_F32_ASM = tl.constexpr("""{ .reg .b32 t;
+shl.b32 t, $8, 16; lop3.b32 $0, t, 0xF0000, 0x43000000, 0xea;
+shl.b32 t, $8, 12; lop3.b32 $1, t, 0xF0000, 0x43000000, 0xea;
+shl.b32 t, $8, 8; lop3.b32 $2, t, 0xF0000, 0x43000000, 0xea;
+shl.b32 t, $8, 4; lop3.b32 $3, t, 0xF0000, 0x43000000, 0xea;
+lop3.b32 $4, $8, 0xF0000, 0x43000000, 0xea;
+shr.b32 t, $8, 4; lop3.b32 $5, t, 0xF0000, 0x43000000, 0xea;
+shr.b32 t, $8, 8; lop3.b32 $6, t, 0xF0000, 0x43000000, 0xea;
+shr.b32 t, $8, 12; lop3.b32 $7, t, 0xF0000, 0x43000000, 0xea; }""")
+
+# bf16 pairs: (w >> 4i) & 0x000F000F | 0x43004300 holds 128 + u_i (low half) and 128 + u_{i+4} (high
+# half): 4 LOP3 and 3 shifts for 8 weights; the halves are register names, not instructions.
+_BF16_ASM = tl.constexpr("""{ .reg .b32 t, u;
+lop3.b32 t, $8, 0x000F000F, 0x43004300, 0xea; mov.b32 {$0, $4}, t;
+shr.b32 u, $8, 4; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; mov.b32 {$1, $5}, t;
+shr.b32 u, $8, 8; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; mov.b32 {$2, $6}, t;
+shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; mov.b32 {$3, $7}, t; }""")
 
 
 @triton.jit
-def w4a16_planes_kernel(
+def _nibbles(wp, BF16: tl.constexpr, ASM: tl.constexpr):
+    # int32 words [...] -> the 8 nibble planes, each [...] (fp32, or bf16 if BF16) = 128 + u_i, exact:
+    # bit tricks instead of int -> float conversions. ASM: the same in PTX, with the and + or fused into
+    # one LOP3 (ptxas will not fuse two immediates); the interpreter runs the plain version.
+    if ASM:
+        if BF16:
+            h = tl.inline_asm_elementwise(_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [wp], (tl.int16,) * 8, True, 1)
+            t = tl.bfloat16
+        else:
+            h = tl.inline_asm_elementwise(_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [wp], (tl.int32,) * 8, True, 1)
+            t = tl.float32
+        return (
+            h[0].to(t, bitcast=True),
+            h[1].to(t, bitcast=True),
+            h[2].to(t, bitcast=True),
+            h[3].to(t, bitcast=True),
+            h[4].to(t, bitcast=True),
+            h[5].to(t, bitcast=True),
+            h[6].to(t, bitcast=True),
+            h[7].to(t, bitcast=True),
+        )
+    t = tl.bfloat16 if BF16 else tl.float32
+    return (
+        _plane(wp, 0).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 1).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 2).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 3).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 4).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 5).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 6).to(tl.float32, bitcast=True).to(t),
+        _plane(wp, 7).to(tl.float32, bitcast=True).to(t),
+    )
+
+
+@triton.jit
+def _load_words(W, cols, stride_wn, k0, N, k_words, BK: tl.constexpr, EVEN_K: tl.constexpr, live=True):
+    # -> [BN, BK/8] int32 packed words of input columns k0 .. k0+BK (zeros where masked or not `live`)
+    words = k0 // 8 + tl.arange(0, BK // 8)
+    mask = (cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K) & live
+    return tl.load(W + cols[:, None] * stride_wn + words[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _magic_join(wp, BF16: tl.constexpr, ASM: tl.constexpr):
+    # [BN, BK/8] words -> [BN, BK] 136 + q in K order (fp32, or bf16 if BF16): the 8 planes of _nibbles
+    # joined so that column 8j + 4a + 2b + c is plane 4a + 2b + c of word j (joins are register moves).
+    p = _nibbles(wp, BF16, ASM)
+    lo = tl.join(tl.join(p[0], p[4]), tl.join(p[2], p[6]))  # [BN, BK/8, 2, 2]: planes 4a + 2b
+    hi = tl.join(tl.join(p[1], p[5]), tl.join(p[3], p[7]))  # planes 4a + 2b + 1
+    return tl.reshape(tl.join(lo, hi), (wp.shape[0], wp.shape[1] * 8))
+
+
+@triton.jit
+def w4a16_gemv_kernel(
     X,
     W,
     S,
@@ -192,73 +300,46 @@ def w4a16_planes_kernel(
     stride_sg,
     stride_ym,
     GROUP: tl.constexpr,
-    BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
-    SWAP: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    ASM: tl.constexpr,
 ):
-    # The skinny (decode) W4A16 GEMM. Weights stay packed as loaded ([BN, BK/8] int32, 16-byte loads);
-    # instead of interleaving nibbles into K order, the *activations* are split into the 8 nibble
-    # planes (x[:, 8j + i] goes with nibble i of word j), which costs loads of the small x tile only.
-    # BM == 1: a GEMV in fp32 FMAs, 3 ALU ops per weight (shift, LOP3, FMA), the K reduction kept
-    # per word in registers until the end. BM >= 16: 8 tensor-core dots of depth BK/8 per K block
-    # (SWAP: W as the MMA's M side, y^T = W x^T). BK divides GROUP (one scale per row per K block).
+    # Decode GEMV, one row of x per program along axis 0. fp32 FMAs on the magic-number weights (a shift,
+    # a LOP3 and an FMA per weight); the K reduction stays in registers per group. BK is a divisor of
+    # GROUP or a multiple of it (several groups per step: fewer, larger loads). PREFETCH: the next step's
+    # words are loaded before this step's math (two steps of loads in flight per program).
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
-    wl = tl.arange(0, BK // 8)
     k_words = (K + 7) // 8
-    if BM == 1:
-        acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
-    elif SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    kb0 = pid_k * kb_per_split
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    if PREFETCH:
+        wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K)
     for it in range(0, kb_per_split):
-        k0 = (pid_k * kb_per_split + it) * BK
-        words = k0 // 8 + wl
-        wmask = (cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K)
-        wp = tl.load(W + cols[:, None] * stride_wn + words[None, :], mask=wmask, other=0)  # [BN, BK/8]
-        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
-        s = s.to(tl.float32)  # masked past K: a split that runs past the end adds 0, not 0 * garbage
-        if BM == 1:
-            p = tl.zeros((BN, BK // 8), dtype=tl.float32)
-            xsum = tl.zeros((BK // 8,), dtype=tl.float32)
-            for i in tl.static_range(8):
-                ks = k0 + 8 * wl + i
-                xi = tl.load(X + pid_m * stride_xm + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)
-                p += _plane(wp, i) * xi[None, :]
-                xsum += xi
-            acc += (p - 1.5 * xsum[None, :]) * s[:, None]
+        k0 = (kb0 + it) * BK
+        if PREFETCH:
+            cur = wp
+            wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split)
         else:
-            xsum = tl.zeros((BM,), dtype=tl.float32)
-            if SWAP:
-                part = tl.zeros((BN, BM), dtype=tl.float32)
-            else:
-                part = tl.zeros((BM, BN), dtype=tl.float32)
-            for i in tl.static_range(8):
-                ks = k0 + 8 * wl + i
-                xmask = (rows[:, None] < M) & ((ks[None, :] < K) | EVEN_K)
-                xi = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=xmask, other=0.0)  # [BM, BK/8]
-                wi = _plane(wp, i).to(xi.dtype)  # [BN, BK/8], exact
-                if SWAP:
-                    part = tl.dot(wi, tl.trans(xi), part)
-                else:
-                    part = tl.dot(xi, tl.trans(wi), part)
-                xsum += tl.sum(xi.to(tl.float32), axis=1)
-            if SWAP:
-                acc += (part - 1.5 * xsum[None, :]) * s[:, None]
-            else:
-                acc += (part - 1.5 * xsum[:, None]) * s[None, :]
-    if BM == 1:
-        out = (16.0 * tl.sum(acc, axis=1))[None, :]  # [1, BN]
-    elif SWAP:
-        out = 16.0 * tl.trans(acc)
-    else:
-        out = 16.0 * acc
-    _store_split(out, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
+            cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K)
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(X + pid_m * stride_xm + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)  # [BK]
+        w = _magic_join(cur, False, ASM)  # [BN, BK] fp32, 136 + q
+        if BK <= GROUP:
+            s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
+            acc += (tl.sum(w * x[None, :], axis=1) - 136.0 * tl.sum(x)) * s.to(tl.float32)
+        else:
+            g = k0 // GROUP + tl.arange(0, BK // GROUP)
+            smask = (cols[:, None] < N) & (g[None, :] * GROUP < K)
+            s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=smask, other=0.0)  # [BN, NG]
+            part = tl.sum(tl.reshape(w * x[None, :], (BN, BK // GROUP, GROUP)), axis=2)  # [BN, NG]
+            xs = tl.sum(tl.reshape(x, (BK // GROUP, GROUP)), axis=1)  # [NG]
+            acc += tl.sum((part - 136.0 * xs[None, :]) * s.to(tl.float32), axis=1)
+    rows = pid_m + tl.arange(0, 1)
+    _store_split(acc[None, :], Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
 
 
 @triton.jit
@@ -300,6 +381,7 @@ def grouped_w4a16_kernel(
     BK: tl.constexpr,
     EVEN_K: tl.constexpr,
     UNPACK: tl.constexpr,
+    ASM: tl.constexpr = False,
 ):
     # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N].
     e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
@@ -318,9 +400,9 @@ def grouped_w4a16_kernel(
             mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
-        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK)  # exact small integers
+        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK, BM > 1, ASM)  # exact
         s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=cols < N, other=0.0).to(tl.float32)
-        acc = _mac(acc, x, w, s)
+        acc = _mac(acc, x, w, s, 136.0 if UNPACK == 4 else 0.0)
     mask = (rows[:, None] < r1) & (cols[None, :] < N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 

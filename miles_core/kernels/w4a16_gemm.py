@@ -1,12 +1,14 @@
 """W4A16 linear layers: y = x @ dequant(W)^T, W symmetric int4 in groups along K, packed 8 per int32
 (compressed-tensors layout, see miles_core/quant/int4.py), x in bf16.
 
-Why a custom kernel: at decode sizes (M = 1..64) a bf16 GEMM is bound by reading the weights, so a
-kernel that reads 4-bit weights and dequantizes them in registers can approach 4x. The Triton kernel
-(quant_triton.w4a16_kernel) does that; measured on an H100 (bench/RESULTS.md, CUDA graphs) it
-reaches 1.85x bf16 at M=1 and 1.28x at M=16 on a 14336x4096 weight, about 2x above the int4 floor.
-Above `MAX_M` rows the weights are dequantized into a bf16 matrix for cuBLAS instead (at M=256 the
-kernel is already 0.4x of bf16: for prefill, dequantize once and keep the bf16 copy).
+Why custom kernels: at decode sizes (M = 1..64) a bf16 GEMM is bound by reading the weights, so a
+kernel that reads 4-bit weights and dequantizes them in registers can approach 4x. M = 1 runs
+quant_triton.w4a16_gemv_kernel (int4 -> fp32 by magic numbers: a shift, one LOP3 and the FMA per
+weight); M > 1 runs quant_triton.w4a16_kernel on tensor cores. Both split K with a one-launch
+reduction (the last split of a tile sums the partials). Measured on an H100 (bench/RESULTS.md, CUDA
+graphs) against bf16 cuBLAS: see the "Quantized GEMMs" section. Above `MAX_M` rows the weights are
+dequantized into a bf16 matrix for cuBLAS instead (at M=256 the kernel is already 0.4x of bf16: for
+prefill, dequantize once and keep the bf16 copy).
 
 The `*_reference` functions dequantize exactly (fp32) and matmul in fp32: the CPU path and the
 definition the GPU tests hold the kernels to.
@@ -14,6 +16,7 @@ definition the GPU tests hold the kernels to.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,25 +47,38 @@ class W4A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    unpack: int = 2  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave;
-    # 3: w4a16_planes_kernel (activations split into nibble planes), where it applies
-    swap: bool = False  # planes kernel, bm >= 16: W as the MMA's M side (y^T = W x^T)
+    unpack: int = 2  # quant_triton._load_int4: 0 reshape, 1 per-column word loads, 2 interleave,
+    # 4 magic numbers (bm == 1: w4a16_gemv_kernel, where bk may also be a multiple of the group)
+    swap: bool = False  # bm >= 16: W as the MMA's M side (y^T = W x^T)
+    prefetch: bool = False  # gemv kernel: the next K step's weights loaded before this step's math
+
+
+def _split_for(tiles: int, k_blocks: int, target: int) -> int:
+    """The largest power-of-two split-K with tiles * split <= target programs and >= 2 K blocks per split."""
+    split = 1
+    while tiles * split * 2 <= target and split * 2 <= max(1, k_blocks // 2):
+        split *= 2
+    return split
 
 
 def default_config(m: int, n: int, k: int) -> W4A16Config:
-    """Tile sizes by M, from the sweeps of bench/quant.py on an H100 (bench/RESULTS.md, 2026-11-23).
+    """Tile sizes by M, from the CUDA-graph sweeps of bench/quant.py on an H100 (bench/RESULTS.md).
 
-    M = 1 is a GEMV in fp32 FMAs (no tensor cores, no padding of M to 16), split 4 ways along K;
-    M <= 16 splits K 4 ways too (timed in CUDA graphs, the decode setting, split-K won on both
-    shapes); above, one K pass per program when N alone gives enough programs (>= 192 of 64
-    columns), split-K when it does not (N = 4096, K = 14336)."""
+    M = 1: the GEMV kernel (magic-number dequant, fp32 FMAs), one warp per program, K steps of 256,
+    split-K to about 1,000 programs (enough loads in flight to stream the weights). Wide N: 64 columns
+    per program; narrow N: 32 columns and the next step prefetched (a longer K loop per program).
+    M <= 16: tensor cores, split-K to about 900 programs. M <= 64: magic-number dequant, split-K only
+    when N gives few programs. Above: one K pass per program (prefill sizes go to cuBLAS past MAX_M)."""
     few = _cdiv(n, 64) < 192
     if m == 1:
-        return W4A16Config(bm=1, bn=128, bk=128, split_k=4)
+        bn = 32 if few else 64
+        split = _split_for(_cdiv(n, bn), _cdiv(k, 256), 1024)
+        return W4A16Config(bm=1, bn=bn, bk=256, split_k=split, num_warps=1, num_stages=1, unpack=4, prefetch=few)
     if m <= 16:
-        return W4A16Config(bm=16, bn=64, bk=128, split_k=4)
+        split = _split_for(_cdiv(n, 64), _cdiv(k, 128), 900)
+        return W4A16Config(bm=16, bn=64, bk=128, split_k=split, num_stages=3)
     if m <= 64:
-        return W4A16Config(bm=64, bn=64, bk=128, split_k=2 if few else 1)
+        return W4A16Config(bm=64, bn=64, bk=128, split_k=4 if few else 1, unpack=4)
     if few:
         return W4A16Config(bm=128, bn=64, bk=128, num_stages=3)
     return W4A16Config(bm=64, bn=128, bk=128, num_stages=3)
@@ -92,7 +108,9 @@ def w4a16_linear_reference(
 
 
 def _kernel_ok(x: torch.Tensor, group_size: int, bk: int) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and group_size % bk == 0
+    # K steps of a power of two that divides the group or that the group divides (the GEMV kernel)
+    steps_fit = group_size % bk == 0 or bk % group_size == 0
+    return x.is_cuda and x.dtype == torch.bfloat16 and steps_fit and bk & (bk - 1) == 0
 
 
 def w4a16_linear(
@@ -109,7 +127,8 @@ def w4a16_linear(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     cfg = config or default_config(m, n, k)
-    cfg = cfg if group_size % cfg.bk == 0 else W4A16Config(**{**cfg.__dict__, "bk": min(cfg.bk, group_size)})
+    if group_size % cfg.bk and not _gemv_ok(cfg, group_size):
+        cfg = W4A16Config(**{**cfg.__dict__, "bk": min(cfg.bk, group_size)})
     if not _kernel_ok(x, group_size, cfg.bk) or group_size < 16:
         return w4a16_linear_reference(x, packed, scale, group_size, bias)
     if m > MAX_M:
@@ -121,9 +140,14 @@ def w4a16_linear(
     return y.reshape(*x.shape[:-1], n)
 
 
-def _planes_ok(cfg: W4A16Config, group_size: int) -> bool:
-    # the planes kernel takes one scale per K block, and its tensor-core dots need depth BK/8 >= 16
-    return cfg.unpack == 3 and group_size % cfg.bk == 0 and (cfg.bm == 1 or cfg.bk >= 128)
+def _gemv_ok(cfg: W4A16Config, group_size: int) -> bool:
+    # the GEMV kernel takes K steps of a divisor or a multiple of the group
+    return cfg.bm == 1 and cfg.unpack == 4 and (group_size % cfg.bk == 0 or cfg.bk % group_size == 0)
+
+
+def _asm_ok(x: torch.Tensor) -> bool:
+    # the kernels' inline PTX only where they are compiled for CUDA (not under the interpreter)
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -142,14 +166,12 @@ def w4a16_linear_triton(
     x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int, cfg: W4A16Config
 ) -> torch.Tensor:
     """The kernel launch alone (any device the Triton backend runs on, the interpreter included).
-    x2: [M, K] -> [M, N] in x2.dtype. unpack == 3 runs the planes kernel where it applies."""
+    x2: [M, K] -> [M, N] in x2.dtype. bm == 1 with unpack == 4 runs the GEMV kernel."""
     m, k = x2.shape
     n = packed.shape[0]
     x2 = x2.contiguous()
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    planes = _planes_ok(cfg, group_size)
-    if cfg.unpack == 3 and not planes:  # same tiles, the general kernel
-        cfg = W4A16Config(**{**cfg.__dict__, "unpack": 2})
+    gemv = _gemv_ok(cfg, group_size)
     grid = (_cdiv(m, cfg.bm), _cdiv(n, cfg.bn), cfg.split_k)
     if cfg.split_k > 1:
         partials = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x2.device)  # no fill needed
@@ -157,8 +179,10 @@ def w4a16_linear_triton(
     else:
         partials, locks = y, y  # unused
     kernels = load_triton_kernels()
-    kernel = kernels.w4a16_planes_kernel if planes else kernels.w4a16_kernel
-    extra = {"SWAP": cfg.swap} if planes else {"UNPACK": cfg.unpack}
+    if gemv:
+        kernel, extra = kernels.w4a16_gemv_kernel, {"PREFETCH": cfg.prefetch}
+    else:
+        kernel, extra = kernels.w4a16_kernel, {"BM": cfg.bm, "UNPACK": cfg.unpack, "SWAP": cfg.swap}
     kernel[grid](
         x2,
         packed,
@@ -176,12 +200,12 @@ def w4a16_linear_triton(
         scale.stride(1),
         y.stride(0),
         GROUP=group_size,
-        BM=cfg.bm,
         BN=cfg.bn,
         BK=cfg.bk,
         SPLIT_K=cfg.split_k,
         EVEN_K=k % (cfg.bk * cfg.split_k) == 0,
         **extra,
+        ASM=_asm_ok(x2),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -265,6 +289,7 @@ def grouped_w4a16_linear_triton(
         BK=cfg.bk,
         EVEN_K=k % cfg.bk == 0,
         UNPACK=cfg.unpack,
+        ASM=_asm_ok(xs),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
