@@ -51,6 +51,15 @@ def _reference(x, tok, t, gl, ge):
     return lp[0].detach(), ent[0].detach(), out
 
 
+def _interpreted(check: str) -> None:
+    """Run `check()` of this module in a subprocess with the Triton interpreter on (CPU tensors)."""
+    code = f"import tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); import tests.test_kernels_fused as t; t.{check}()"  # noqa: E501
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def _fused(x, tok, t, gl, ge):
     from miles_core.kernels.logprobs import _FusedLogprobs
 
@@ -83,11 +92,7 @@ def interp_fused_logprobs():
 
 
 def test_fused_logprobs_match_reference_in_interpreter():
-    code = "import tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); import tests.test_kernels_fused as t; t.interp_fused_logprobs()"  # noqa: E501
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _interpreted("interp_fused_logprobs")
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -160,11 +165,7 @@ def interp_moe_combine():
 
 
 def test_moe_combine_matches_reference_in_interpreter():
-    code = "import tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); import tests.test_kernels_fused as t; t.interp_moe_combine()"  # noqa: E501
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _interpreted("interp_moe_combine")
 
 
 @cuda
@@ -207,11 +208,7 @@ def interp_swiglu():
 
 
 def test_swiglu_matches_reference_in_interpreter():
-    code = "import tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); import tests.test_kernels_fused as t; t.interp_swiglu()"  # noqa: E501
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _interpreted("interp_swiglu")
 
 
 @cuda
