@@ -98,10 +98,7 @@ def dispatch(sorted_forward, x: torch.Tensor, weights: torch.Tensor, experts: to
     """
     n, k = experts.shape
     flat = experts.reshape(-1)  # [N*k]
-    # slots sorted by expert; int16 keys when they fit: a radix sort does 2 passes instead of 8, and a
-    # stable sort of the same keys is the same permutation
-    keys = flat.to(torch.int16) if n_experts <= torch.iinfo(torch.int16).max else flat
-    order = torch.argsort(keys, stable=True)
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
     # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
     counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
