@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.kernels import moe_combine
+from miles_core.kernels import moe_combine, moe_route
 from miles_core.kernels.grouped_gemm import grouped_linear
 from miles_core.model.config import ModelConfig
 from miles_core.model.layers import MLP, activation, gated
@@ -35,6 +35,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
         if self.kind == "sigmoid":
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+
+    def route(self, x: torch.Tensor, replay: torch.Tensor | None = None):
+        """`forward`, plus the expert sort when the fused decode kernel made it (else None):
+        x: [N, H] -> (weights [N, k], experts [N, k], plan (src, inverse, counts) or None)."""
+        if replay is None and self.kind == "softmax" and moe_route.route_ok(x, x.shape[0], self.top_k, self.n_experts):
+            logits = F.linear(x, self.weight)  # [N, E]
+            return moe_route.topk_route(logits, self.top_k, self.norm_topk, self.scaling, x.dtype)
+        return (*self(x, replay), None)
 
     def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None):
         """x: [N, H] -> (weights [N, k] in x.dtype, experts [N, k] int64)."""
@@ -84,30 +92,38 @@ class Experts(nn.Module):
             w1, w2 = self.weight_transform(w1), self.weight_transform(w2)
         return grouped_linear(gated(self.act, grouped_linear(xs, w1, counts)), w2, counts)  # [M, 2I] -> [M, I]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, plan=None) -> torch.Tensor:
         """x: [N, H], weights/experts: [N, k] -> [N, H] = sum_k weight_k * expert_k(x)."""
-        return dispatch(self.sorted_forward, x, weights, experts, self.gate_up_proj.shape[0])
+        return dispatch(self.sorted_forward, x, weights, experts, self.gate_up_proj.shape[0], plan)
 
 
-def dispatch(sorted_forward, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n_experts: int):
+def dispatch(sorted_forward, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n_experts: int, plan=None):
     """Sort token slots by expert, run `sorted_forward(rows, counts)`, un-permute, weight and sum.
 
     Shared by every experts implementation (bf16, FP8, INT4) and by the rollout engine, so they
-    permute identically. No host sync: a CUDA graph can capture it.
+    permute identically. No host sync: a CUDA graph can capture it. `plan` = (src, inverse,
+    counts) when the router already sorted (`Router.route`); at decode sizes on CUDA the sort is
+    one Triton launch (`moe_route.sort_route`), else torch's stable argsort.
     x: [N, H], weights/experts: [N, k] -> [N, H].
     """
     n, k = experts.shape
-    flat = experts.reshape(-1)  # [N*k]
-    order = torch.argsort(flat, stable=True)  # slots sorted by expert
-    # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
-    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    ys = sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
-    # Un-permute with a gather by the inverse permutation (deterministic, unlike index_add's
-    # atomics, and a vectorised gather rather than a scatter), then a fixed-order weighted sum
-    # over the k slots of each token.
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    if plan is None and moe_route.route_ok(x, n, k, n_experts):
+        plan = moe_route.sort_route(experts, n_experts)
+    if plan is not None:
+        src, inverse, counts = plan
+        ys = sorted_forward(x.index_select(0, src), counts)  # [N*k, H], sorted order
+    else:
+        flat = experts.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)  # slots sorted by expert
+        # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
+        counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        ys = sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
+        # Un-permute with a gather by the inverse permutation (deterministic, unlike index_add's
+        # atomics, and a vectorised gather rather than a scatter), then a fixed-order weighted sum
+        # over the k slots of each token.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
     if moe_combine.available(ys):  # the same sum in one Triton pass, and a one-pass backward
         return moe_combine.combine(ys, inverse, weights)
     y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
@@ -128,8 +144,8 @@ class MoE(nn.Module):
         """x: [B, T, H]; replay: [B*T, k] or None -> (out [B, T, H], experts [B*T, k])."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        weights, experts = self.gate(flat, replay)
-        out = self.experts(flat, weights, experts).view(shape)
+        weights, experts, plan = self.gate.route(flat, replay)
+        out = self.experts(flat, weights, experts, plan).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out, experts

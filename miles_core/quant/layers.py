@@ -158,11 +158,11 @@ class QuantExperts(nn.Module):
 
         return self._linear(gated(self.act, self._linear(xs, "gate_up", counts)), "down", counts)  # [M, 2I] -> [M, I]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, plan=None) -> torch.Tensor:
         """x: [N, H], weights/experts: [N, k] -> [N, H]; the model core's dispatch, quantized GEMMs."""
         from miles_core.model.moe import dispatch
 
-        return dispatch(self.sorted_forward, x, weights, experts, self.num_experts)
+        return dispatch(self.sorted_forward, x, weights, experts, self.num_experts, plan)
 
     @property
     def num_experts(self) -> int:
