@@ -8,6 +8,10 @@ batch: B random prompts of `--prompt` tokens, `--new` greedy tokens each, EOS ig
 
 - miles: `Engine.generate` end to end (prefill + decode), with CUDA graphs (bf16 and FP8,
   `quantize_model_(model, "fp8")`) and without (bf16, dynamic eager decode, first batch only).
+  Before the timing, `Engine.warmup()` captures the decode graphs of every length bucket (as a
+  serving engine does at start-up; an RL engine keeps them across rounds) and a short request
+  takes the kernels' first-call costs. `--unfused` adds the same runs with the decode-size fused
+  kernels off (`miles_core.kernels.DECODE_FUSION`), to show what they save.
   Decode ms/step is the median of the steps that only decode (every sample running, no prefill
   in the step), measured between the ends of consecutive steps (each ends with a host sync).
 - transformers: `generate(do_sample=False)` with `set_experts_implementation("grouped_mm")` (its
@@ -84,7 +88,10 @@ def run_miles(model, batch: int, prompt: int, new: int, graphs: bool, vocab: int
     sp = SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True)
     reqs = [Request(f"p{j}", torch.randint(0, vocab, (prompt,), generator=g).tolist(), sp) for j in range(batch)]
     warm = [Request("w", reqs[0].prompt_tokens, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))]
-    engine.generate(warm)  # first-call costs (kernels, cuBLAS handles) out of the timing
+    # Start-up costs out of the timing, as a serving engine pays them once: every decode graph
+    # (one per attended-length bucket) and the kernels' first calls (compiles, autotuning, handles).
+    engine.warmup()
+    engine.generate(warm)
     steps: list[tuple[float, int]] = []
     last = [time.perf_counter()]
 
@@ -107,6 +114,7 @@ def run_miles(model, batch: int, prompt: int, new: int, graphs: bool, vocab: int
         "s": total,
         "tok/s": produced / total,
         "ms/step": 1e3 * statistics.median(decode) if decode else float("nan"),
+        "prefill ms": 1e3 * steps[0][0] if steps else float("nan"),  # the first step: prefill + 1 token
     }
 
 
@@ -201,6 +209,7 @@ def run_hf(hf, batch: int, prompt: int, new: int, impl: str, vocab: int) -> dict
 
 def main() -> None:
     from bench.forward import build
+    from miles_core import kernels
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
@@ -210,12 +219,13 @@ def main() -> None:
     ap.add_argument("--hf-new", type=int, default=128, help="new tokens for transformers grouped_mm")
     ap.add_argument("--eager-new", type=int, default=32, help="new tokens for transformers' slow eager loop")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--skip-eager", action="store_true", help="skip transformers' eager loop and miles' no-graph run")
     ap.add_argument("--skip-fp8", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph miles run")
     ap.add_argument("--profile", action="store_true", help="first profile decode steps at the first --batch")
     ap.add_argument("--profile-only", action="store_true", help="--profile, then stop")
     ap.add_argument("--eager-profile", choices=["static", "dynamic"], default="dynamic", help="eager mode profiled")
+    ap.add_argument("--unfused", action="store_true", help="also run without the decode-size fused kernels")
     args = ap.parse_args()
 
     bandwidth = measured_bandwidth()
@@ -235,7 +245,8 @@ def main() -> None:
     ctx = args.prompt + args.new // 2
     if args.profile or args.profile_only:
         profile_decode(miles, args.batch[0], ctx, vocab, "graphs")
-        profile_decode(miles, args.batch[0], ctx, vocab, args.eager_profile, top=30)
+        if not args.skip_eager:
+            profile_decode(miles, args.batch[0], ctx, vocab, args.eager_profile, top=30)
         if fp8 is not None:
             profile_decode(fp8, args.batch[0], ctx, vocab, "graphs")
         if args.profile_only:
@@ -249,13 +260,18 @@ def main() -> None:
         rows.append((b, f"floor bf16 ({gb:.1f} GB/step)", {"ms/step": floor_ms, "tok/s": b / floor_ms * 1e3}))
         if fp8 is not None:
             rows.append((b, "floor fp8 experts", {"ms/step": floor_fp8, "tok/s": b / floor_fp8 * 1e3}))
-        runs = [("miles bf16", miles, False)] if b == args.batch[0] or args.no_graphs else []
+        first = b == args.batch[0]
+        runs = [("miles bf16", miles, False, True)] if (first and not args.skip_eager) or args.no_graphs else []
         if not args.no_graphs:
-            runs.append(("miles bf16 + CUDA graphs", miles, True))
+            runs.append(("miles bf16 + CUDA graphs", miles, True, True))
         if fp8 is not None:
-            runs.append(("miles fp8 + CUDA graphs", fp8, not args.no_graphs))
-        for name, model, graphs in runs:
+            runs.append(("miles fp8 + CUDA graphs", fp8, not args.no_graphs, True))
+        if args.unfused:  # the same without the decode-size fused kernels (kernels.DECODE_FUSION)
+            runs += [(f"{name} (unfused)", m, g, False) for name, m, g, _ in runs if g]
+        for name, model, graphs, fused in runs:
+            kernels.DECODE_FUSION = fused
             rows.append((b, name, run_miles(model, b, args.prompt, args.new, graphs, vocab)))
+            kernels.DECODE_FUSION = True
             print(rows[-1], flush=True)  # partial results survive a timeout
         if not args.skip_hf:
             r = run_hf(hf, b, args.prompt, args.hf_new, "grouped_mm", vocab)
@@ -272,23 +288,26 @@ def print_table(rows: list, args, bandwidth: float) -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"measured bandwidth (4 GiB copy): {bandwidth / 1e12:.2f} TB/s")
     print("tokens/s: end to end (prefill included); decode tok/s: batch / decode ms per step")
-    print("| batch | engine | ms/step | tokens/s | decode tok/s | x floor | vs transformers |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | engine | ms/step | tokens/s | decode tok/s | x floor | vs transformers | first step ms |")
+    print("|---|---|---|---|---|---|---|---|")
     floors = {b: r["ms/step"] for b, name, r in rows if name.startswith("floor bf16")}
     hf = {b: r["ms/step"] for b, name, r in rows if name.startswith("transformers grouped_mm")}
     for b, name, r in rows:
         ratio = r["ms/step"] / floors[b]
         vs = f"{hf[b] / r['ms/step']:.2f}x" if b in hf and not name.startswith("floor") else "-"
         decode = b / r["ms/step"] * 1e3
-        print(f"| {b} | {name} | {r['ms/step']:.2f} | {r['tok/s']:,.0f} | {decode:,.0f} | {ratio:.2f} | {vs} |")
+        first = f"{r['prefill ms']:.1f}" if "prefill ms" in r else "-"
+        cells = [b, name, f"{r['ms/step']:.2f}", f"{r['tok/s']:,.0f}", f"{decode:,.0f}", f"{ratio:.2f}", vs, first]
+        print("| " + " | ".join(map(str, cells)) + " |")
     for b in floors:
         got = {name: r for bb, name, r in rows if bb == b}
-        bf16, fp8 = got.get("miles bf16 + CUDA graphs"), got.get("miles fp8 + CUDA graphs")
-        if bf16 and fp8:
-            print(
-                f"batch {b}: fp8 / bf16 (graphs) tokens/s {fp8['tok/s'] / bf16['tok/s']:.2f}x, "
-                f"decode step {bf16['ms/step'] / fp8['ms/step']:.2f}x"
-            )
+        for tag in ("", " (unfused)"):
+            bf16, fp8 = got.get(f"miles bf16 + CUDA graphs{tag}"), got.get(f"miles fp8 + CUDA graphs{tag}")
+            if bf16 and fp8:
+                print(
+                    f"batch {b}{tag}: fp8 / bf16 (graphs) tokens/s {fp8['tok/s'] / bf16['tok/s']:.2f}x, "
+                    f"decode step {bf16['ms/step'] / fp8['ms/step']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

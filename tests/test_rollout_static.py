@@ -28,6 +28,19 @@ def test_static_all_slot_decode_equals_dynamic_decode(arch):
         assert (a.experts is None and b.experts is None) or torch.equal(a.experts, b.experts)
 
 
+def test_warmup_captures_nothing_without_cuda_graphs_and_refuses_mid_round():
+    from miles_core.errors import MilesError
+
+    _, _, model = tiny("qwen3_moe")
+    engine = Engine(model, config=EngineConfig(max_slots=2, max_len=32, static_decode=True, graph_len_bucket=8))
+    assert engine.warmup() == 0 and Engine(model, config=EngineConfig(max_slots=2, max_len=32)).warmup() == 0
+    sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    engine.scheduler.enqueue(engine.samples_for([Request("p", [1, 2, 3], sp)]))
+    engine.step()
+    with pytest.raises(MilesError, match="between rounds"):
+        engine.warmup()
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3"])
 def test_lookahead_decode_equals_dynamic_decode_with_staggered_stops_and_budget_rounds(arch, monkeypatch):
     """Every sample fits in a slot, so static decode queues each step before the previous one's
@@ -124,3 +137,22 @@ def test_cuda_graph_decode_matches_eager_decode_on_gpu(arch, tmp_path):
     got = graphs.generate(reqs)
     assert [s.response_tokens for s in got] == [s.response_tokens for s in eager]
     assert graphs._graphs._graphs  # at least one graph was captured and replayed
+
+
+@pytest.mark.gpu
+def test_warmup_captures_every_bucket_and_generation_then_captures_none(tmp_path):
+    from miles_core.model import load_model
+    from tests.tiny_models import save_hf
+
+    path, _ = save_hf(CONFIGS["qwen3_moe"](hidden_size=128), str(tmp_path / "m"))
+    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    reqs = [Request(f"p{i}", p, SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)) for i, p in
+            enumerate(ragged_prompts((5, 30, 12), seed=11))]  # fmt: skip
+    cold = Engine(model, config=EngineConfig(max_slots=4, max_len=128, cuda_graphs=True, graph_len_bucket=32))
+    want = cold.generate(reqs)
+    warm = Engine(model, config=EngineConfig(max_slots=4, max_len=128, cuda_graphs=True, graph_len_bucket=32))
+    assert warm.warmup() == 4 and warm.warmup() == 0  # lengths 32, 64, 96, 128; then nothing new
+    captured = set(warm._graphs._graphs)
+    got = warm.generate(reqs)
+    assert set(warm._graphs._graphs) == captured
+    assert [s.response_tokens for s in got] == [s.response_tokens for s in want]

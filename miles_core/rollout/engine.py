@@ -82,6 +82,15 @@ class Engine:
             bucket = self.config.graph_len_bucket
             self._graphs = GraphDecoder(model, self.cache, bucket, capture=self.config.cuda_graphs)
 
+    def warmup(self, max_len: int | None = None) -> int:
+        """Capture the decode graphs of every attended length up to `max_len` (default the engine's)
+        now, as serving engines do at start-up, so that no round pays for captures mid-way; returns
+        the number captured (0 without CUDA graphs). Only between rounds (it writes position 0 of
+        every slot, which a new prompt rewrites)."""
+        if self.scheduler.running:
+            raise MilesError("warmup while samples are running; call it between rounds")
+        return self._graphs.capture_all(max_len) if self._graphs is not None else 0
+
     # ---- requests in, samples out -------------------------------------------------------------
 
     def samples_for(self, requests: list[Request]) -> list[Sample]:

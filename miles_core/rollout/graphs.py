@@ -9,7 +9,8 @@ launch overhead, not memory bandwidth, set the step time. A CUDA graph replays t
 one launch. It needs fixed shapes and fixed tensor addresses, so the step here always runs
 *every* slot (row i = slot i; free slots decode a dummy token at position 0 of their own, unused
 row), reads its inputs from persistent buffers, and attends over a length rounded up to a bucket
-(`bucket`, e.g. 256): one graph per bucket, captured the first time that length is reached.
+(`bucket`, e.g. 256): one graph per bucket, captured the first time that length is reached, or all
+up front (`capture_all`, `Engine.warmup`).
 The MoE block runs `moe_forward(capture_safe)` (no host sync); the experts run the grouped GEMM
 (`torch._grouped_mm`, bf16) which takes device-side offsets. Sampling stays outside the graph.
 `advance` turns a step's sampled tokens into the next step's inputs on the device, so the engine
@@ -72,6 +73,22 @@ class GraphDecoder:
         graph, logits = self._graphs[length]
         graph.replay()
         return logits
+
+    def capture_all(self, up_to: int | None = None) -> int:
+        """Capture now the graph of every bucket up to `up_to` attended positions (default: the
+        cache's max_len) instead of at the first step that reaches each; returns how many are new.
+        Each capture runs the step eagerly three times (two warm-ups and the capture), which costs
+        tens of ms per bucket on the host, so an engine that lives across rounds pays it once here.
+        The captures decode token 0 at position 0 of every slot: only while no sample is running."""
+        if not self.capture:
+            return 0
+        up_to = up_to or self.cache.max_len
+        self.upload([])
+        lengths = {self._length(n) for n in range(1, up_to + 1, self.bucket)} | {self._length(up_to)}
+        new = sorted(n for n in lengths if n not in self._graphs)
+        for n in new:
+            self._graphs[n] = self._capture(n)
+        return len(new)
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Next step's inputs on the device: each slot feeds its sampled token [S] one position on
