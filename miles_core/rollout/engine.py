@@ -82,6 +82,7 @@ class Engine:
             bucket = self.config.graph_len_bucket
             self._graphs = GraphDecoder(model, self.cache, bucket, capture=self.config.cuda_graphs)
 
+    @torch.inference_mode()  # as run(): the graphs must capture the inference-time kernels
     def warmup(self, max_len: int | None = None) -> int:
         """Capture the decode graphs of every attended length up to `max_len` (default the engine's)
         now, as serving engines do at start-up, so that no round pays for captures mid-way; returns
