@@ -4,7 +4,8 @@
 x are already sorted by expert and `counts[e]` says how many belong to e.
 
 - CUDA, bf16/fp16: one `torch._grouped_mm` call (CUTLASS grouped GEMM), no Python loop over experts
-  and no host sync: `offs` is the device-side cumulative row count.
+  and no host sync: `offs` is the device-side cumulative row count. At decode sizes without
+  autograd, `grouped_triton` instead (a weight-streaming Triton kernel; see its docstring).
 - Everything else (the CPU path and the reference): a loop over the experts that received rows,
   each a plain `F.linear`. On the CPU a loop is the fastest pure-torch form and keeps fp32 exact.
 """
@@ -39,6 +40,10 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e].T for rows sorted by expert. Differentiable."""
+    from miles_core.kernels import grouped_triton
+
+    if grouped_triton.grouped_triton_ok(x, w):  # decode sizes, inference: a Triton kernel at the copy rate
+        return grouped_triton.grouped_linear_triton(x, w, counts)
     if _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert
         # w.transpose(-2, -1): [E, K, M] with K contiguous, the layout the grouped kernel wants.

@@ -9,10 +9,13 @@ arithmetic. Here one program does all of it:
 - `topk_route(logits, k, renorm, scaling, dtype)`: the softmax router of `Router.forward`
   (probabilities in float32, top-k, optional renormalisation over the k, scaling, cast), plus
 - the sort of the N*k slots by expert that `moe.dispatch` needs, as a counting sort: pass 1 takes
-  a histogram of the chosen experts, pass 2 gives each slot its row in expert order (expert start
-  + slots of the same expert before it), i.e. exactly the permutation of a *stable* argsort of the
-  token-major expert ids. Pass 2 recomputes the top-k instead of reading pass 1's stores back, so
-  no barrier between the program's threads is needed.
+  the histogram of the chosen experts; pass 2 gives each slot its row in expert order (the
+  expert's first row + the slots of that expert in earlier tokens, an exclusive cumsum down the
+  [tokens, experts] one-hot tile + earlier slots of the same token), which is exactly the
+  permutation of a *stable* argsort of the token-major expert ids. Pass 2 reads pass 1's expert
+  stores back after a barrier (`__syncthreads` orders global memory within the program).
+  Tokens go in chunks (16 at 128 experts by default, `CONFIG`), so a [chunk, experts] tile is a
+  few registers per thread.
 - `sort_route(experts, n_experts)`: the sort alone, for routers the kernel does not cover (sigmoid
   with group limits, replayed experts).
 
@@ -36,7 +39,7 @@ except ImportError:  # the CPU install has no triton: the pure-torch path is use
 __all__ = ["MAX_SLOTS", "route_ok", "sort_route", "sort_route_reference", "topk_route", "topk_route_reference"]
 
 MAX_SLOTS = 4096  # N * k routed in one program; beyond it (prefill, training) the torch path is faster
-_TILE = 8192  # elements of the [tokens, k, experts] one-hot tile a chunk works on
+CONFIG = (2048, 4)  # (elements of the [tokens, experts] tile a chunk works on, warps)
 
 
 def _p2(n: int) -> int:
@@ -89,9 +92,10 @@ def sort_route_reference(experts: torch.Tensor, n_experts: int):
 if triton is not None:
 
     @triton.jit
-    def _topk(L, stride_l, toks, N, E, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr):
-        """Top-k of the logits of `toks` [BT]: (experts [BT, KP] int32, their logits, max, sum of exp).
-        Columns j >= K and tokens >= N hold expert EP (outside every one-hot)."""
+    def _topk(L, W, EX, stride_l, toks, N, E, scaling, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
+              RENORM: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+        """The router on tokens `toks` [BT]: stores weights and experts [BT, K]; returns the one-hot
+        count of each token's experts [BT, EP]."""
         cols = tl.arange(0, EP)
         kcols = tl.arange(0, KP)
         live = toks < N
@@ -103,29 +107,26 @@ if triton is not None:
         mx = tl.max(x, axis=1)  # [BT]
         total = tl.sum(tl.exp(x - mx[:, None]), axis=1)  # [BT] softmax denominator (NaN stays NaN)
         x = tl.where(x == x, x, float("-inf"))  # a NaN logit is never chosen (its row's weights are NaN)
-        ex = tl.full([x.shape[0], KP], EP, tl.int32)
-        val = tl.full([x.shape[0], KP], float("-inf"), tl.float32)
+        hits = tl.zeros(x.shape, tl.int32)
+        ex = tl.zeros([x.shape[0], KP], tl.int32)
+        p = tl.zeros([x.shape[0], KP], tl.float32)
         for j in tl.static_range(K):
-            m = tl.max(x, axis=1)  # [BT]
+            m = tl.max(x, axis=1)  # [BT] the j-th largest logit
             idx = tl.min(tl.where(x == m[:, None], cols[None, :], EP), axis=1)  # lowest id among ties
+            chosen = cols[None, :] == idx[:, None]  # [BT, EP]
+            hits += chosen.to(tl.int32)
+            x = tl.where(chosen, float("-inf"), x)
             ex = tl.where(kcols[None, :] == j, idx[:, None], ex)
-            val = tl.where(kcols[None, :] == j, m[:, None], val)
-            x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
-        ex = tl.where(live[:, None], ex, EP)
-        return ex, val, mx, total
-
-    @triton.jit
-    def _chunk_experts(
-        L, stride_l, EX_IN, toks, N, E, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, TOPK: tl.constexpr
-    ):
-        """[BT, KP] expert ids of a chunk of tokens: the router's top-k, or the given experts."""
-        if TOPK:
-            ex, _, _, _ = _topk(L, stride_l, toks, N, E, K, KP, EP)
-        else:
-            kcols = tl.arange(0, KP)
-            m = (toks[:, None] < N) & (kcols[None, :] < K)
-            ex = tl.load(EX_IN + toks[:, None].to(tl.int64) * K + kcols[None, :], mask=m, other=EP).to(tl.int32)
-        return ex
+            p = tl.where(kcols[None, :] == j, tl.div_rn(tl.exp(m - mx), total)[:, None], p)
+        if RENORM:
+            p = tl.div_rn(p, tl.sum(p, axis=1)[:, None])
+        if SCALE:
+            p = p * scaling
+        out = toks[:, None].to(tl.int64) * K + kcols[None, :]
+        m = live[:, None] & (kcols[None, :] < K)
+        tl.store(W + out, p.to(W.dtype.element_ty), mask=m)
+        tl.store(EX + out, ex.to(tl.int64), mask=m)
+        return tl.where(live[:, None], hits, 0)
 
     @triton.jit
     def route_kernel(
@@ -149,48 +150,47 @@ if triton is not None:
         SCALE: tl.constexpr,
     ):
         # L: [N, E] router logits (TOPK) or EX_IN: [N, K] experts; W, EX: [N, K] weights / experts out (TOPK);
-        # SRC, INV: [N*K] int64; CNT: [E] int64.
+        # SRC, INV: [N*K] int64; CNT: [E] int64. One program; tokens in chunks of BT.
         cols = tl.arange(0, EP)
-        kcols = tl.arange(0, KP)
         counts = tl.zeros([EP], tl.int32)
         for t0 in range(0, N, BT):  # pass 1: the router's choice and the histogram
             toks = t0 + tl.arange(0, BT)
             if TOPK:
-                ex, val, mx, total = _topk(L, stride_l, toks, N, E, K, KP, EP)
-                p = tl.div_rn(tl.exp(val - mx[:, None]), total[:, None])  # [BT, KP] probabilities (0 past K)
-                if RENORM:
-                    p = tl.div_rn(p, tl.sum(p, axis=1)[:, None])
-                if SCALE:
-                    p = p * scaling
-                out = toks[:, None].to(tl.int64) * K + kcols[None, :]
-                m = (toks[:, None] < N) & (kcols[None, :] < K)
-                tl.store(W + out, p.to(W.dtype.element_ty), mask=m)
-                tl.store(EX + out, ex.to(tl.int64), mask=m)
+                hits = _topk(L, W, EX, stride_l, toks, N, E, scaling, K, KP, EP, RENORM, SCALE)
             else:
-                ex = _chunk_experts(L, stride_l, EX_IN, toks, N, E, K, KP, EP, TOPK)
-            hit = (ex[:, :, None] == cols[None, None, :]).to(tl.int32)  # [BT, KP, EP]
-            counts += tl.sum(tl.sum(hit, axis=0), axis=0)
+                hits = tl.zeros([BT, EP], tl.int32)
+                for j in tl.static_range(K):
+                    e = tl.load(EX_IN + toks.to(tl.int64) * K + j, mask=toks < N, other=EP)
+                    hits += (cols[None, :] == e[:, None]).to(tl.int32)
+            counts += tl.sum(hits, axis=0)
         tl.store(CNT + cols, counts.to(tl.int64), mask=cols < E)
+        tl.debug_barrier()  # pass 1's expert stores are visible to every thread of the program
         start = tl.cumsum(counts, axis=0) - counts  # [EP] first sorted row of each expert
-        for t0 in range(0, N, BT):  # pass 2: each slot's row in expert order (stable)
+        for t0 in range(0, N, BT):  # pass 2: each slot's row in expert order (a stable sort)
             toks = t0 + tl.arange(0, BT)
-            ex = tl.reshape(_chunk_experts(L, stride_l, EX_IN, toks, N, E, K, KP, EP, TOPK), [BT * KP])
-            hit = (ex[:, None] == cols[None, :]).to(tl.int32)  # [BT*KP, EP]
-            before = tl.cumsum(hit, axis=0) - hit  # same-expert slots earlier in this chunk
-            row = tl.sum(hit * (before + start[None, :]), axis=1)  # [BT*KP]
-            start += tl.sum(hit, axis=0)
-            flat = tl.arange(0, BT * KP)
-            tok, j = t0 + flat // KP, flat % KP
-            live = (tok < N) & (j < K)
-            slot = tok.to(tl.int64) * K + j
-            tl.store(INV + slot, row.to(tl.int64), mask=live)
-            tl.store(SRC + row, tok.to(tl.int64), mask=live)
+            live = toks < N
+            slots = toks.to(tl.int64) * K
+            hits = tl.zeros([BT, EP], tl.int32)
+            for j in tl.static_range(K):
+                e = tl.load((EX if TOPK else EX_IN) + slots + j, mask=live, other=EP)
+                hits += (cols[None, :] == e[:, None]).to(tl.int32)
+            row = tl.cumsum(hits, axis=0) - hits + start[None, :]  # [BT, EP] rows taken by earlier tokens
+            start += tl.sum(hits, axis=0)
+            for j in tl.static_range(K):  # earlier slots of the same token (a repeated expert) first
+                e = tl.load((EX if TOPK else EX_IN) + slots + j, mask=live, other=EP)
+                hit = cols[None, :] == e[:, None]
+                r = tl.sum(tl.where(hit, row, 0), axis=1)  # [BT]
+                row += hit.to(tl.int32)
+                tl.store(INV + slots + j, r.to(tl.int64), mask=live)
+                tl.store(SRC + r, toks.to(tl.int64), mask=live)
 
 
-def _launch(n, k, n_experts, device, logits=None, experts_in=None, renorm=False, scaling=1.0, dtype=None):
-    """One program over all N tokens: top-k (given logits) or the given experts, then the sort."""
+def _launch(n, k, n_experts, device, logits=None, experts_in=None, renorm=False, scaling=1.0, dtype=None, tile=None):
+    """One program over all N tokens: top-k (given logits) or the given experts, then the sort.
+    `tile` = (tokens per chunk, warps); default CONFIG (chosen on the device, bench/route.py)."""
     kp, ep = _p2(k), _p2(n_experts)
-    bt = max(1, min(_p2(n), _TILE // (kp * ep)))
+    elements, warps = tile or CONFIG
+    bt = max(1, min(_p2(n), elements // ep))
     src = torch.empty(n * k, dtype=torch.long, device=device)
     inverse = torch.empty(n * k, dtype=torch.long, device=device)
     counts = torch.empty(n_experts, dtype=torch.long, device=device)
@@ -216,12 +216,12 @@ def _launch(n, k, n_experts, device, logits=None, experts_in=None, renorm=False,
         TOPK=topk,
         RENORM=renorm,
         SCALE=scaling != 1.0,
-        num_warps=8,
+        num_warps=warps,
     )
     return weights, experts, (src, inverse, counts)
 
 
-def topk_route(logits: torch.Tensor, k: int, renorm: bool, scaling: float, dtype: torch.dtype):
+def topk_route(logits: torch.Tensor, k: int, renorm: bool, scaling: float, dtype: torch.dtype, tile=None):
     """logits [N, E] (any float dtype) -> (weights [N, k] dtype, experts [N, k] int64, plan).
 
     Same values as `topk_route_reference` + `sort_route_reference` (float32 softmax; the sums may
@@ -229,10 +229,10 @@ def topk_route(logits: torch.Tensor, k: int, renorm: bool, scaling: float, dtype
     n, e = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    return _launch(n, k, e, logits.device, logits=logits, renorm=renorm, scaling=scaling, dtype=dtype)
+    return _launch(n, k, e, logits.device, logits=logits, renorm=renorm, scaling=scaling, dtype=dtype, tile=tile)
 
 
-def sort_route(experts: torch.Tensor, n_experts: int):
+def sort_route(experts: torch.Tensor, n_experts: int, tile=None):
     """experts [N, k] -> plan (src, inverse, counts), equal to `sort_route_reference`."""
     n, k = experts.shape
-    return _launch(n, k, n_experts, experts.device, experts_in=experts.contiguous())[2]
+    return _launch(n, k, n_experts, experts.device, experts_in=experts.contiguous(), tile=tile)[2]

@@ -1,0 +1,161 @@
+"""Decode-size kernels of the rollout step, each against the torch ops it replaces (CUDA graphs).
+
+    PYTHONPATH=. python bench/decode_kernels.py [--sweep]
+
+Qwen3-30B-A3B MoE layer shapes (hidden 2048, 128 experts, top-8, expert hidden 768) at decode
+batches of 64 and 256 tokens. Each variant is captured in a CUDA graph of 20 calls and replayed
+(what the engine's decode graph does), median of 10 replays per call.
+
+- routing: the softmax router's top-k + the sort by expert (`Router.forward` + the argsort
+  dispatch: ~15 small kernels) vs `moe_route.topk_route` (one program; `--sweep`: tile configs).
+- grouped GEMM: the experts' gate_up [128, 1536, 2048] and down [128, 2048, 768] bf16 GEMMs over the
+  sorted rows: torch._grouped_mm (with its offsets cumsum) vs `grouped_triton` (`--sweep`: tiles),
+  as bandwidth over the touched experts' weight bytes against a measured device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+
+def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
+    """Median microseconds per call of `fn` replayed from a CUDA graph of `calls` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def bandwidth(n: int = 2 << 30) -> float:
+    """Device copy bandwidth, bytes read + written per second."""
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n / (graph_us(lambda: dst.copy_(src), calls=5) * 1e-6)
+
+
+def routing(batches, sweep: bool) -> None:
+    from bench.common import QWEN3_30B_A3B
+    from miles_core.kernels import moe_route
+    from miles_core.model.config import ModelConfig
+    from miles_core.model.moe import Router
+
+    router = Router(ModelConfig.from_hf(QWEN3_30B_A3B)).cuda().bfloat16()
+    torch.nn.init.normal_(router.weight, std=0.02)
+    print("\n| routing (top-8 of 128) | tokens | us per layer | vs torch |")
+    print("|---|---|---|---|")
+    sweep_tiles = list(itertools.product((1024, 2048, 4096, 8192), (4, 8, 16))) if sweep else []
+    for n in batches:
+        x = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
+        logits = torch.nn.functional.linear(x, router.weight)
+        torch_path = _torch_routing(router, x)
+        base, want = graph_us(torch_path), torch_path()
+        lin = graph_us(lambda x=x: torch.nn.functional.linear(x, router.weight))
+        print(f"| torch (linear + softmax/topk/.. + argsort sort) | {n} | {base:.1f} | 1.00x |")
+        print(f"| the router GEMM alone (in both) | {n} | {lin:.1f} | - |")
+        for tile in [None, *sweep_tiles]:
+            run = _kernel_routing(logits, tile)
+            ok = all(torch.equal(a, b) for a, b in zip(run()[2], want, strict=True))
+            us = graph_us(run)
+            name = f"kernel {tile or moe_route.CONFIG}" + ("" if ok else " (plan differs: ties?)")
+            print(f"| {name} + GEMM | {n} | {us + lin:.1f} | {base / (us + lin):.2f}x |")
+
+
+def _torch_routing(router, x):
+    from miles_core.kernels import moe_route
+
+    def run():
+        _, experts = router(x)
+        return moe_route.sort_route_reference(experts, 128)
+
+    return run
+
+
+def _kernel_routing(logits, tile):
+    from miles_core.kernels import moe_route
+
+    return lambda: moe_route.topk_route(logits, 8, True, 1.0, torch.bfloat16, tile=tile)
+
+
+def grouped(batches, sweep: bool, bw: float) -> None:
+    from miles_core.kernels import grouped_triton
+
+    print(f"\n| grouped GEMM (bf16) | rows | us | GB/s | x copy bw ({bw / 1e9:.0f} GB/s) | rel err vs _grouped_mm |")
+    print("|---|---|---|---|---|---|")
+    for n_tok, (name, n, k) in itertools.product(batches, (("gate_up", 1536, 2048), ("down", 2048, 768))):
+        rows = n_tok * 8
+        g = torch.Generator().manual_seed(n_tok)
+        experts = torch.randint(0, 128, (rows,), generator=g)
+        counts = torch.bincount(experts, minlength=128).cuda()
+        touched = int((counts > 0).sum())
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(128, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        nbytes = touched * n * k * 2
+
+        cutlass = _cutlass(x, w, counts)
+        ref = cutlass()
+        base = graph_us(cutlass)
+        print(f"| {name} torch._grouped_mm | {rows} | {base:.1f} | {nbytes / base / 1e3:.0f} | "
+              f"{nbytes / (base * 1e-6) / bw:.2f} | - |")  # fmt: skip
+        configs = [None]
+        if sweep:
+            configs += [
+                dict(BM=16, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+                for bn, bk, nw, st in itertools.product((64, 128), (64, 128), (4, 8), (3, 5))
+            ]
+        for cfg in configs:
+            run = _triton_grouped(x, w, counts, cfg)
+            with torch.inference_mode():
+                got, us = run(), graph_us(run)
+            err = float((got.float() - ref.float()).norm() / ref.float().norm())
+            label = cfg or grouped_triton.CONFIG
+            print(f"| {name} triton {label} | {rows} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
+                  f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |")  # fmt: skip
+
+
+def _cutlass(x, w, counts):
+    return lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def _triton_grouped(x, w, counts, cfg):
+    from miles_core.kernels import grouped_triton
+
+    return lambda: grouped_triton.grouped_linear_triton(x, w, counts, cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
+    ap.add_argument("--only", choices=["routing", "grouped"], default=None)
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bw = bandwidth()
+    with torch.inference_mode():
+        if args.only in (None, "routing"):
+            routing(args.batch, args.sweep)
+    if args.only in (None, "grouped"):
+        grouped(args.batch, args.sweep, bw)
+
+
+if __name__ == "__main__":
+    main()
