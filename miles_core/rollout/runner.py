@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from miles_core.kernels.rope_cache import rope_cache_ok, rope_norm_cache
 from miles_core.model.attention import MLAttention, attend
 from miles_core.rollout.cache import KVCache
 from miles_core.rollout.flash_decode import flash_decode, flash_decode_ok
@@ -112,15 +113,33 @@ def _absorbable(attn: nn.Module) -> bool:
     return not isinstance(attn, MLAttention) or type(attn.kv_b_proj) is nn.Linear
 
 
+def _norm_weights(attn) -> tuple:
+    return () if attn.q_norm is None else (attn.q_norm.weight, attn.k_norm.weight)
+
+
+def _decode_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos) -> torch.Tensor:
+    """GQA, one new token per row: the three projections, then `rope_norm_cache` (what `attn.qkv` +
+    `cache.write` compute, in one launch) -> q [B, 1, Hq, D]; K and V are in the cache."""
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [B, 1, Hq*D], [B, 1, Hkv*D] x2
+    qw, kw = _norm_weights(attn) or (None, None)
+    eps = 0.0 if attn.q_norm is None else attn.q_norm.eps  # k_norm's too: both are cfg.rms_norm_eps
+    a, b = cache.a[layer], cache.b[layer]
+    return rope_norm_cache(q, k, v, qw, kw, eps, cos, sin, a, b, wslot[:, 0], wpos[:, 0])
+
+
 def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask, ends):
     """h: [B, T, H] -> attention output [B, T, H], after writing this step's entries into the cache.
     mask: [B, 1, T, L] bool; ends: [B] keys each row attends (start + n_valid)."""
     if isinstance(attn, MLAttention):
         q = attn.query(h, cos, sin)  # [B, T, Hq, nope + R]
         new = attn.latent(h, cos, sin)  # latent [B, T, r], rope key [B, T, 1, R]
+        cache.write(layer, wslot, wpos, *new)
+    elif not batch.fresh and rope_cache_ok(h, cos, cache.a[layer], _norm_weights(attn)):
+        # decode on the GPU: q/k norm, rope and both cache writes in one kernel (kernels/rope_cache.py)
+        q, new = _decode_qkv(attn, h, cos, sin, cache, layer, wslot, wpos), None  # q [B, 1, Hq, D]
     else:
         q, *new = attn.qkv(h, cos, sin)  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
-    cache.write(layer, wslot, wpos, *new)
+        cache.write(layer, wslot, wpos, *new)
     if q.shape[1] == 1 and not isinstance(attn, MLAttention) and flash_decode_ok(q, cache.a[layer]):
         # one new token per row: read the cache in place, each row only up to its own length
         out = flash_decode(q[:, 0], cache.a[layer], cache.b[layer], batch.slots, ends, attn.scale, batch.read_len)
