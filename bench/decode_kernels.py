@@ -11,6 +11,7 @@ batches of 64 and 256 tokens. Each variant is captured in a CUDA graph of 20 cal
 - grouped GEMM: the experts' gate_up [128, 1536, 2048] and down [128, 2048, 768] bf16 GEMMs over the
   sorted rows: torch._grouped_mm (with its offsets cumsum) vs `grouped_triton` (`--sweep`: tiles),
   as bandwidth over the touched experts' weight bytes against a measured device copy.
+- flash_decode: the GQA decode attention for several split targets (`TARGET_PROGRAMS`).
 """
 
 from __future__ import annotations
@@ -143,11 +144,44 @@ def _triton_grouped(x, w, counts, cfg):
     return lambda: grouped_triton.grouped_linear_triton(x, w, counts, cfg)
 
 
+def flash(batches, bw: float) -> None:
+    """flash_decode at the rollout bench's shape (32 q / 4 KV heads, head dim 128, each row's length
+    uniform in [512, 1024]) for several split targets (`TARGET_PROGRAMS`), as bandwidth over the
+    K/V bytes the rows attend."""
+    from miles_core.rollout import flash_decode as fd
+
+    print(f"\n| flash_decode | batch | target programs | splits | us | GB/s | x copy bw ({bw / 1e9:.0f} GB/s) |")
+    print("|---|---|---|---|---|---|---|")
+    default = fd.TARGET_PROGRAMS
+    for b in batches:
+        g = torch.Generator().manual_seed(b)
+        lengths = torch.randint(512, 1025, (b,), generator=g).cuda()
+        q = torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b + 1, 1025, 4, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        slots = torch.arange(b, device="cuda")
+        nbytes = int(lengths.sum()) * 4 * 128 * 2 * 2
+        ref = fd.flash_decode_reference(q, k, v, slots, lengths, 128**-0.5, 1024)
+        for target in (256, 512, 1024, 2048, 4096):
+            fd.TARGET_PROGRAMS = target
+            run = _flash(fd, q, k, v, slots, lengths)
+            err = float((run().float() - ref.float()).abs().max())
+            us = graph_us(run)
+            nsplit = fd.splits_for(b, 4, 1024)[0]
+            print(f"| err {err:.1e} | {b} | {target} | {nsplit} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
+                  f"{nbytes / (us * 1e-6) / bw:.2f} |")  # fmt: skip
+        fd.TARGET_PROGRAMS = default
+
+
+def _flash(fd, q, k, v, slots, lengths):
+    return lambda: fd.flash_decode(q, k, v, slots, lengths, 128**-0.5, 1024)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    ap.add_argument("--only", choices=["routing", "grouped"], default=None)
+    ap.add_argument("--only", choices=["routing", "grouped", "flash"], default=None)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw = bandwidth()
@@ -156,6 +190,8 @@ def main() -> None:
             routing(args.batch, args.sweep)
     if args.only in (None, "grouped"):
         grouped(args.batch, args.sweep, bw)
+    if args.only in (None, "flash"):
+        flash(args.batch, bw)
 
 
 if __name__ == "__main__":
