@@ -4,6 +4,9 @@
     PYTHONPATH=. python bench/quant.py                        # eager tables (about 2 minutes on an H100)
     PYTHONPATH=. python bench/quant.py --only graph           # decode sizes in CUDA graphs, default tiles
     PYTHONPATH=. python bench/quant.py --only graph --sweep   # the tile sweeps behind default_config
+    PYTHONPATH=. python bench/quant.py --only decode          # FP8 / W4A16 at the rollout decode step's
+                                                              # sizes in CUDA graphs, new vs previous path
+    PYTHONPATH=. python bench/quant.py --only decode --sweep  # + tile candidates of the decode kernels
 
 Rows (median of triton.testing.do_bench, which flushes L2 before each repetition):
 - FP8 block-scaled linear (Triton 1x128 act-quant + cuBLAS 1x128 x 128x128 `scaled_mm`) vs bf16
@@ -14,6 +17,12 @@ Rows (median of triton.testing.do_bench, which flushes L2 before each repetition
 - `--only graph`: the decode sizes again, each timed inside a CUDA graph (as a decode engine runs
   them), which takes the Python launch overhead (wrapper + Triton launcher, tens of us) out of the
   numbers; weights rotate over copies that together exceed the 50 MB L2.
+- `--only decode`: the rollout decode step's GEMMs (batch 64, Qwen3-30B-A3B) in CUDA graphs. Dense
+  projections at M = 64 (q 4096x2048, o 2048x4096, k/v 512x2048): bf16, act-quant + cuBLAS (the
+  previous FP8 path), act-quant + the Triton dense kernel, and the fused dense kernel (the default
+  now); grouped experts: the previous FP8 path (act-quant + `expert_tiles` prep + kernel), the
+  in-kernel tile map, the fused kernels, and W4A16 with and without the prep, against bf16
+  `torch._grouped_mm`. "bitwise" notes say whether a fused output equals its two-kernel output.
 Every timed kernel is first checked against the reference (relative error printed).
 """
 
@@ -21,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 from triton.testing import do_bench
 
 from miles_core.kernels import fp8_gemm, w4a16_gemm
+from miles_core.kernels.fp8_gemm import Fp8Config
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
 
@@ -39,8 +50,8 @@ def bench(fn) -> float:
 GRAPH_REPS = 20
 
 
-def bench_graph(calls) -> float:
-    """us per call: `calls` (closures over different weight copies) replayed GRAPH_REPS times in a CUDA graph."""
+def bench_graph(calls, reps: int = GRAPH_REPS) -> float:
+    """us per call: `calls` (closures over different weight copies) replayed `reps` times in a CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compiles, cuBLAS workspaces) off the capture
@@ -50,11 +61,11 @@ def bench_graph(calls) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(GRAPH_REPS):
+        for _ in range(reps):
             for c in calls:
                 c()
     torch.cuda.synchronize()
-    return do_bench(graph.replay, warmup=5, rep=50, return_mode="median") * 1e3 / (GRAPH_REPS * len(calls))
+    return do_bench(graph.replay, warmup=5, rep=50, return_mode="median") * 1e3 / (reps * len(calls))
 
 
 def rel(a, b) -> float:
@@ -289,6 +300,7 @@ def graph_decode(sweep: bool):
 
 
 GROUPED_W4_GRAPH = _cfgs((16, 64, 128, 1, 4, 4, 2), (16, 128, 128, 1, 4, 4, 2))
+NO_FUSE = dict(fuse=False, swap=False)
 GROUPED_FP8_SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 3)]
 GROUPED_W4_SWEEP = _cfgs(
     (16, 64, 128, 1, 4, 4, 0),
@@ -323,14 +335,15 @@ def grouped(sweep: bool):
         base = bench(lambda: torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs))
         wq, ws = fp8_block_quantize(w)
         ref = fp8_gemm.grouped_fp8_linear_reference(xs.float(), wq, ws, counts)
-        variants = GROUPED_FP8_SWEEP if sweep else GROUPED_FP8_SWEEP[:1]
+        variants = [None] + (GROUPED_FP8_SWEEP if sweep else [])  # None: the default (grouped_fp8_config)
         best = None
-        for bm, bn, nw, ns in variants:
-            fn = lambda bm=bm, bn=bn, nw=nw, ns=ns: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts, bm, bn, nw, ns)
+        for v in variants:  # the sweep: act-quant first, unswapped tiles (bm, bn, num_warps, num_stages)
+            kw = {**dict(zip(("bm", "bn", "num_warps", "num_stages"), v, strict=True)), **NO_FUSE} if v else {}
+            fn = lambda kw=kw: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts, **kw)
             t, err = bench(fn), rel(fn(), ref)
             if sweep:
-                print(f"    sweep grouped fp8 {name} bm={bm} bn={bn} nw={nw} ns={ns}: {t:.1f} us", flush=True)
-            best = min(best, (t, err, (bm, bn, nw, ns))) if best else (t, err, (bm, bn, nw, ns))
+                print(f"    sweep grouped fp8 {name} {v or 'default'}: {t:.1f} us", flush=True)
+            best = min(best, (t, err, str(v or "default"))) if best else (t, err, str(v or "default"))
         t, err, cfg = best
         row("grouped fp8", name, base, t, err, f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s {cfg}")
         q, s = int4_group_quantize(w, 128)
@@ -348,6 +361,128 @@ def grouped(sweep: bool):
         row("grouped w4a16", name, base, t, err, f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s {cfg}")
 
 
+DECODE_M = 64  # rows of one decode step at batch 64
+DECODE_DENSE = [("q_proj", 4096, 2048), ("o_proj", 2048, 4096), ("k/v_proj", 512, 2048)]  # (name, N, K)
+DECODE_GROUPED = [  # (name, experts, N, K, rows): Qwen3-30B-A3B experts, 64 tokens x top-8 = 512 rows
+    ("gate_up, 512 rows", 128, 1536, 2048, 512),
+    ("down, 512 rows", 128, 2048, 768, 512),
+    ("gate_up, 64 rows", 128, 1536, 2048, 64),
+]
+ROTATE_BYTES = 256 << 20  # FP8 weight copies per dense shape, together ~5x the L2
+PREVIOUS_GROUPED_FP8 = (64, 128, 4, 3)  # bm, bn, num_warps, num_stages of the previous default
+
+
+def _dense_candidates(base: Fp8Config, k: int) -> list[Fp8Config]:
+    """Around dense_fp8_config's choice: other split-K, tile width, warps, stages, the swapped MMA."""
+    kb = -(-k // 128)
+    out = [replace(base, split_k=s) for s in (1, 2, 4, 8, 16) if s != base.split_k and 2 * s <= kb]
+    out += [replace(base, bn=192 - base.bn), replace(base, num_stages=3), replace(base, num_warps=12 - base.num_warps)]
+    return out + [replace(base, swap=not base.swap, bm=16 if base.swap else base.bm, num_warps=4)]
+
+
+GROUPED_FP8_DECODE_SWEEP = [  # fused; (bm, bn, num_warps, num_stages, swap)
+    (16, 128, 4, 3, True),
+    (16, 128, 4, 4, True),
+    (16, 64, 4, 4, True),
+    (32, 128, 4, 4, True),
+    (16, 128, 8, 4, True),
+    (64, 128, 4, 3, False),
+    (64, 128, 8, 3, False),
+]
+
+
+def _dense_copies(n: int, k: int):
+    """Weight copies of one shape (FP8 + cuBLAS scales, and bf16), together beyond the L2."""
+    quant, bf16 = [], []
+    for _ in range(max(2, ROTATE_BYTES // (n * k))):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        wq, ws = fp8_block_quantize(w)
+        quant.append((wq, ws, fp8_gemm.prepare_weight_scale(ws)))
+        bf16.append(w.bfloat16())
+    return quant, bf16
+
+
+def decode_dense(sweep: bool):
+    """FP8 dense projections at M = 64 in CUDA graphs: the fused Triton kernel vs act-quant + cuBLAS vs bf16."""
+    m = DECODE_M
+    for name, n, k in DECODE_DENSE:
+        quant, wbs = _dense_copies(n, k)
+        reps = max(1, 400 // len(quant))  # ~400 calls per graph
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs], reps)
+        ref = fp8_gemm.fp8_linear_reference(x.float(), *quant[0][:2])
+        cfg = fp8_gemm.dense_fp8_config(m, n, k)
+        unfused = replace(cfg, fuse=False)
+        two = fp8_gemm.fp8_dense_triton(x, *quant[0][:2], unfused)
+        variants = [
+            ("act-quant + cuBLAS (before)", None, lambda wq, ws, sb: fp8_gemm._fp8_linear_cublas(x, wq, ws, sb)),
+            ("act-quant + triton dense", cfg, lambda wq, ws, sb: fp8_gemm.fp8_dense_triton(x, wq, ws, unfused)),
+            ("fused triton dense (now)", cfg, lambda wq, ws, sb: fp8_gemm.fp8_linear(x, wq, ws, scale_b=sb)),
+        ]
+        if sweep:
+            variants += [("fused, sweep", c, lambda wq, ws, sb, c=c: fp8_gemm.fp8_dense_triton(x, wq, ws, c))
+                         for c in _dense_candidates(cfg, k)]  # fmt: skip
+        for label, c, fn in variants:
+            y = fn(*quant[0])
+            t = bench_graph([lambda q=q: fn(*q) for q in quant], reps)
+            now = label.endswith("(now)")
+            note = _cfg_note(c) + (f", bitwise == act-quant + triton: {torch.equal(y, two)}" if now else "")
+            row(f"dense fp8 M={m}: {label}", f"{name} {n}x{k}", base, t, rel(y, ref), note)
+
+
+def _cfg_note(c) -> str:
+    if c is None:
+        return ""
+    return f"bm={c.bm} bn={c.bn} split={c.split_k} warps={c.num_warps} stages={c.num_stages} swap={c.swap}"
+
+
+def decode_grouped(sweep: bool):
+    """Grouped FP8 / W4A16 at decode sizes in CUDA graphs: the previous path (act-quant + expert_tiles
+    prep + kernel) against the in-kernel tile map and the fused quantization, and bf16 _grouped_mm."""
+    g = torch.Generator().manual_seed(0)
+    for name, e, n, k, rows in DECODE_GROUPED:
+        counts = torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e).cuda()  # int64, as the MoE
+        xs = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(e, n, k, device="cuda") * 0.02
+        wb = w.bfloat16()
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        base = bench_graph([lambda: torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs)])
+        wq, ws = fp8_block_quantize(w)
+        ref = fp8_gemm.grouped_fp8_linear_reference(xs.float(), wq, ws, counts)
+        cfg = fp8_gemm.grouped_fp8_config(rows, e)
+        now = (cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages)
+        two = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, *now, swap=cfg.swap)
+        old = PREVIOUS_GROUPED_FP8
+        variants = [
+            ("act-quant + prep + kernel (before)", dict(prep=True), old),
+            ("act-quant + kernel, tile map in-kernel", {}, old),
+            ("fused, 64-row tiles", dict(fuse=True), old),
+            ("fused, default tiles (now)", dict(fuse=True, swap=cfg.swap), now),
+        ]
+        if sweep:
+            variants += [("fused, sweep", dict(fuse=True, swap=v[4]), v[:4]) for v in GROUPED_FP8_DECODE_SWEEP]
+        for label, kw, tiles in variants:
+            fn = lambda kw=kw, tiles=tiles: fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, *tiles, **kw)
+            y, t = fn(), bench_graph([fn])
+            same = label.endswith("(now)")
+            note = f"tiles {tiles} {kw}" + (f", bitwise == two-kernel: {torch.equal(y, two)}" if same else "")
+            row(f"grouped fp8: {label}", name, base, t, rel(y, ref), note)
+        q, sc = int4_group_quantize(w, 128)
+        p = pack_int4(q)
+        ref = w4a16_gemm.grouped_w4a16_linear_reference(xs.float(), p, sc, counts, 128)
+        sc = w4a16_gemm.group_major(sc)
+        wcfg = W4A16Config(bm=16, bn=64, bk=128)  # grouped_w4a16_linear's decode tiles
+        for label, prep in (("prep + kernel (before)", True), ("tile map in-kernel (now)", False)):
+            fn = lambda prep=prep: w4a16_gemm.grouped_w4a16_linear_triton(xs, p, sc, counts, 128, wcfg, prep=prep)
+            y, t = fn(), bench_graph([fn])
+            row(f"grouped w4a16: {label}", name, base, t, rel(y, ref), str(wcfg))
+
+
+def decode(sweep: bool):
+    decode_dense(sweep)
+    decode_grouped(sweep)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -361,6 +496,7 @@ def main() -> int:
         ("w4a16", lambda: w4a16_dense(args.sweep)),
         ("grouped", lambda: grouped(args.sweep)),
         ("graph", lambda: graph_decode(args.sweep)),
+        ("decode", lambda: decode(args.sweep)),
     ]:
         if name in only:
             try:

@@ -119,8 +119,8 @@ def interp_grouped() -> None:
     assert _rel(y, ref) < 1e-5, _rel(y, ref)
 
 
-def _run_interpreted(check: str) -> None:
-    code = f"import tests.test_kernels_quant as t; t._fix_interpreter_for_numpy2(); t.{check}()"
+def _run_interpreted(check: str, module: str = "tests.test_kernels_quant") -> None:
+    code = f"import {module} as t, tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); t.{check}()"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
@@ -166,7 +166,7 @@ def test_gpu_fp8_linear_matches_reference():
         x = torch.randn(m, k, generator=g).bfloat16()
         wq, ws = fp8_block_quantize(torch.randn(n, k, generator=g) * 0.05)
         ref = fp8_gemm.fp8_linear_reference(x.float(), wq, ws)
-        for backend in ("cublas", "triton"):
+        for backend in ("auto", "cublas", "triton"):
             _poison()
             y = fp8_gemm.fp8_linear(x.cuda(), wq.cuda(), ws.cuda(), backend=backend)
             assert y.shape == (m, n) and not y.isnan().any()
@@ -284,8 +284,19 @@ def _w4(**consts) -> dict:
     return {"GROUP": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False, "SWAP": False, **consts}
 
 
+_FP8 = {**_PTRS, "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", "COUNTS": "*i64", "EPS": "fp32"}
+
+
+def _g8(**consts) -> dict:
+    return {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, **consts}
+
+
+def _d8(**consts) -> dict:
+    return {"BK": 128, "EVEN_K": True, **consts}
+
+
 _SM90_CASES = [
-    # (kernel name, pointer types, constexprs, num_warps, expect wgmma)
+    # (kernel name, pointer types, constexprs, num_warps or (num_warps, num_stages), expect wgmma)
     ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"}, {"BM": 16, "BLOCK": 128}, 4,
      False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4), 4, False),
@@ -296,10 +307,17 @@ _SM90_CASES = [
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True}, 1, False),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False}, 4, False),
-    ("grouped_fp8_kernel",
-     {"A": "*fp8e4nv", "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", **_PTRS},
-     {"E_P2": 128, "BM": 64, "BN": 128, "BK": 128, "EVEN_K": True}, 4, True),
+     {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
+      "PREP": False}, 4, False),
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False), 4, True),
+    # decode: activations quantized in the GEMM, weights on wgmma's M side (m64n16k32)
+    ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=16, SWAP=True, QUANT=True), (4, 4), True),
+    ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=64, SWAP=False, QUANT=True), 4, True),
+    # dense_fp8_config's decode tiles (M <= 16 and M = 64) and the unfused large-M tiles
+    ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=16, BN=128, SPLIT_K=4, SWAP=True, QUANT=True), (4, 4), True),
+    ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=64, BN=128, SPLIT_K=4, SWAP=False, QUANT=True), (8, 4), True),
+    ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=64, BN=64, SPLIT_K=8, SWAP=False, QUANT=True), (8, 4), True),
+    ("fp8_dense_kernel", {**_FP8, "A": "*fp8e4nv"}, _d8(BM=64, BN=128, SPLIT_K=1, SWAP=False, QUANT=False), 4, True),
 ]  # fmt: skip
 
 
@@ -307,7 +325,8 @@ _SM90_CASES = [
 def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads(name, types, consts, num_warps, wgmma):
     from miles_core.kernels import quant_triton
 
-    kernel = _compile_sm90(getattr(quant_triton, name), types, consts, num_warps)
+    warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, 3)
+    kernel = _compile_sm90(getattr(quant_triton, name), types, consts, warps, stages)
     res = _resources(kernel)
     assert "STACK:0" in res and "LOCAL:0" in res, res  # no register spills
     ptx = kernel.asm["ptx"]

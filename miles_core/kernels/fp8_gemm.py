@@ -8,7 +8,14 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
   accumulation for block scales; per-tensor scales reach 1.7-1.9x (a coarser recipe).
   cuBLAS wants the activation scales column-major with M padded to a multiple of 4 and the
   weight's K-block count padded to a multiple of 4; the quant kernel writes that layout directly.
-- `grouped_fp8_linear`: MoE experts (rows sorted by expert), a Triton grouped kernel.
+  At decode sizes (M <= `DENSE_TRITON_MAX_M`) cuBLAS loses: 64 rows spent ~10 us per projection in
+  `scaled_mm` plus ~3 us of act-quant (bench/RESULTS.md, "Rollout decode"), more than the bf16 GEMM.
+  There a Triton kernel (`fp8_dense_kernel`) quantizes x inside the GEMM and splits K so that the
+  weights stream over the whole GPU: one launch, bitwise equal to act-quant + the same kernel.
+- `grouped_fp8_linear`: MoE experts (rows sorted by expert), a Triton grouped kernel whose programs find
+  their expert from `counts` alone (no prep launches); at decode sizes (`grouped_fp8_config`, up to
+  `FUSED_QUANT_MAX_M` rows) it quantizes the activations itself (no act-quant launch), with the weights
+  on the MMA's M side since experts get a few rows each.
 - The `*_reference` functions are the pure-torch definition (dequantize, then matmul in fp32);
   they are the CPU path and what the GPU tests compare against.
 """
@@ -16,6 +23,7 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +38,42 @@ from miles_core.quant.fp8 import (
 )
 
 __all__ = [
+    "DENSE_TRITON_MAX_M",
+    "FUSED_QUANT_MAX_M",
+    "Fp8Config",
     "load_triton_kernels",
     "fp8_act_quant",
     "fp8_linear",
+    "fp8_dense_triton",
+    "dense_fp8_config",
+    "grouped_fp8_config",
     "fp8_linear_reference",
     "prepare_weight_scale",
     "grouped_fp8_linear",
     "grouped_fp8_linear_reference",
     "expert_tiles",
 ]
+
+
+# Thresholds on M (rows), to be tuned on the device with `bench/quant.py --only decode`.
+DENSE_TRITON_MAX_M = 128  # fp8_linear: the fused dense Triton kernel up to here, act-quant + cuBLAS above
+FUSED_QUANT_MAX_M = 2048  # grouped FP8: activations quantized inside the GEMM up to here (batch 256
+# decode) when experts get ~16 rows or fewer; above, the act-quant kernel + the GEMM on fp8 rows. Each
+# N tile redoes the quantization (one IEEE division per element: MUFU.RCP, FCHK and ~5 FFMA), which
+# only the weight stream of a decode step hides.
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """Tiles of the Triton FP8 GEMMs (BK is 128, the scale block; bn divides 128)."""
+
+    bm: int = 64
+    bn: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # dense kernel only: K split over programs, reduced in-kernel in split order
+    swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
+    fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
 
 
 @functools.cache
@@ -125,33 +160,102 @@ def fp8_linear(
     scale_inv: torch.Tensor,
     bias: torch.Tensor | None = None,
     scale_b: torch.Tensor | None = None,
-    backend: str = "cublas",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """y = x @ W^T (+ bias) with FP8 block-scaled W. `scale_b`: prepare_weight_scale(scale_inv), cached.
 
-    backend 'cublas' (default) or 'triton' (the grouped kernel with one group: any N, K)."""
-    if x.is_cuda and (backend == "triton" or not _scaled_mm_ok(x, w)):
-        x2 = x.reshape(-1, x.shape[-1])
-        counts = torch.full((1,), x2.shape[0], dtype=torch.int32, device=x.device)
-        y = grouped_fp8_linear_triton(x2, w[None], scale_inv[None], counts)
-        y = y + bias if bias is not None else y
-        return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    backend 'auto' (default): the fused dense Triton kernel for M <= DENSE_TRITON_MAX_M, act-quant +
+    cuBLAS above; 'cublas': cuBLAS at every M; 'triton': Triton at every M (above the threshold,
+    act-quant + the dense kernel on fp8 rows). Triton also wherever cuBLAS's recipe does not apply
+    (N or K not a multiple of 128, before sm_90)."""
+    if backend not in ("auto", "cublas", "triton"):
+        raise ValueError(f"unknown FP8 GEMM backend {backend!r}; use 'auto', 'cublas' or 'triton'")
     if not x.is_cuda:
         return fp8_linear_reference(x, w, scale_inv, bias)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    m, (n, k) = x2.shape[0], w.shape
+    small = m <= DENSE_TRITON_MAX_M
+    if _scaled_mm_ok(x, w) and (backend == "cublas" or (backend == "auto" and not small)):
+        y = _fp8_linear_cublas(x2, w, scale_inv, scale_b)
+    else:
+        y = fp8_dense_triton(x2, w, scale_inv, dense_fp8_config(m, n, k) if small else Fp8Config())
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _fp8_linear_cublas(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, scale_b=None) -> torch.Tensor:
+    """x2: [M, K] -> [M, N]: the Triton act-quant kernel, then cuBLAS's block-scaled GEMM."""
     m = x2.shape[0]
     a, sa = fp8_act_quant(x2, pad_rows_to=4, col_major_scale=True)  # [M4, K], [M4, KB] strides (1, M4)
     sb = scale_b if scale_b is not None else prepare_weight_scale(scale_inv)
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    y = _scaled_mm(a, w.t(), sa, sb, out_dtype)[:m]  # w.t(): [K, N] column-major, as cuBLAS wants
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return _scaled_mm(a, w.t(), sa, sb, out_dtype)[:m]  # w.t(): [K, N] column-major, as cuBLAS wants
+
+
+def split_for(tiles: int, k_blocks: int, target: int) -> int:
+    """The largest power-of-two split-K with tiles * split <= target programs and >= 2 K blocks per split."""
+    split = 1
+    while tiles * split * 2 <= target and split * 2 <= max(1, k_blocks // 2):
+        split *= 2
+    return split
+
+
+def dense_fp8_config(m: int, n: int, k: int) -> Fp8Config:
+    """Tiles of the fused dense kernel at decode sizes (chosen by reasoning; tune with the bench's sweep).
+
+    A decode GEMM reads each weight once and little else, so the grid must spread the weights over the
+    SMs: split-K to about 160 programs (one wave on 132 SMs, every program >= 2 K blocks) rather than
+    narrow N tiles, because each N tile redoes the quantization of its rows. Up to 16 rows: the weights
+    on wgmma's M side, the rows as its N (a 64-row M tile would quantize 48 rows of padding)."""
+    bm, swap, warps = (16, True, 4) if m <= 16 else (64, False, 8)  # 64 x 128 with 4 warps spills
+    bn = 128 if _cdiv(n, 128) >= 16 else 64
+    split = split_for(_cdiv(m, bm) * _cdiv(n, bn), _cdiv(k, BLOCK), 160)
+    return Fp8Config(bm=bm, bn=bn, num_warps=warps, num_stages=4, split_k=split, swap=swap, fuse=True)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K tile counters: int32 zeros, made once per device (the kernels leave them at zero).
+    Calls that run concurrently on different streams must not share them (decode runs one stream)."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        locks = _LOCKS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    return locks
+
+
+def fp8_dense_triton(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
+    """The dense kernel launch alone (any Triton device, the interpreter included). x2: [M, K] -> [M, N] in
+    x2.dtype. cfg.fuse: one launch; else act-quant first. Both give the same bits for the same cfg."""
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    a, sa = (x2, x2) if cfg.fuse else fp8_act_quant_triton(x2)  # [M, K]; [M, KB] fp32 (unused when fused)
+    kb_per_split = _cdiv(_cdiv(k, BLOCK), cfg.split_k)
+    grid = (_cdiv(m, cfg.bm), _cdiv(n, cfg.bn), cfg.split_k)
+    if cfg.split_k > 1:
+        partials = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x2.device)  # no fill needed
+        locks = tile_locks(x2.device, grid[0] * grid[1])
+    else:
+        partials, locks = y, y  # unused
+    load_triton_kernels().fp8_dense_kernel[grid](
+        a, sa, w, scale_inv, y, partials, locks, m, n, k, kb_per_split,
+        a.stride(0), sa.stride(0), w.stride(0), scale_inv.stride(0), y.stride(0), ACT_EPS,
+        BM=cfg.bm, BN=cfg.bn, BK=BLOCK, SPLIT_K=cfg.split_k, EVEN_K=k % BLOCK == 0, QUANT=cfg.fuse, SWAP=cfg.swap,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
 
 
 def expert_tiles(counts: torch.Tensor, bm: int):
     """counts [E] -> (tile_end [E] int32 cumulative tile counts, row_start [E] int32, counts int32).
-    The grid needs ceil(M/bm) + E programs at most: every expert wastes at most one partial tile."""
+    The tables the grouped kernels read before they computed their tile map themselves; kept for
+    `prep=True` (benchmarking the previous path)."""
     c = counts.to(torch.int32)
     tiles = (c + bm - 1) // bm
     return torch.cumsum(tiles, 0, dtype=torch.int32), (torch.cumsum(c, 0, dtype=torch.int32) - c), c
@@ -170,20 +274,40 @@ def grouped_fp8_linear_reference(
     return out
 
 
+def grouped_fp8_config(m: int, e: int) -> Fp8Config:
+    """Tiles of the grouped kernel by size (decode choices by reasoning; tune with the bench's sweep).
+
+    Decode (at most FUSED_QUANT_MAX_M rows and ~16 per expert: batch 64 gives 512 rows over 128
+    experts, 4 each): the activations quantized in the GEMM, 16-row tiles with the weights on wgmma's M
+    side (a 64-row tile would be mostly padding, which the fused quantization pays for in full).
+    Each of the N / 128 column tiles redoes its rows' quantization, which the weight stream hides only
+    while rows per expert are few. Else act-quant first and the 64 x 128 tiles of the eager sweep."""
+    if m <= FUSED_QUANT_MAX_M and m <= 16 * e:
+        return Fp8Config(bm=16, bn=128, num_warps=4, num_stages=4, swap=True, fuse=True)
+    return Fp8Config(bm=64, bn=128, num_warps=4, num_stages=3)
+
+
 def grouped_fp8_linear(
     xs: torch.Tensor,
     w: torch.Tensor,
     scale_inv: torch.Tensor,
     counts: torch.Tensor,
-    bm: int = 64,
-    bn: int = 128,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    bm: int | None = None,
+    bn: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    fuse: bool | None = None,
+    swap: bool | None = None,
 ) -> torch.Tensor:
-    """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E]); Triton on CUDA."""
+    """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E], int32 or int64); Triton on
+    CUDA. Tiles by size (`grouped_fp8_config`) unless given."""
     if not xs.is_cuda:
         return grouped_fp8_linear_reference(xs, w, scale_inv, counts)
-    return grouped_fp8_linear_triton(xs, w, scale_inv, counts, bm, bn, num_warps, num_stages)
+    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap)
+    cfg = replace(grouped_fp8_config(xs.shape[0], w.shape[0]), **{k: v for k, v in given.items() if v is not None})
+    return grouped_fp8_linear_triton(
+        xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap
+    )
 
 
 def grouped_fp8_linear_triton(
@@ -195,43 +319,28 @@ def grouped_fp8_linear_triton(
     bn: int = 128,
     num_warps: int = 4,
     num_stages: int = 3,
+    fuse: bool = False,
+    swap: bool = False,
+    prep: bool = False,
 ) -> torch.Tensor:
-    """The grouped kernel launch alone (any Triton device, the interpreter included)."""
+    """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
+    activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
+    previous path's tile tables (`expert_tiles`, five small launches), for benchmarks."""
     m, k = xs.shape
     e, n, _ = w.shape
-    a, sa = fp8_act_quant_triton(xs)  # [M, K] fp8, [M, KB] row-major
     y = torch.empty(m, n, dtype=xs.dtype, device=xs.device)
     if m == 0:
         return y
-    tile_end, row_start, c = expert_tiles(counts, bm)
+    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
+    a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)  # [M, K]; [M, KB] fp32 (unused when fused)
+    tile_end, row_start, c = expert_tiles(counts, bm) if prep else (counts, counts, counts)
     grid = (_cdiv(m, bm) + e, _cdiv(n, bn))
     load_triton_kernels().grouped_fp8_kernel[grid](
-        a,
-        sa,
-        w,
-        scale_inv,
-        y,
-        tile_end,
-        row_start,
-        c,
-        e,
-        n,
-        k,
-        a.stride(0),
-        sa.stride(0),
-        w.stride(0),
-        w.stride(1),
-        scale_inv.stride(0),
-        scale_inv.stride(1),
-        y.stride(0),
-        E_P2=triton_next_pow2(e),
-        BM=bm,
-        BN=bn,
-        BK=BLOCK,
-        EVEN_K=k % BLOCK == 0,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
+        a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
+        ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
+        QUANT=fuse, SWAP=swap, PREP=prep, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     return y
 
 

@@ -12,10 +12,15 @@ w4a16_gemm.py, so that miles_core imports without triton.
   the partials (no zero fill or cast launches).
 - `w4a16_gemv_kernel`: M = 1 (decode): int4 -> fp32 by magic numbers (the nibble or-ed into the
   mantissa of 128.0, one LOP3 in PTX), fp32 FMAs, several groups per step, the next step prefetched.
-- `grouped_*_kernel`: the same for MoE experts, rows sorted by expert; a program's tile -> expert
-  map is computed on the device from the per-expert tile counts (no host sync, no padding of rows).
-- `grouped_fp8_kernel`: FP8 block-scaled grouped GEMM (1x128 activation and 128x128 weight scales
-  applied to each 128-deep partial product in fp32, the DeepSeek-V3 recipe).
+- `grouped_*_kernel`: the same for MoE experts, rows sorted by expert; each program finds its expert
+  and rows from the per-expert row counts alone (`_expert_tile`: a scan over E counts in registers), so
+  a call needs no prep launches, no host sync and no padding of rows, and its grid is static.
+- `grouped_fp8_kernel` / `fp8_dense_kernel`: FP8 block-scaled GEMMs (1x128 activation and 128x128
+  weight scales applied to each 128-deep partial product in fp32, the DeepSeek-V3 recipe). With QUANT
+  the A operand is the bf16 activations, quantized per 1x128 tile inside the GEMM with the act-quant
+  kernel's arithmetic (`_quantize_rows`, shared): the same bits as the two-kernel path, one launch less
+  and no fp8 copy of x; every N tile redoes its rows' quantization, which only pays at decode sizes.
+  SWAP puts the weights on the MMA's M side (y^T = W x^T), so that a few rows use wgmma as its N.
 """
 
 from __future__ import annotations
@@ -37,13 +42,21 @@ def fp8_act_quant_kernel(
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [BM]
-    # div_rn: IEEE division, as torch does (Triton's `/` on fp32 is the approximate div.full)
-    scale = tl.div_rn(amax, FP8_MAX)
-    q = tl.clamp(tl.div_rn(x, scale[:, None]), -FP8_MAX, FP8_MAX)
+    q, scale = _quantize_rows(x, EPS)
     out_mask = (rows[:, None] < M_ALLOC) & (cols[None, :] < K)
     tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=out_mask)
     tl.store(S + rows * stride_sm + pid_k * stride_sk, scale, mask=rows < M_ALLOC)
+
+
+@triton.jit
+def _quantize_rows(x, EPS):
+    # x [R, BLOCK] fp32 (zeros where masked) -> (q [R, BLOCK] fp32 in +-448, still to be cast to e4m3;
+    # scale [R] fp32): the 1x128 recipe. One function for the act-quant kernel and the fused GEMMs, so
+    # that both produce the same bits.
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)  # [R]
+    # div_rn: IEEE division, as torch does (Triton's `/` on fp32 is the approximate div.full)
+    scale = tl.div_rn(amax, FP8_MAX)
+    return tl.clamp(tl.div_rn(x, scale[:, None]), -FP8_MAX, FP8_MAX), scale
 
 
 @triton.jit
@@ -343,16 +356,30 @@ def w4a16_gemv_kernel(
 
 
 @triton.jit
-def _expert_tile(TILE_END, ROW_START, COUNTS, E, pid, E_P2: tl.constexpr, BM: tl.constexpr):
-    # Which expert owns tile `pid`, and that tile's row range; e == E when pid is past the last tile.
+def _expert_tile(COUNTS, TILE_END, ROW_START, E, pid, E_P2: tl.constexpr, BM: tl.constexpr, PREP: tl.constexpr):
+    # -> (e, e_safe, r0, r1): the expert that owns tile `pid` (e >= E when pid is past the last tile; e_safe
+    # is e clamped to E - 1) and the tile's rows [r0, min(r0 + BM, r1)). Tiles go expert by expert,
+    # ceil(count / BM) each, so a static grid of ceil(M / BM) + E programs along axis 0 covers them all.
+    # COUNTS: [E] int32 or int64 rows per expert. Every program scans the E counts in registers (a few
+    # hundred bytes from L2) instead of reading tables that prep kernels made before the GEMM.
+    # PREP: read fp8_gemm.expert_tiles' tables instead (TILE_END [E] cumulative tile counts, ROW_START [E],
+    # COUNTS int32): the previous path, kept to benchmark against.
     es = tl.arange(0, E_P2)
-    ends = tl.load(TILE_END + es, mask=es < E, other=2147483647)
-    e = tl.sum((ends <= pid).to(tl.int32))
-    e_safe = tl.minimum(e, E - 1)
-    first = tl.load(TILE_END + e_safe - 1, mask=e_safe > 0, other=0)
-    r0 = tl.load(ROW_START + e_safe) + (pid - first) * BM
-    r1 = tl.load(ROW_START + e_safe) + tl.load(COUNTS + e_safe)
-    return e, e_safe, r0, r1
+    if PREP:
+        ends = tl.load(TILE_END + es, mask=es < E, other=2147483647)
+        e = tl.sum((ends <= pid).to(tl.int32))
+        e_safe = tl.minimum(e, E - 1)
+        first = tl.load(TILE_END + e_safe - 1, mask=e_safe > 0, other=0)
+        row0 = tl.load(ROW_START + e_safe)
+    else:
+        c = tl.load(COUNTS + es, mask=es < E, other=0).to(tl.int32)  # [E_P2], zeros past E
+        tiles = (c + BM - 1) // BM
+        e = tl.sum((tl.cumsum(tiles, axis=0) <= pid).to(tl.int32))  # experts whose tiles end at or before pid
+        e_safe = tl.minimum(e, E - 1)
+        first = tl.sum(tl.where(es < e, tiles, 0))  # e's first tile
+        row0 = tl.sum(tl.where(es < e, c, 0))  # e's first row
+    r1 = row0 + tl.load(COUNTS + e_safe).to(tl.int32)
+    return e, e_safe, row0 + (pid - first) * BM, r1
 
 
 @triton.jit
@@ -382,9 +409,11 @@ def grouped_w4a16_kernel(
     EVEN_K: tl.constexpr,
     UNPACK: tl.constexpr,
     ASM: tl.constexpr = False,
+    PREP: tl.constexpr = False,
 ):
-    # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N].
-    e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
+    # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N];
+    # COUNTS: [E] rows per expert (TILE_END, ROW_START: read only with PREP, see _expert_tile).
+    e, e_safe, r0, r1 = _expert_tile(COUNTS, TILE_END, ROW_START, E, tl.program_id(0), E_P2, BM, PREP)
     if e >= E:
         return
     rows = r0 + tl.arange(0, BM)
@@ -408,6 +437,61 @@ def grouped_w4a16_kernel(
 
 
 @triton.jit
+def _fp8_block_dot(
+    A,
+    SA,
+    B,
+    SB,
+    rows,
+    row_end,
+    col0,
+    N,
+    K,
+    kb_lo,
+    kb_hi,
+    stride_am,
+    stride_sam,
+    stride_bn,
+    stride_sbn,
+    EPS,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    QUANT: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    # -> sum over K blocks [kb_lo, kb_hi) of (a_kb @ b_kb^T) * sa_kb * sb_kb, fp32 [BM, BN] ([BN, BM] if SWAP),
+    # for the output columns col0 .. col0 + BN.
+    # A: [*, K] e4m3 with SA [*, ceil(K/128)] fp32 scales, or (QUANT) the activations themselves, each
+    # 1x128 tile quantized here; B: [N, K] e4m3 (one expert), SB: [ceil(N/128), ceil(K/128)]. BK == 128,
+    # BN divides 128.
+    # Rows >= row_end read as zeros (their outputs are not stored).
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rmask = rows < row_end
+    cols = col0 + tl.arange(0, BN)
+    for kb in range(kb_lo, kb_hi):
+        ks = kb * BK + tl.arange(0, BK)
+        kmask = (ks < K) | EVEN_K
+        a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if QUANT:
+            q, sa = _quantize_rows(a.to(tl.float32), EPS)
+            a = q.to(tl.float8e4nv)
+        else:
+            sa = tl.load(SA + rows * stride_sam + kb, mask=rmask, other=0.0)
+        b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+        sb = tl.load(SB + (col0 // 128) * stride_sbn + kb)  # the tile lies in one 128-column scale block
+        if SWAP:
+            acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
+        else:
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+    return acc
+
+
+@triton.jit
 def grouped_fp8_kernel(
     A,
     SA,
@@ -427,36 +511,75 @@ def grouped_fp8_kernel(
     stride_sbe,
     stride_sbn,
     stride_ym,
+    EPS,
     E_P2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QUANT: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
+    PREP: tl.constexpr = False,
 ):
-    # A: [M, K] fp8 rows sorted by expert, SA: [M, ceil(K/128)] fp32; B: [E, N, K] fp8,
-    # SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]. BK == 128 and BN divides 128.
-    e, e_safe, r0, r1 = _expert_tile(TILE_END, ROW_START, COUNTS, E, tl.program_id(0), E_P2, BM)
+    # A: [M, K] rows sorted by expert, fp8 with SA [M, ceil(K/128)] fp32, or (QUANT) bf16/fp16/fp32;
+    # B: [E, N, K] fp8, SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]; COUNTS: [E] rows per expert.
+    # BK == 128; BN divides 128.
+    e, e_safe, r0, r1 = _expert_tile(COUNTS, TILE_END, ROW_START, E, tl.program_id(0), E_P2, BM, PREP)
     if e >= E:
         return
     rows = r0 + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     B += e_safe.to(tl.int64) * stride_be
-    SB += e_safe.to(tl.int64) * stride_sbe + (tl.program_id(1) * BN // 128) * stride_sbn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BK)):
-        ks = kb * BK + tl.arange(0, BK)
-        a = tl.load(
-            A + rows[:, None] * stride_am + ks[None, :],
-            mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
-            other=0.0,
-        )
-        b = tl.load(
-            B + cols[:, None] * stride_bn + ks[None, :],
-            mask=(cols[:, None] < N) & ((ks[None, :] < K) | EVEN_K),
-            other=0.0,
-        )
-        sa = tl.load(SA + rows * stride_sam + kb, mask=rows < r1, other=0.0)
-        sb = tl.load(SB + kb)
-        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+    SB += e_safe.to(tl.int64) * stride_sbe
+    acc = _fp8_block_dot(
+        A, SA, B, SB, rows, r1, tl.program_id(1) * BN, N, K, 0, tl.cdiv(K, BK),
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP,
+    )  # fmt: skip
+    if SWAP:
+        acc = tl.trans(acc)
     mask = (rows[:, None] < r1) & (cols[None, :] < N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fp8_dense_kernel(
+    A,
+    SA,
+    B,
+    SB,
+    Y,
+    P,
+    LOCKS,
+    M,
+    N,
+    K,
+    kb_per_split,
+    stride_am,
+    stride_sam,
+    stride_bn,
+    stride_sbn,
+    stride_ym,
+    EPS,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    QUANT: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    # y = x @ W^T at decode sizes: no expert machinery, grid (M tiles, N tiles, SPLIT_K). A, SA, B, SB as
+    # in grouped_fp8_kernel with one expert; Y: [M, N]; P: [SPLIT_K, M, N] fp32 partials and LOCKS: tile
+    # counters (SPLIT_K > 1, reduced in split order by the last split: deterministic, see _store_split).
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, tl.cdiv(K, BK))
+    acc = _fp8_block_dot(
+        A, SA, B, SB, rows, M, pid_n * BN, N, K, kb_lo, kb_hi,
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP,
+    )  # fmt: skip
+    if SWAP:
+        acc = tl.trans(acc)
+    _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)

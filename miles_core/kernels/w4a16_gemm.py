@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from miles_core.kernels.fp8_gemm import _cdiv, expert_tiles, load_triton_kernels, triton_next_pow2
+from miles_core.kernels.fp8_gemm import (
+    _cdiv,
+    expert_tiles,
+    load_triton_kernels,
+    split_for,
+    tile_locks,
+    triton_next_pow2,
+)
 from miles_core.quant.int4 import int4_group_dequantize, unpack_int4
 
 __all__ = [
@@ -53,14 +60,6 @@ class W4A16Config:
     prefetch: bool = False  # gemv kernel: the next K step's weights loaded before this step's math
 
 
-def _split_for(tiles: int, k_blocks: int, target: int) -> int:
-    """The largest power-of-two split-K with tiles * split <= target programs and >= 2 K blocks per split."""
-    split = 1
-    while tiles * split * 2 <= target and split * 2 <= max(1, k_blocks // 2):
-        split *= 2
-    return split
-
-
 def default_config(m: int, n: int, k: int) -> W4A16Config:
     """Tile sizes by M, from the CUDA-graph sweeps of bench/quant.py on an H100 (bench/RESULTS.md).
 
@@ -72,10 +71,10 @@ def default_config(m: int, n: int, k: int) -> W4A16Config:
     few = _cdiv(n, 64) < 192
     if m == 1:
         bn = 32 if few else 64
-        split = _split_for(_cdiv(n, bn), _cdiv(k, 256), 1024)
+        split = split_for(_cdiv(n, bn), _cdiv(k, 256), 1024)
         return W4A16Config(bm=1, bn=bn, bk=256, split_k=split, num_warps=1, num_stages=1, unpack=4, prefetch=few)
     if m <= 16:
-        split = _split_for(_cdiv(n, 64), _cdiv(k, 128), 900)
+        split = split_for(_cdiv(n, 64), _cdiv(k, 128), 900)
         return W4A16Config(bm=16, bn=64, bk=128, split_k=split, num_stages=3)
     if m <= 64:
         return W4A16Config(bm=64, bn=64, bk=128, split_k=4 if few else 1, unpack=4)
@@ -150,18 +149,6 @@ def _asm_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
-    """Split-K tile counters: int32 zeros, made once per device (the kernel leaves them at zero).
-    Calls that run concurrently on different streams must not share them (decode runs one stream)."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < tiles:
-        locks = _LOCKS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
-    return locks
-
-
 def w4a16_linear_triton(
     x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int, cfg: W4A16Config
 ) -> torch.Tensor:
@@ -175,7 +162,7 @@ def w4a16_linear_triton(
     grid = (_cdiv(m, cfg.bm), _cdiv(n, cfg.bn), cfg.split_k)
     if cfg.split_k > 1:
         partials = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x2.device)  # no fill needed
-        locks = _tile_locks(x2.device, grid[0] * grid[1])
+        locks = tile_locks(x2.device, grid[0] * grid[1])
     else:
         partials, locks = y, y  # unused
     kernels = load_triton_kernels()
@@ -254,15 +241,18 @@ def grouped_w4a16_linear_triton(
     counts: torch.Tensor,
     group_size: int,
     cfg: W4A16Config,
+    prep: bool = False,
 ) -> torch.Tensor:
-    """The grouped kernel launch alone (any Triton device, the interpreter included)."""
+    """The grouped kernel launch alone (any Triton device, the interpreter included). The programs find
+    their expert from `counts` ([E], int32 or int64) themselves; `prep`: the previous path's tile tables
+    (`expert_tiles`, five small launches), for benchmarks."""
     m, k = xs.shape
     e, n, _ = packed.shape
     y = torch.empty(m, n, dtype=xs.dtype, device=xs.device)
     if m == 0:
         return y
     xs = xs.contiguous()
-    tile_end, row_start, c = expert_tiles(counts, cfg.bm)
+    tile_end, row_start, c = expert_tiles(counts, cfg.bm) if prep else (counts, counts, counts)
     grid = (_cdiv(m, cfg.bm) + e, _cdiv(n, cfg.bn))
     load_triton_kernels().grouped_w4a16_kernel[grid](
         xs,
@@ -290,6 +280,7 @@ def grouped_w4a16_linear_triton(
         EVEN_K=k % cfg.bk == 0,
         UNPACK=cfg.unpack,
         ASM=_asm_ok(xs),
+        PREP=prep,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -1,8 +1,9 @@
 """Layers that run on quantized weights, and `quantize_model_` that swaps them into a model.
 
 - `Fp8Linear`: float8_e4m3fn weight in 128x128 blocks + fp32 `weight_scale_inv`; activations are
-  quantized on the fly in 1x128 tiles. CUDA: Triton act-quant + cuBLAS block-scaled GEMM; CPU: the
-  reference (dequantize, matmul in fp32).
+  quantized on the fly in 1x128 tiles. CUDA: Triton act-quant + cuBLAS block-scaled GEMM, or at decode
+  sizes one Triton kernel that quantizes inside the GEMM (fp8_gemm.fp8_linear); CPU: the reference
+  (dequantize, matmul in fp32).
 - `Int4Linear`: W4A16, `weight_packed` int32 + `weight_scale` (compressed-tensors layout). CUDA bf16:
   Triton GEMM dequantizing in-kernel (M <= 256); CPU: the reference.
 - `QuantExperts`: the routed experts of one MoE layer (stacked gate_up [E, 2I, H], down [E, H, I])
