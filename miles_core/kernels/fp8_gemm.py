@@ -174,7 +174,7 @@ def fp8_linear(
         return fp8_linear_reference(x, w, scale_inv, bias)
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     m, (n, k) = x2.shape[0], w.shape
-    small = m <= DENSE_TRITON_MAX_M
+    small = m <= DENSE_TRITON_MAX_M and _decode_fusion()
     if _scaled_mm_ok(x, w) and (backend == "cublas" or (backend == "auto" and not small)):
         y = _fp8_linear_cublas(x2, w, scale_inv, scale_b)
     else:
@@ -191,6 +191,13 @@ def _fp8_linear_cublas(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tenso
     sb = scale_b if scale_b is not None else prepare_weight_scale(scale_inv)
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
     return _scaled_mm(a, w.t(), sa, sb, out_dtype)[:m]  # w.t(): [K, N] column-major, as cuBLAS wants
+
+
+def _decode_fusion() -> bool:
+    """The decode-size paths follow `kernels.DECODE_FUSION` (bench/rollout.py --unfused turns them off)."""
+    from miles_core import kernels
+
+    return kernels.DECODE_FUSION
 
 
 def split_for(tiles: int, k_blocks: int, target: int) -> int:
@@ -282,7 +289,7 @@ def grouped_fp8_config(m: int, e: int) -> Fp8Config:
     side (a 64-row tile would be mostly padding, which the fused quantization pays for in full).
     Each of the N / 128 column tiles redoes its rows' quantization, which the weight stream hides only
     while rows per expert are few. Else act-quant first and the 64 x 128 tiles of the eager sweep."""
-    if m <= FUSED_QUANT_MAX_M and m <= 16 * e:
+    if m <= FUSED_QUANT_MAX_M and m <= 16 * e and _decode_fusion():
         return Fp8Config(bm=16, bn=128, num_warps=4, num_stages=4, swap=True, fuse=True)
     return Fp8Config(bm=64, bn=128, num_warps=4, num_stages=3)
 
