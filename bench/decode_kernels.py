@@ -177,11 +177,53 @@ def _flash(fd, q, k, v, slots, lengths):
     return lambda: fd.flash_decode(q, k, v, slots, lengths, 128**-0.5, 1024)
 
 
+def sampling(batches, sweep: bool, bw: float) -> None:
+    """`sample()` on bf16 logits [rows, 151936], greedy and T = 1: the torch path (float copy,
+    log_softmax, argmax or cumsum + searchsorted, the uniform's int64 ops) vs the `kernels.sampler`
+    launches (`--sweep`: chunk and warps), as bandwidth over one read of the logits."""
+    from miles_core import kernels
+    from miles_core.kernels import sampler
+    from miles_core.rollout.sampling import SamplingParams, SamplingTensors, sample
+
+    v = 151936
+    print(f"\n| sampling (V = {v}, bf16) | rows | T | us | GB/s of one logits read | x copy bw | vs torch |")
+    print("|---|---|---|---|---|---|---|")
+    configs = [sampler.CONFIG]
+    if sweep:
+        configs += [c for c in itertools.product((1024, 2048, 4096, 8192), (4, 8), (4, 8)) if c != sampler.CONFIG]
+    for n, t in itertools.product(batches, (0.0, 1.0)):
+        logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16) * 4
+        st = SamplingTensors([SamplingParams(temperature=t)] * n, list(range(n)), [0] * n, "cuda")
+        nbytes = logits.numel() * 2
+        base = graph_us(_torch_sample(kernels, sample, logits, st))
+        print(f"| torch sample() | {n} | {t} | {base:.1f} | {nbytes / base / 1e3:.0f} | "
+              f"{nbytes / (base * 1e-6) / bw:.2f} | 1.00x |")  # fmt: skip
+        for cfg in configs:
+            us = graph_us(_kernel_sample(sampler, logits, st, cfg))
+            print(f"| kernels {cfg} | {n} | {t} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
+                  f"{nbytes / (us * 1e-6) / bw:.2f} | {base / us:.2f}x |")  # fmt: skip
+
+
+def _kernel_sample(sampler, logits, st, cfg):
+    return lambda: sampler.sample_plain(logits, st.temperature, st.seed, st.step, cfg)
+
+
+def _torch_sample(kernels, sample, logits, st):
+    def run():
+        fused, kernels.DECODE_FUSION = kernels.DECODE_FUSION, False  # read at each call: the graph gets torch ops
+        try:
+            return sample(logits, st)
+        finally:
+            kernels.DECODE_FUSION = fused
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    ap.add_argument("--only", choices=["routing", "grouped", "flash"], default=None)
+    ap.add_argument("--only", choices=["routing", "grouped", "flash", "sampling"], default=None)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw = bandwidth()
@@ -192,6 +234,9 @@ def main() -> None:
         grouped(args.batch, args.sweep, bw)
     if args.only in (None, "flash"):
         flash(args.batch, bw)
+    if args.only in (None, "sampling"):
+        with torch.inference_mode():
+            sampling(args.batch, args.sweep, bw)
 
 
 if __name__ == "__main__":
