@@ -31,6 +31,7 @@ batch: B random prompts of `--prompt` tokens, `--new` greedy tokens each, EOS ig
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -226,12 +227,13 @@ def main() -> None:
     ap.add_argument("--profile-only", action="store_true", help="--profile, then stop")
     ap.add_argument("--eager-profile", choices=["static", "dynamic"], default="dynamic", help="eager mode profiled")
     ap.add_argument("--unfused", action="store_true", help="also run without the decode-size fused kernels")
+    ap.add_argument("--fp8-experts", action="store_true", help="also FP8 experts with bf16 attention")
     args = ap.parse_args()
 
     bandwidth = measured_bandwidth()
     hf, miles, raw = build(args.layers)
     vocab = raw["vocab_size"]
-    fp8 = None
+    fp8 = fp8e = None
     if not args.skip_fp8:
         from miles_core.model import build_model
         from miles_core.model.config import ModelConfig
@@ -239,7 +241,11 @@ def main() -> None:
 
         fp8 = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
         fp8.load_state_dict(miles.state_dict())
-        quantize_model_(fp8, "fp8")
+        quantize_model_(fp8, "fp8")  # every linear layer but the LM head and routers, as DeepSeek-V3's FP8
+        if args.fp8_experts:  # FP8 routed experts, bf16 attention (faster at decode: bench/RESULTS.md)
+            fp8e = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
+            fp8e.load_state_dict(miles.state_dict())
+            quantize_model_(fp8e, "fp8", scope="experts")
         torch.cuda.empty_cache()
 
     ctx = args.prompt + args.new // 2
@@ -249,6 +255,8 @@ def main() -> None:
             profile_decode(miles, args.batch[0], ctx, vocab, args.eager_profile, top=30)
         if fp8 is not None:
             profile_decode(fp8, args.batch[0], ctx, vocab, "graphs")
+        if fp8e is not None:
+            profile_decode(fp8e, args.batch[0], ctx, vocab, "graphs")
         if args.profile_only:
             return
 
@@ -266,6 +274,8 @@ def main() -> None:
             runs.append(("miles bf16 + CUDA graphs", miles, True, True))
         if fp8 is not None:
             runs.append(("miles fp8 + CUDA graphs", fp8, not args.no_graphs, True))
+        if fp8e is not None:
+            runs.append(("miles fp8 experts + CUDA graphs", fp8e, not args.no_graphs, True))
         if args.unfused:  # the same without the decode-size fused kernels (kernels.DECODE_FUSION)
             runs += [(f"{name} (unfused)", m, g, False) for name, m, g, _ in runs if g]
         for name, model, graphs, fused in runs:
@@ -301,11 +311,11 @@ def print_table(rows: list, args, bandwidth: float) -> None:
         print("| " + " | ".join(map(str, cells)) + " |")
     for b in floors:
         got = {name: r for bb, name, r in rows if bb == b}
-        for tag in ("", " (unfused)"):
-            bf16, fp8 = got.get(f"miles bf16 + CUDA graphs{tag}"), got.get(f"miles fp8 + CUDA graphs{tag}")
+        for tag, kind in itertools.product(("", " (unfused)"), ("fp8", "fp8 experts")):
+            bf16, fp8 = got.get(f"miles bf16 + CUDA graphs{tag}"), got.get(f"miles {kind} + CUDA graphs{tag}")
             if bf16 and fp8:
                 print(
-                    f"batch {b}{tag}: fp8 / bf16 (graphs) tokens/s {fp8['tok/s'] / bf16['tok/s']:.2f}x, "
+                    f"batch {b}{tag}: {kind} / bf16 (graphs) tokens/s {fp8['tok/s'] / bf16['tok/s']:.2f}x, "
                     f"decode step {bf16['ms/step'] / fp8['ms/step']:.2f}x"
                 )
 

@@ -100,7 +100,7 @@ def test_dense_decode_configs_spread_the_weights_over_one_wave_of_programs():
     for m, n, k in [(64, 4096, 2048), (64, 2048, 4096), (64, 512, 2048), (1, 4096, 2048)]:
         c = fp8_gemm.dense_fp8_config(m, n, k)
         programs = -(-m // c.bm) * -(-n // c.bn) * c.split_k
-        assert c.fuse and 128 % c.bn == 0 and 64 <= programs <= 160, (m, n, k, c)
+        assert not c.fuse and 128 % c.bn == 0 and 64 <= programs <= 160, (m, n, k, c)  # fused: slower (H200)
         assert -(-k // 128) >= 2 * c.split_k, (m, n, k, c)  # every split has K blocks to pipeline
     assert fp8_gemm.grouped_fp8_config(512, 128).swap and fp8_gemm.grouped_fp8_config(512, 128).fuse
     assert not fp8_gemm.grouped_fp8_config(fp8_gemm.FUSED_QUANT_MAX_M + 1, 1024).fuse

@@ -46,8 +46,8 @@ def interp_flash_decode() -> None:
         got = fd.flash_decode(q, k, v, slots, lengths, d**-0.5, read_len)
         ref = fd.flash_decode_reference(q, k, v, slots, lengths, d**-0.5, read_len)
         assert (got - ref).abs().max().item() < 1e-5, shape
-    assert fd.splits_for(64, 4, 1024) == (4, 256) and fd.splits_for(256, 4, 1024)[0] == 1
-    assert fd.splits_for(64, 4, 768) == (3, 256)
+    assert fd.splits_for(64, 4, 1024) == (1, 1024) and fd.splits_for(256, 4, 1024)[0] == 1
+    assert fd.splits_for(8, 4, 1024) == (8, 128) and fd.splits_for(8, 4, 768) == (6, 128)
 
 
 def test_flash_decode_matches_reference_in_interpreter():

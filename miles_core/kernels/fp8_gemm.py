@@ -56,11 +56,12 @@ __all__ = [
 
 
 # Thresholds on M (rows), to be tuned on the device with `bench/quant.py --only decode`.
-DENSE_TRITON_MAX_M = 128  # fp8_linear: the fused dense Triton kernel up to here, act-quant + cuBLAS above
-FUSED_QUANT_MAX_M = 2048  # grouped FP8: activations quantized inside the GEMM up to here (batch 256
-# decode) when experts get ~16 rows or fewer; above, the act-quant kernel + the GEMM on fp8 rows. Each
-# N tile redoes the quantization (one IEEE division per element: MUFU.RCP, FCHK and ~5 FFMA), which
-# only the weight stream of a decode step hides.
+DENSE_TRITON_MAX_M = 128  # fp8_linear: the dense Triton kernel (act-quant first) up to here, act-quant + cuBLAS above
+FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
+# get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
+# 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
+# the quantization (one IEEE division per element: MUFU.RCP, FCHK and ~5 FFMA), which the weights'
+# stream does not hide.
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,9 @@ def dense_fp8_config(m: int, n: int, k: int) -> Fp8Config:
     bm, swap, warps = (16, True, 4) if m <= 16 else (64, False, 8)  # 64 x 128 with 4 warps spills
     bn = 128 if _cdiv(n, 128) >= 16 else 64
     split = split_for(_cdiv(m, bm) * _cdiv(n, bn), _cdiv(k, BLOCK), 160)
-    return Fp8Config(bm=bm, bn=bn, num_warps=warps, num_stages=4, split_k=split, swap=swap, fuse=True)
+    # fuse=False: on an H200 (bench/RESULTS.md) the in-kernel quantization cost more than the act-quant
+    # launch it saves (M = 64: 16.5 vs 13.5 us on q_proj); the tiles are the same either way.
+    return Fp8Config(bm=bm, bn=bn, num_warps=warps, num_stages=4, split_k=split, swap=swap, fuse=False)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}

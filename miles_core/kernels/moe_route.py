@@ -13,8 +13,9 @@ arithmetic. Here:
   reads all N*k expert ids (a few KB), and its slots' rows are (slots of experts < e) + (earlier
   slots of expert e), a count and a cumsum: exactly the permutation of a *stable* argsort of the
   token-major expert ids. No program waits for another, so the latency is one program's.
-  (A first version did everything in one program, in token chunks: 21-39 us per layer, bound by
-  the chain of block-wide reductions.)
+  On an H200 (bench/decode_kernels.py): 4.6 us per layer for 64 tokens (+ the router GEMM, 5.2 us)
+  against 68 us of torch ops; 6.3 us at 256 tokens. (A first version did everything in one
+  program, in token chunks: 21-39 us, bound by the chain of block-wide reductions.)
 - `sort_route(experts, n_experts)`: the sort alone, for routers the top-k kernel does not cover
   (sigmoid with group limits, replayed experts).
 
@@ -38,7 +39,7 @@ except ImportError:  # the CPU install has no triton: the pure-torch path is use
 __all__ = ["MAX_SLOTS", "route_ok", "sort_route", "sort_route_reference", "topk_route", "topk_route_reference"]
 
 MAX_SLOTS = 4096  # N * k slots sorted by one program per expert; prefill and training use torch
-CONFIG = (4, 4)  # (tokens per top-k program, warps of a sort program)
+CONFIG = (4, 4)  # (tokens per top-k program, warps of a sort program): best of an H200 sweep
 
 
 def _p2(n: int) -> int:
@@ -145,6 +146,7 @@ def _sort(experts: torch.Tensor, n_experts: int, warps: int):
     src = torch.empty(s, dtype=torch.long, device=experts.device)
     inverse = torch.empty(s, dtype=torch.long, device=experts.device)
     counts = torch.empty(n_experts, dtype=torch.long, device=experts.device)
+    warps = warps if s <= 1024 else 2 * warps  # 2048 slots (batch 256): 8 warps ran 10.4 us vs 11.6 (H200)
     sort_kernel[(n_experts,)](experts, src, inverse, counts, s, K=k, SP=_p2(s), num_warps=warps)
     return src, inverse, counts
 

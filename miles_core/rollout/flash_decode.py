@@ -25,7 +25,8 @@ import torch
 __all__ = ["flash_decode", "flash_decode_ok", "flash_decode_reference", "tuned"]
 
 CHUNK_UNIT = 128  # key chunks are multiples of this (and so of every block size below)
-TARGET_PROGRAMS = 1024  # split rows until about this many programs run (132 SMs on an H100)
+TARGET_PROGRAMS = 256  # split rows until about this many programs run: on an H200, 64 rows x 4 KV heads ran
+# fastest unsplit (32.1 us at ~770 keys vs 40.6 with 4 splits + the combine; bench/decode_kernels.py)
 # (keys per block, warps, pipeline stages) tried by triton.autotune on the first call per
 # (group size, head dim, single chunk or not); the partials it writes are rewritten by the real call.
 CONFIGS = [(64, 4, 2), (64, 4, 1), (32, 4, 2), (128, 4, 1), (128, 8, 2), (64, 8, 3), (32, 2, 3)]
