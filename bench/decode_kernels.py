@@ -144,6 +144,48 @@ def _triton_grouped(x, w, counts, cfg):
     return lambda: grouped_triton.grouped_linear_triton(x, w, counts, cfg)
 
 
+def fp8_grouped(batches, bw: float) -> None:
+    """The grouped FP8 expert GEMM (act-quant + `grouped_fp8_kernel`) over its tile options, against
+    the bf16 Triton kernel on the same rows, as bandwidth over the touched experts' fp8 weights."""
+    from miles_core.kernels import fp8_gemm, grouped_triton
+    from miles_core.quant import fp8_block_quantize
+
+    print(
+        f"\n| grouped FP8 | rows | tiles (bm, bn, warps, stages, swap) | us | GB/s | x copy bw ({bw / 1e9:.0f}) | rel err |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    options = [(64, 128, 4, 3, False)] + [
+        (bm, bn, nw, st, swap)
+        for bm, swap in ((16, True), (32, False), (64, False))
+        for bn, nw, st in itertools.product((64, 128), (4, 8), (3, 4, 5))
+    ]
+    for n_tok, (name, n, k) in itertools.product(batches, (("gate_up", 1536, 2048), ("down", 2048, 768))):
+        rows = n_tok * 8
+        g = torch.Generator().manual_seed(n_tok)
+        counts = torch.bincount(torch.randint(0, 128, (rows,), generator=g), minlength=128).cuda()
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        wq, ws = fp8_block_quantize(torch.randn(128, n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        nbytes = int((counts > 0).sum()) * n * k
+        with torch.inference_mode():
+            ref = grouped_triton.grouped_linear_triton(x, fp8_gemm.fp8_block_dequantize(wq, ws).bfloat16(), counts)
+        for opt in dict.fromkeys(options):
+            bm, bn, nw, st, swap = opt
+            run = _fp8_run(fp8_gemm, x, wq, ws, counts, dict(bm=bm, bn=bn, num_warps=nw, num_stages=st, swap=swap))
+            try:
+                with torch.inference_mode():
+                    err = float((run().float() - ref.float()).norm() / ref.float().norm())
+                    us = graph_us(run)
+            except Exception as exc:  # a tile the compiler refuses
+                print(f"| {name} | {rows} | {opt} | failed: {type(exc).__name__} | | | |")
+                continue
+            print(f"| {name} | {rows} | {opt} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
+                  f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
+
+
+def _fp8_run(fp8_gemm, x, wq, ws, counts, cfg):
+    return lambda: fp8_gemm.grouped_fp8_linear_triton(x, wq, ws, counts, **cfg)
+
+
 def flash(batches, bw: float) -> None:
     """flash_decode at the rollout bench's shape (32 q / 4 KV heads, head dim 128, each row's length
     uniform in [512, 1024]) for several split targets (`TARGET_PROGRAMS`), as bandwidth over the
@@ -234,6 +276,8 @@ def main() -> None:
         grouped(args.batch, args.sweep, bw)
     if args.only in (None, "flash"):
         flash(args.batch, bw)
+    if args.only in (None, "fp8"):
+        fp8_grouped(args.batch, bw)
     if args.only in (None, "sampling"):
         with torch.inference_mode():
             sampling(args.batch, args.sweep, bw)
