@@ -142,6 +142,43 @@ def interp_sample() -> None:
     assert tokens.tolist() == [589, 589]
 
 
+def _mixed_batch(temps, rows, filtered: int) -> SamplingTensors:
+    """SamplingTensors for `rows` of `temps`, top-k on row `filtered`, each row's seed and step its index."""
+    params = [SamplingParams(temperature=float(temps[r]), top_k=5 if r == filtered else 0) for r in rows]
+    return SamplingTensors(params, list(rows), list(rows), temps.device)
+
+
+def _check_mixed(x, temps, torch_sample) -> None:
+    """sample() on a batch with a filtering row: that row is the torch path's, the others the kernels',
+    and each plain row's (token, log-prob) is the one it gets alone (a row's draw ignores its batch)."""
+    n = x.shape[0]
+    st = _mixed_batch(temps, range(n), filtered=5)
+    tokens, logp = sample(x, st)
+    ref_tokens, ref_logp = torch_sample(x, st)
+    k_tokens, k_logp = ks.sample_plain(x, st.temperature, st.seed, st.step)
+    assert tokens[5] == ref_tokens[5] and logp[5] == ref_logp[5]
+    others = torch.arange(n, device=x.device) != 5
+    assert torch.equal(tokens[others], k_tokens[others]) and torch.equal(logp[others], k_logp[others])
+    for row in (0, 3, 6, 7):
+        alone = sample(x[row : row + 1], _mixed_batch(temps, [row], filtered=-1))
+        assert alone[0].item() == tokens[row] and alone[1].item() == logp[row], row
+
+
+def interp_mixed() -> None:
+    x, temps = _case(8, 500, 5)
+    available = ks.available
+    ks.available = lambda logits: True  # sample() takes the kernels on CPU tensors here
+
+    def torch_sample(x, st):
+        ks.available = available
+        try:
+            return sample(x, st)
+        finally:
+            ks.available = lambda logits: True
+
+    _check_mixed(x, temps, torch_sample)
+
+
 def _run_interpreted(check: str) -> None:
     code = (
         "import tests.test_kernels_quant as q; q._fix_interpreter_for_numpy2(); "
@@ -159,6 +196,10 @@ def test_kernel_uniform_equals_sampling_uniform_bit_for_bit_in_interpreter():
 
 def test_kernel_tokens_and_logprobs_equal_the_torch_path_in_interpreter():
     _run_interpreted("interp_sample")
+
+
+def test_filter_rows_take_the_torch_path_and_plain_rows_the_kernels_in_interpreter():
+    _run_interpreted("interp_mixed")
 
 
 def test_u_one_exists_and_the_torch_path_then_takes_the_last_token():
@@ -249,13 +290,10 @@ def test_gpu_kernels_equal_the_torch_path_bf16(n, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_rows_with_filters_keep_the_torch_path(monkeypatch):
-    x, temps = _case(16, 5000, 3, torch.bfloat16, "cuda")
-    params = [SamplingParams(temperature=float(t), top_k=5 if i == 5 else 0) for i, t in enumerate(temps)]
-    st = SamplingTensors(params, list(range(16)), list(range(16)), "cuda")
+def test_gpu_filter_rows_take_the_torch_path_and_plain_rows_the_kernels(monkeypatch):
+    x, temps = _case(16, V_QWEN3, 3, torch.bfloat16, "cuda", scale=4.0)
     with torch.inference_mode():
-        got, ref = sample(x, st), _torch_path(x, st, monkeypatch)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        _check_mixed(x, temps, lambda x, st: _torch_path(x, st, monkeypatch))
 
 
 @pytest.mark.gpu

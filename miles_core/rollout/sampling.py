@@ -172,10 +172,14 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] -> (tokens [N] int64, recorded log-probs [N] float32 of those tokens under logits / T).
 
-    On CUDA with no row filtering, two Triton launches (`kernels.sampler`) do what the torch ops
-    below do in ~20 passes; they draw the same tokens up to float32 rounding at a CDF boundary."""
-    if not any(st.filters) and sampler_kernels.available(logits):
-        return sampler_kernels.sample_plain(logits, st.temperature, st.seed, st.step)
+    On CUDA, greedy and plain rows go through two Triton launches (`kernels.sampler`) instead of the
+    ~20 torch passes below, whatever else is in the batch (so a row's draw never depends on its batch);
+    they draw the same tokens up to float32 rounding at a CDF boundary. Rows that filter stay torch."""
+    fused = sampler_kernels.available(logits)
+    if fused:
+        fused_tokens, fused_logp = sampler_kernels.sample_plain(logits, st.temperature, st.seed, st.step)
+        if not any(st.filters):
+            return fused_tokens, fused_logp
     scaled = _scaled(logits, st)  # [N, V] float32
     logp = scaled.log_softmax(-1)
     plain = [i for i, (g, f) in enumerate(zip(st.greedy, st.filters, strict=True)) if not g and not f]
@@ -188,11 +192,15 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
         return tokens, logp.gather(1, tokens[:, None])[:, 0]
     u = uniform(st.seed, st.step)  # [N]
     device = logits.device
-    if plain:
+    if plain and not fused:
         rows = device_tensor(plain, torch.long, device)
         tokens[rows] = _inverse_cdf(logp[rows].exp(), u[rows])
     if filt:
         rows = device_tensor(filt, torch.long, device)
         probs, order = _filtered_sorted(scaled[rows], st, rows)
         tokens[rows] = order.gather(1, _inverse_cdf(probs, u[rows])[:, None])[:, 0]
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    logp = logp.gather(1, tokens[:, None])[:, 0]
+    if not fused:
+        return tokens, logp
+    keep = device_tensor(st.filters, torch.bool, device)  # [N] rows drawn here; the others are the kernels'
+    return torch.where(keep, tokens, fused_tokens), torch.where(keep, logp, fused_logp)
