@@ -88,7 +88,8 @@ def run_miles(model, batch: int, prompt: int, new: int, graphs: bool, vocab: int
     g = torch.Generator().manual_seed(0)
     sp = SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True)
     reqs = [Request(f"p{j}", torch.randint(0, vocab, (prompt,), generator=g).tolist(), sp) for j in range(batch)]
-    warm = [Request("w", reqs[0].prompt_tokens, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))]
+    short = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    warm = [Request(f"w{j}", r.prompt_tokens, short) for j, r in enumerate(reqs)]  # the batch's prefill shapes too
     # Start-up costs out of the timing, as a serving engine pays them once: every decode graph
     # (one per attended-length bucket) and the kernels' first calls (compiles, autotuning, handles).
     engine.warmup()

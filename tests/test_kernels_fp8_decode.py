@@ -102,8 +102,10 @@ def test_dense_decode_configs_spread_the_weights_over_one_wave_of_programs():
         programs = -(-m // c.bm) * -(-n // c.bn) * c.split_k
         assert not c.fuse and 128 % c.bn == 0 and 64 <= programs <= 160, (m, n, k, c)  # fused: slower (H200)
         assert -(-k // 128) >= 2 * c.split_k, (m, n, k, c)  # every split has K blocks to pipeline
-    # the fused grouped tiles are off (FUSED_QUANT_MAX_M = 0: slower on an H200); act-quant first, 64 x 128
-    assert not fp8_gemm.grouped_fp8_config(512, 128).fuse and fp8_gemm.grouped_fp8_config(512, 128).bm == 64
+    # the fused grouped tiles are off (FUSED_QUANT_MAX_M = 0: slower on an H200); act-quant first, then
+    # 16-row swapped tiles at decode sizes, 64 x 128 above
+    decode, big = fp8_gemm.grouped_fp8_config(512, 128), fp8_gemm.grouped_fp8_config(8192, 128)
+    assert not decode.fuse and decode.swap and decode.bm == 16 and big.bm == 64 and not big.swap
     assert not fp8_gemm.grouped_fp8_config(fp8_gemm.FUSED_QUANT_MAX_M + 1, 1024).fuse
     assert not fp8_gemm.grouped_fp8_config(512, 8).fuse  # 64 rows per expert: act-quant first
 

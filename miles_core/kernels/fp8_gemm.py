@@ -57,6 +57,7 @@ __all__ = [
 
 # Thresholds on M (rows), to be tuned on the device with `bench/quant.py --only decode`.
 DENSE_TRITON_MAX_M = 128  # fp8_linear: the dense Triton kernel (act-quant first) up to here, act-quant + cuBLAS above
+DECODE_GROUPED_MAX_M = 2048  # grouped FP8: the 16-row swapped tiles up to here (decode), 64 x 128 above
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -294,6 +295,10 @@ def grouped_fp8_config(m: int, e: int) -> Fp8Config:
     while rows per expert are few. Else act-quant first and the 64 x 128 tiles of the eager sweep."""
     if m <= FUSED_QUANT_MAX_M and m <= 16 * e and _decode_fusion():
         return Fp8Config(bm=16, bn=128, num_warps=4, num_stages=4, swap=True, fuse=True)
+    if m <= DECODE_GROUPED_MAX_M and m <= 16 * e and _decode_fusion():
+        # act-quant first, 16-row tiles with the weights on wgmma's M side: on an H200 at 512 rows,
+        # 102.9 / 55.0 us (gate_up / down) against 111.7 / 63.4 for 64 x 128 (bench/decode_kernels.py)
+        return Fp8Config(bm=16, bn=64, num_warps=4, num_stages=3, swap=True)
     return Fp8Config(bm=64, bn=128, num_warps=4, num_stages=3)
 
 
