@@ -10,14 +10,11 @@ rounding), and against torch._grouped_mm.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from miles_core.kernels.grouped_gemm import grouped_linear_reference
+from tests.test_kernels_quant import _run_interpreted
 
 pytest.importorskip("triton")
 
@@ -53,14 +50,7 @@ def interp_grouped() -> None:
 
 
 def test_grouped_kernel_matches_reference_in_interpreter():
-    code = (
-        "import tests.test_kernels_quant as t; t._fix_interpreter_for_numpy2(); "
-        "import tests.test_kernels_grouped as g; g.interp_grouped()"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _run_interpreted("interp_grouped", "tests.test_kernels_grouped")
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

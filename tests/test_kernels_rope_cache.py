@@ -136,7 +136,7 @@ def _interpreted(call: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float16", marks=pytest.mark.slow)])
 def test_kernel_equals_eager_norm_rope_and_cache_write_in_interpreter(dtype):
     _interpreted(f"interp_rope_cache({dtype!r})")
 

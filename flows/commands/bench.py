@@ -19,7 +19,7 @@ import typer
 
 from miles_core.errors import MilesError
 
-NAMES = ("forward", "rollout", "train", "quant", "convert")
+NAMES = ("forward", "rollout", "train", "quant", "convert", "decode_kernels")
 
 
 def register(app: typer.Typer) -> None:

@@ -87,6 +87,7 @@ def rollout_command(
         max_slots=max_slots, max_len=max_len or longest + max_new_tokens, seed=seed, cuda_graphs=cuda_graphs
     )
     engine = build_engine(model, tokenizer, config, device, getattr(torch, dtype), quantize)
+    engine.warmup()  # with --cuda-graphs: every length bucket's graph now, not mid-run (else nothing)
     partial = PartialRollout(engine, budget)
     stats = _run(partial, requests, writer, None if reward == "none" else reward, iteration)
     _print_summary(stats, writer)

@@ -46,6 +46,7 @@ def grouped_triton_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    from miles_core.kernels.quant_triton import _expert_tile
 
     @triton.jit
     def grouped_kernel(
@@ -67,18 +68,10 @@ if triton is not None:
         EVEN_K: tl.constexpr,
     ):
         # X: [M, K] rows sorted by expert; W: [E, N, K]; Y: [M, N]; COUNTS: [E] rows per expert.
-        es = tl.arange(0, E_P2)
-        c = tl.load(COUNTS + es, mask=es < E, other=0).to(tl.int32)  # [E_P2]
-        tiles = (c + BM - 1) // BM
-        tile_end = tl.cumsum(tiles, axis=0)
-        pid = tl.program_id(0)
-        e = tl.sum((tile_end <= pid).to(tl.int32))  # the expert owning row tile `pid` (E: past the last)
+        # The expert and row tile of this program from the counts alone (the FP8 / INT4 kernels' map).
+        e, _, r0, r1 = _expert_tile(COUNTS, COUNTS, COUNTS, E, tl.program_id(0), E_P2, BM, False)
         if e >= E:
             return
-        mine = es == e
-        row_start = tl.sum(tl.where(mine, tl.cumsum(c, axis=0) - c, 0))
-        r0 = row_start + (pid - tl.sum(tl.where(mine, tile_end - tiles, 0))) * BM
-        r1 = row_start + tl.sum(tl.where(mine, c, 0))
         rows = r0 + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         W += e.to(tl.int64) * stride_we
