@@ -85,8 +85,11 @@ class Experts(nn.Module):
         self.act = activation(cfg.hidden_act)
         self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs: [M, H] rows sorted by expert, counts: [E] -> [M, H] expert outputs (unweighted)."""
+    def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+        """xs: [M, H] rows sorted by expert (or, with `src` [M], the rows xs[src]), counts: [E] ->
+        [M, H] expert outputs (unweighted), in sorted order."""
+        if src is not None:
+            xs = xs.index_select(0, src)
         w1, w2 = self.gate_up_proj, self.down_proj
         if self.weight_transform is not None:
             w1, w2 = self.weight_transform(w1), self.weight_transform(w2)
@@ -97,37 +100,48 @@ class Experts(nn.Module):
         return dispatch(self.sorted_forward, x, weights, experts, self.gate_up_proj.shape[0], plan)
 
 
+def sort_plan(x: torch.Tensor, experts: torch.Tensor, n_experts: int):
+    """The expert sort of dispatch: experts [N, k] -> (src [N*k], inverse [N*k], counts [E]).
+
+    Sorted row r is token `src[r]`'s slot; `inverse[n * k + j]` is the sorted row of token n's j-th
+    slot; counts[e] rows go to expert e. Stable (slots of one expert in token order), no host sync.
+    At decode sizes on CUDA one Triton launch (`moe_route.sort_route`), else torch's stable argsort.
+    """
+    n, k = experts.shape
+    if moe_route.route_ok(x, n, k, n_experts):
+        return moe_route.sort_route(experts, n_experts)
+    flat = experts.reshape(-1)  # [N*k]
+    order = torch.argsort(flat, stable=True)  # slots sorted by expert
+    # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    # the inverse permutation, for an un-permute by gather (deterministic, unlike index_add's atomics)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order // k, inverse, counts
+
+
+def combine(ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ys [N*k, H] in sorted order -> [N, H] = sum_j weights[n, j] * ys[inverse[n * k + j]], in a fixed
+    order over the k slots of each token (one Triton pass on CUDA)."""
+    if moe_combine.available(ys):
+        return moe_combine.combine(ys, inverse, weights)
+    n, k = weights.shape
+    y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
+    return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
+
+
 def dispatch(sorted_forward, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n_experts: int, plan=None):
-    """Sort token slots by expert, run `sorted_forward(rows, counts)`, un-permute, weight and sum.
+    """Sort token slots by expert, run `sorted_forward(x, counts, src)` (the expert outputs of rows
+    x[src], in sorted order), un-permute, weight and sum.
 
     Shared by every experts implementation (bf16, FP8, INT4) and by the rollout engine, so they
     permute identically. No host sync: a CUDA graph can capture it. `plan` = (src, inverse,
-    counts) when the router already sorted (`Router.route`); at decode sizes on CUDA the sort is
-    one Triton launch (`moe_route.sort_route`), else torch's stable argsort.
+    counts) when the router already sorted (`Router.route`), else `sort_plan` makes it.
     x: [N, H], weights/experts: [N, k] -> [N, H].
     """
-    n, k = experts.shape
-    if plan is None and moe_route.route_ok(x, n, k, n_experts):
-        plan = moe_route.sort_route(experts, n_experts)
-    if plan is not None:
-        src, inverse, counts = plan
-        ys = sorted_forward(x.index_select(0, src), counts)  # [N*k, H], sorted order
-    else:
-        flat = experts.reshape(-1)  # [N*k]
-        order = torch.argsort(flat, stable=True)  # slots sorted by expert
-        # [E] rows per expert; scatter_add (unlike bincount) needs no host sync on CUDA
-        counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        ys = sorted_forward(x[order // k], counts)  # [N*k, H], sorted order
-        # Un-permute with a gather by the inverse permutation (deterministic, unlike index_add's
-        # atomics, and a vectorised gather rather than a scatter), then a fixed-order weighted sum
-        # over the k slots of each token.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-    if moe_combine.available(ys):  # the same sum in one Triton pass, and a one-pass backward
-        return moe_combine.combine(ys, inverse, weights)
-    y = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, H]
-    return torch.einsum("nkh,nk->nh", y, weights) if k > 1 else y[:, 0] * weights
+    src, inverse, counts = plan if plan is not None else sort_plan(x, experts, n_experts)
+    return combine(sorted_forward(x, counts, src), inverse, weights)  # [N*k, H] sorted -> [N, H]
 
 
 class MoE(nn.Module):

@@ -8,7 +8,7 @@
   Triton GEMM dequantizing in-kernel (M <= 256); CPU: the reference.
 - `QuantExperts`: the routed experts of one MoE layer (stacked gate_up [E, 2I, H], down [E, H, I])
   in FP8 or INT4, with the same interface as the model core's `Experts` (`forward(x, weights,
-  experts)`, `sorted_forward(xs, counts)`), running the grouped kernels.
+  experts)`, `sorted_forward(xs, counts, src)`), running the grouped kernels.
 
 Buffer names equal the HF on-disk names, so a layer's state_dict is its checkpoint slice.
 """
@@ -153,9 +153,13 @@ class QuantExperts(nn.Module):
         s = _kernel_scales(self, xs, f"{which}_weight_scale")
         return grouped_w4a16_linear(xs, p, s, counts, self.group_size)
 
-    def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs: [M, H] rows sorted by expert, counts: [E] -> [M, H] expert outputs (unweighted)."""
+    def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+        """xs: [M, H] rows sorted by expert (or, with `src` [M], the rows xs[src]), counts: [E] ->
+        [M, H] expert outputs (unweighted), in sorted order."""
         from miles_core.model.layers import gated
+
+        if src is not None:
+            xs = xs.index_select(0, src)
 
         return self._linear(gated(self.act, self._linear(xs, "gate_up", counts)), "down", counts)  # [M, 2I] -> [M, I]
 

@@ -74,6 +74,10 @@ class Engine:
         self._graphs = None
         self._st_key, self._st = None, None  # the last SamplingTensors and the samples it was built for
         self._ahead: _Step | None = None  # a decode step queued before its predecessor's tokens were read
+        if self.device.type == "cuda":  # decode: q/k/v in one GEMM (parameters become views of one buffer)
+            for layer in model.model.layers:
+                if hasattr(layer.self_attn, "fuse_projections_"):
+                    layer.self_attn.fuse_projections_()
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise MilesError("cuda_graphs needs the model on a CUDA device")
         if self.config.cuda_graphs or self.config.static_decode:

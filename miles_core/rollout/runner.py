@@ -120,7 +120,7 @@ def _norm_weights(attn) -> tuple:
 def _decode_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos) -> torch.Tensor:
     """GQA, one new token per row: the three projections, then `rope_norm_cache` (what `attn.qkv` +
     `cache.write` compute, in one launch) -> q [B, 1, Hq, D]; K and V are in the cache."""
-    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [B, 1, Hq*D], [B, 1, Hkv*D] x2
+    q, k, v = attn.project(h)  # [B, 1, Hq*D], [B, 1, Hkv*D] x2 (strided views of one GEMM when fused)
     qw, kw = _norm_weights(attn) or (None, None)
     eps = 0.0 if attn.q_norm is None else attn.q_norm.eps  # k_norm's too: both are cfg.rms_norm_eps
     a, b = cache.a[layer], cache.b[layer]
