@@ -23,6 +23,8 @@ batch: B random prompts of `--prompt` tokens, `--new` greedy tokens each, EOS ig
   E * (1 - (1 - k/E)^B) per layer - and the KV cache at the mean context length prompt + new/2)
   divided by the device bandwidth measured now (a 4 GiB device-to-device copy: 2 bytes moved per
   byte copied). Goal: miles' decode step <= 1.7x the floor at batch 64.
+- `--profile-prefill`: where the first batch's prefill goes (one step per `max_prefill_tokens` chunk
+  of prompts, plus its first token), per engine: warm wall time and the top CUDA kernels.
 - `--profile`: where a decode-only step's time goes at the first batch and context prompt + new/2
   (`profile_decode`): step wall time, the CUDA-graph replay alone, and the top CUDA kernels; the
   same for the dynamic eager decode (aten ops by CPU and CUDA time) and for FP8.
@@ -186,6 +188,33 @@ def profile_decode(model, batch: int, prompt: int, vocab: int, mode: str, steps:
         torch.cuda.empty_cache()
 
 
+def profile_prefill(model, batch: int, prompt: int, vocab: int, name: str, top: int = 25) -> None:
+    """Print where one prefill step of the whole batch goes (the step `run_miles` times first, its
+    chunk `max_prefill_tokens` as there): wall time of a repeat after a warm-up, and the top CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from miles_core.rollout import Engine, EngineConfig, Request, SamplingParams
+
+    config = EngineConfig(max_slots=batch, max_len=prompt + 8, max_prefill_tokens=min(batch * prompt, 32768))
+    engine = Engine(model, None, config)
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=1, ignore_eos=True)
+    reqs = [Request(f"p{j}", torch.randint(0, vocab, (prompt,), generator=g).tolist(), sp) for j in range(batch)]
+    walls = []
+    for _ in range(2):  # the first pays first-call costs
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(reqs)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(reqs)
+    print(f"\nprefill profile, {name}, batch {batch} x {prompt} tokens: wall {1e3 * walls[1]:.1f} ms (warm)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top))
+    del engine
+    torch.cuda.empty_cache()
+
+
 def run_hf(hf, batch: int, prompt: int, new: int, impl: str, vocab: int) -> dict:
     """transformers generate: ms/step = (time of `new` tokens - time of 1 token) / (new - 1)."""
     from transformers import GenerationConfig
@@ -227,6 +256,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="first profile decode steps at the first --batch")
     ap.add_argument("--profile-only", action="store_true", help="--profile, then stop")
     ap.add_argument("--eager-profile", choices=["static", "dynamic"], default="dynamic", help="eager mode profiled")
+    ap.add_argument("--profile-prefill", action="store_true", help="first profile the first batch's prefill")
     ap.add_argument("--unfused", action="store_true", help="also run without the decode-size fused kernels")
     ap.add_argument("--fp8-experts", action="store_true", help="also FP8 experts with bf16 attention")
     args = ap.parse_args()
@@ -250,6 +280,10 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     ctx = args.prompt + args.new // 2
+    if args.profile_prefill:
+        for name, m in (("bf16", miles), ("fp8", fp8), ("fp8 experts", fp8e)):
+            if m is not None:
+                profile_prefill(m, args.batch[0], args.prompt, vocab, name)
     if args.profile or args.profile_only:
         profile_decode(miles, args.batch[0], ctx, vocab, "graphs")
         if not args.skip_eager:
