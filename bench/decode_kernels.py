@@ -12,6 +12,10 @@ batches of 64 and 256 tokens. Each variant is captured in a CUDA graph of 20 cal
   sorted rows: torch._grouped_mm (with its offsets cumsum) vs `grouped_triton` (`--sweep`: tiles),
   as bandwidth over the touched experts' weight bytes against a measured device copy.
 - flash_decode: the GQA decode attention for several split targets (`TARGET_PROGRAMS`).
+- addnorm: the residual add + next RMSNorm (`x + a`, F.rms_norm) and the MoE's combine + add + norm
+  (`moe_combine.combine`, `x + c`, F.rms_norm) vs `add_norm.add_rms_norm` / `combine_add_rms_norm`.
+- experts: the MoE experts' launch fusions (row gather, SwiGLU) vs the launches they replace
+  (bench/decode_experts.py).
 """
 
 from __future__ import annotations
@@ -260,11 +264,49 @@ def _torch_sample(kernels, sample, logits, st):
     return run
 
 
+def addnorm(batches) -> None:
+    """The layer-boundary launches the fused decode loop replaces, bf16, top-8: post-attention (add,
+    norm: 2 launches -> 1) and after the experts (combine, add, norm: 3 -> 1), at hidden 2048
+    (Qwen3-30B-A3B) and 7168 (DeepSeek-V3). `s equal`: the fused sums have the unfused bits."""
+    print("\n| add + RMSNorm (bf16) | tokens | H | torch us | fused us | vs torch | s equal |")
+    print("|---|---|---|---|---|---|---|")
+    for n, h in itertools.product(batches, (2048, 7168)):
+        for name, unfused, fused in _addnorm_cases(n, h):
+            same = torch.equal(unfused()[0], fused()[0])
+            base, us = graph_us(unfused), graph_us(fused)
+            print(f"| {name} | {n} | {h} | {base:.1f} | {us:.1f} | {base / us:.2f}x | {same} |")
+
+
+def _addnorm_cases(n: int, h: int) -> list:
+    """(name, torch ops, fused kernel) pairs on random bf16 rows: n tokens of h, 8 slots each."""
+    import torch.nn.functional as F
+
+    from miles_core.kernels import add_norm, moe_combine
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, a, w = torch.randn(n, h, **bf), torch.randn(n, h, **bf), torch.rand(h, **bf) + 0.5
+    ys, inverse, weights = torch.randn(n * 8, h, **bf), torch.randperm(n * 8, device="cuda"), torch.rand(n, 8, **bf)
+
+    def add_norm_torch(r):
+        s = x + r
+        return s, F.rms_norm(s, (h,), w, 1e-6)
+
+    return [
+        ("add, norm", lambda: add_norm_torch(a), lambda: add_norm.add_rms_norm(x, a, w, 1e-6)),
+        (
+            "combine, add, norm",
+            lambda: add_norm_torch(moe_combine.combine(ys, inverse, weights)),
+            lambda: add_norm.combine_add_rms_norm(ys, inverse, weights, x, w, 1e-6),
+        ),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    ap.add_argument("--only", choices=["routing", "grouped", "flash", "fp8", "sampling"], default=None)
+    parts = ["routing", "grouped", "flash", "fp8", "sampling", "addnorm", "experts"]
+    ap.add_argument("--only", choices=parts, default=None)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw = bandwidth()
@@ -280,6 +322,13 @@ def main() -> None:
     if args.only in (None, "sampling"):
         with torch.inference_mode():
             sampling(args.batch, args.sweep, bw)
+    if args.only in (None, "addnorm"):
+        with torch.inference_mode():
+            addnorm(args.batch)
+    if args.only in (None, "experts"):
+        from bench.decode_experts import experts
+
+        experts(args.batch, args.sweep)
 
 
 if __name__ == "__main__":

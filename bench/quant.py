@@ -7,6 +7,7 @@
     PYTHONPATH=. python bench/quant.py --only decode          # FP8 / W4A16 at the rollout decode step's
                                                               # sizes in CUDA graphs, new vs previous path
     PYTHONPATH=. python bench/quant.py --only decode --sweep  # + tile candidates of the decode kernels
+    PYTHONPATH=. python bench/quant.py --only prefill --sweep # grouped FP8 at rollout-prefill sizes
 
 Rows (median of triton.testing.do_bench, which flushes L2 before each repetition):
 - FP8 block-scaled linear (Triton 1x128 act-quant + cuBLAS 1x128 x 128x128 `scaled_mm`) vs bf16
@@ -361,6 +362,53 @@ def grouped(sweep: bool):
         row("grouped w4a16", name, base, t, err, f"{2 * m * n * k / t / 1e6:.0f} TFLOP/s {cfg}")
 
 
+PREFILL_GROUPED = [  # (name, experts, N, K, tokens): one rollout prefill chunk of Qwen3-30B-A3B (top-8)
+    ("gate_up, prefill 16k tokens", 128, 1536, 2048, 16384),
+    ("down, prefill 16k tokens", 128, 2048, 768, 16384),
+    ("gate_up, prefill 32k tokens", 128, 1536, 2048, 32768),
+]
+# (bm, bn, num_warps, num_stages, nfast): act-quant first; nfast = the N tiles of one row tile run
+# side by side (grid axis 0), so its activations are read from L2 instead of once per N tile from HBM
+PREFILL_FP8_SWEEP = [
+    (64, 128, 4, 3, False),
+    (64, 128, 4, 3, True),
+    (128, 128, 8, 3, True),
+    (128, 128, 8, 4, True),
+    (128, 128, 4, 3, True),
+    (256, 128, 8, 3, True),
+]
+
+
+def prefill_grouped(sweep: bool):
+    """The experts of a rollout prefill chunk (tokens x top-8 rows, routed at random): grouped FP8
+    (act-quant + the Triton kernel; the default, and with --sweep the candidates) vs bf16 `_grouped_mm`."""
+    g = torch.Generator().manual_seed(0)
+    for case in PREFILL_GROUPED:
+        _prefill_case(*case, g, sweep)
+        torch.cuda.empty_cache()
+
+
+def _prefill_case(name: str, e: int, n: int, k: int, tokens: int, g: torch.Generator, sweep: bool) -> None:
+    rows = tokens * 8
+    counts = torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e).cuda()
+    xs = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(e, n, k, device="cuda") * 0.02
+    wb = w.bfloat16()
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    base_fn = lambda: torch._grouped_mm(xs, wb.transpose(-2, -1), offs=offs)
+    base = bench(base_fn)
+    ref = base_fn().float()
+    wq, ws = fp8_block_quantize(w)
+    del w
+    keys = ("bm", "bn", "num_warps", "num_stages", "nfast")
+    for v in [None] + (PREFILL_FP8_SWEEP if sweep else []):
+        kw = {**dict(zip(keys, v, strict=True)), **NO_FUSE} if v else {}
+        fn = lambda kw=kw: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts, **kw)
+        t, err = bench(fn), rel(fn(), ref)
+        tf = 2 * rows * n * k / t / 1e6
+        row("prefill grouped fp8", name, base, t, err, f"{tf:.0f} TFLOP/s {v or 'default'} (err vs bf16 output)")
+
+
 DECODE_M = 64  # rows of one decode step at batch 64
 DECODE_DENSE = [("q_proj", 4096, 2048), ("o_proj", 2048, 4096), ("k/v_proj", 512, 2048)]  # (name, N, K)
 DECODE_GROUPED = [  # (name, experts, N, K, rows): Qwen3-30B-A3B experts, 64 tokens x top-8 = 512 rows
@@ -497,6 +545,7 @@ def main() -> int:
         ("grouped", lambda: grouped(args.sweep)),
         ("graph", lambda: graph_decode(args.sweep)),
         ("decode", lambda: decode(args.sweep)),
+        ("prefill", lambda: prefill_grouped(args.sweep)),
     ]:
         if name in only:
             try:

@@ -48,7 +48,8 @@ def interp_grouped_fp8_fused() -> None:
             two = fp8_gemm.grouped_fp8_linear_triton(*args, swap=c.swap)
             fused = fp8_gemm.grouped_fp8_linear_triton(*args, swap=c.swap, fuse=True)
             prep = fp8_gemm.grouped_fp8_linear_triton(*args, swap=c.swap, fuse=True, prep=True)
-            assert torch.equal(fused, two) and torch.equal(fused, prep), (counts, c)
+            nfast = fp8_gemm.grouped_fp8_linear_triton(*args, swap=c.swap, nfast=True)  # grid axes swapped
+            assert torch.equal(fused, two) and torch.equal(fused, prep) and torch.equal(nfast, two), (counts, c)
             assert _rel(fused, ref) < (1e-5 if dtype == torch.float32 else 1e-3), (counts, c, _rel(fused, ref))
 
 

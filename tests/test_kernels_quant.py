@@ -228,6 +228,13 @@ def test_gpu_grouped_kernels_match_reference():
         _poison()
         y = fp8_gemm.grouped_fp8_linear(xs.cuda(), wq.cuda(), ws.cuda(), counts.cuda())
         assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("fp8", e, n, k, _rel(y.cpu(), ref))
+        args = (xs.cuda(), wq.cuda(), ws.cuda(), counts.cuda())
+        outs = []
+        for nfast in (False, True):  # the prefill tiles, in both launch orders: the same bits
+            _poison()
+            outs.append(fp8_gemm.grouped_fp8_linear(*args, bm=128, bn=128, num_warps=8, nfast=nfast))
+            assert _rel(outs[-1].cpu(), ref) < 5e-3, ("fp8 128x128", nfast, e, n, k, _rel(outs[-1].cpu(), ref))
+        assert torch.equal(outs[0], outs[1]), ("nfast changed bits", e, n, k)
 
 
 @cuda
@@ -276,7 +283,7 @@ def _resources(kernel) -> str:
 
 _PTRS = {
     **{"X": "*bf16", "W": "*i32", "S": "*bf16", "P": "*fp32", "LOCKS": "*i32"},
-    **{"TILE_END": "*i32", "ROW_START": "*i32", "COUNTS": "*i32"},
+    **{"TILE_END": "*i32", "ROW_START": "*i32", "COUNTS": "*i32", "SRC": "*i32"},
 }
 
 
@@ -297,8 +304,10 @@ def _d8(**consts) -> dict:
 
 _SM90_CASES = [
     # (kernel name, pointer types, constexprs, num_warps or (num_warps, num_stages), expect wgmma)
-    ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"}, {"BM": 16, "BLOCK": 128}, 4,
-     False),
+    ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i32", "EPS": "fp32"},
+     {"BM": 16, "BLOCK": 128}, 4, False),
+    ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i64", "EPS": "fp32"},
+     {"BM": 16, "BLOCK": 128, "GATHER": True}, 4, False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4), 4, False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=128, BN=128, BK=64, SPLIT_K=1), 8, True),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=1, BN=64, BK=128, SPLIT_K=2, UNPACK=4, ASM=True), 1, False),
@@ -310,6 +319,8 @@ _SM90_CASES = [
      {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
       "PREP": False}, 4, False),
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False), 4, True),
+    # prefill: 128 x 128 tiles, a row tile's N tiles side by side
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=128, SWAP=False, QUANT=False, NFAST=True), 8, True),
     # decode: activations quantized in the GEMM, weights on wgmma's M side (m64n16k32)
     ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=16, SWAP=True, QUANT=True), (4, 4), True),
     ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=64, SWAP=False, QUANT=True), 4, True),

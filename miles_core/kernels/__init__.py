@@ -4,8 +4,14 @@
 rope/qk-norm/KV-write, FP8 small-M GEMMs with the activation quantization inside): on by default;
 `MILES_DECODE_FUSION=0` or setting it False before an engine captures its graphs measures what they
 save (bench/rollout.py --unfused). Numerics are the same either way up to float32 reduction order.
+
+`EXPERT_FUSION` (with `DECODE_FUSION`) switches the MoE experts' launch fusions alone: the row gather
+and SwiGLU folded into the bf16 grouped GEMM, into the FP8 activation quantization (and the gather
+into the INT4 GEMM). These give the unfused launches' bits, so turning them off
+(`MILES_EXPERT_FUSION=0`) changes the timing only; `DECODE_FUSION` off also changes the GEMM kernels.
 """
 
 import os
 
 DECODE_FUSION = os.environ.get("MILES_DECODE_FUSION", "1") != "0"
+EXPERT_FUSION = os.environ.get("MILES_EXPERT_FUSION", "1") != "0"

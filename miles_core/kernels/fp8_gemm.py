@@ -16,6 +16,9 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
   their expert from `counts` alone (no prep launches); at decode sizes (`grouped_fp8_config`, up to
   `FUSED_QUANT_MAX_M` rows) it quantizes the activations itself (no act-quant launch), with the weights
   on the MMA's M side since experts get a few rows each.
+- `grouped_fp8_experts`: the whole SwiGLU expert MLP in four launches, the MoE's row gather folded
+  into the first act-quant (`fp8_act_quant_triton(x, src=...)`) and SwiGLU into the second
+  (`swiglu_fp8_quant_triton`); the unfused chain's bits (`QuantExperts` on CUDA, `kernels.EXPERT_FUSION`).
 - The `*_reference` functions are the pure-torch definition (dequantize, then matmul in fp32);
   they are the CPU path and what the GPU tests compare against.
 """
@@ -52,6 +55,9 @@ __all__ = [
     "grouped_fp8_linear",
     "grouped_fp8_linear_reference",
     "expert_tiles",
+    "swiglu_fp8_quant_triton",
+    "grouped_fp8_experts",
+    "experts_fusion_ok",
 ]
 
 
@@ -76,6 +82,7 @@ class Fp8Config:
     split_k: int = 1  # dense kernel only: K split over programs, reduced in-kernel in split order
     swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
     fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
+    nfast: bool = False  # grouped kernel: a row tile's N tiles launched side by side (A reused from L2)
 
 
 @functools.cache
@@ -103,18 +110,40 @@ def fp8_act_quant(x: torch.Tensor, pad_rows_to: int = 1, col_major_scale: bool =
     return fp8_act_quant_triton(x, pad_rows_to, col_major_scale)
 
 
-def fp8_act_quant_triton(x: torch.Tensor, pad_rows_to: int = 1, col_major_scale: bool = False):
-    """The kernel launch alone (any Triton device, the interpreter included)."""
-    m, k = x.shape
+def fp8_act_quant_triton(
+    x: torch.Tensor, pad_rows_to: int = 1, col_major_scale: bool = False, src: torch.Tensor | None = None
+):
+    """The kernel launch alone (any Triton device, the interpreter included). `src` [M] (int32/int64):
+    quantize the rows x[src] (x: [T, K]) read in place, the bits of `fp8_act_quant_triton(x[src])`."""
+    m, k = x.shape if src is None else (src.shape[0], x.shape[1])
     mp = _cdiv(m, pad_rows_to) * pad_rows_to
     kb = _cdiv(k, BLOCK)
-    x = x.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     q = torch.empty(mp, k, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(kb, mp, device=x.device).t() if col_major_scale else torch.empty(mp, kb, device=x.device)
+    if mp == 0:
+        return q, s
     bm = 16
     grid = (_cdiv(mp, bm), kb)
     load_triton_kernels().fp8_act_quant_kernel[grid](
-        x, q, s, m, mp, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), ACT_EPS, BM=bm, BLOCK=BLOCK
+        x, q, s, src if src is not None else x, m, mp, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None,
+    )  # fmt: skip
+    return q, s
+
+
+def swiglu_fp8_quant_triton(y: torch.Tensor):
+    """y: [M, 2I] (gate columns, then up) -> (q [M, I] fp8, scale [M, ceil(I/128)] fp32), the bits of
+    `fp8_act_quant_triton(swiglu(y))` in one launch (any Triton device, the interpreter included)."""
+    m, n = y.shape[0], y.shape[1] // 2
+    y = y if y.stride(-1) == 1 else y.contiguous()
+    q = torch.empty(m, n, dtype=FP8_DTYPE, device=y.device)
+    s = torch.empty(m, _cdiv(n, BLOCK), device=y.device)
+    if m == 0:
+        return q, s
+    bm = 16
+    load_triton_kernels().swiglu_fp8_quant_kernel[(_cdiv(m, bm), _cdiv(n, BLOCK))](
+        y, q, s, m, n, y.stride(0), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK
     )
     return q, s
 
@@ -313,16 +342,18 @@ def grouped_fp8_linear(
     num_stages: int | None = None,
     fuse: bool | None = None,
     swap: bool | None = None,
+    nfast: bool | None = None,
 ) -> torch.Tensor:
     """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E], int32 or int64); Triton on
     CUDA. Tiles by size (`grouped_fp8_config`) unless given."""
     if not xs.is_cuda:
         return grouped_fp8_linear_reference(xs, w, scale_inv, counts)
-    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap)
+    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast)
     cfg = replace(grouped_fp8_config(xs.shape[0], w.shape[0]), **{k: v for k, v in given.items() if v is not None})
     return grouped_fp8_linear_triton(
-        xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap
-    )
+        xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap,
+        nfast=cfg.nfast,
+    )  # fmt: skip
 
 
 def grouped_fp8_linear_triton(
@@ -337,27 +368,60 @@ def grouped_fp8_linear_triton(
     fuse: bool = False,
     swap: bool = False,
     prep: bool = False,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    nfast: bool = False,
 ) -> torch.Tensor:
     """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
     activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
-    previous path's tile tables (`expert_tiles`, five small launches), for benchmarks."""
+    previous path's tile tables (`expert_tiles`, five small launches), for benchmarks. `x_scale`: xs is
+    already quantized (e4m3 [M, K] and x_scale [M, KB] fp32, as `fp8_act_quant_triton` gives them), the
+    output `out_dtype`. `nfast`: the grid's fast axis walks N tiles (see `Fp8Config`)."""
     m, k = xs.shape
     e, n, _ = w.shape
-    y = torch.empty(m, n, dtype=xs.dtype, device=xs.device)
+    y = torch.empty(m, n, dtype=out_dtype or xs.dtype, device=xs.device)
     if m == 0:
         return y
     xs = xs if xs.stride(-1) == 1 else xs.contiguous()
-    a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)  # [M, K]; [M, KB] fp32 (unused when fused)
+    if x_scale is not None:
+        a, sa, fuse = xs, x_scale, False
+    else:  # [M, K]; [M, KB] fp32 (unused when fused)
+        a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)
     tile_end, row_start, c = expert_tiles(counts, bm) if prep else (counts, counts, counts)
     grid = (_cdiv(m, bm) + e, _cdiv(n, bn))
+    grid = grid[::-1] if nfast else grid
     load_triton_kernels().grouped_fp8_kernel[grid](
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, num_warps=num_warps, num_stages=num_stages,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y
 
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def experts_fusion_ok(x: torch.Tensor, rows: int, n_experts: int) -> bool:
+    """`grouped_fp8_experts` applies: CUDA, `kernels.DECODE_FUSION` and `EXPERT_FUSION` on, and the
+    grouped tiles for this size quantize in the act-quant kernel (not inside the GEMM)."""
+    from miles_core import kernels
+
+    return kernels.EXPERT_FUSION and x.is_cuda and _decode_fusion() and not grouped_fp8_config(rows, n_experts).fuse
+
+
+def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None) -> torch.Tensor:
+    """SwiGLU experts on FP8 weights in four launches: act-quant of the rows x[src] -> gate_up ->
+    SwiGLU + act-quant -> down. x: [T, H] token rows (without `src`: [M, H] rows sorted by expert);
+    w1 [E, 2I, H], w2 [E, H, I] e4m3 with scale_inv s1, s2; counts [E] -> [M, H] in x.dtype.
+
+    The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
+    same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
+    m = x.shape[0] if src is None else src.shape[0]
+    cfg = grouped_fp8_config(m, w1.shape[0])
+    tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap)
+    a, sa = fp8_act_quant_triton(x, src=src)  # [M, H] e4m3, [M, H/128] fp32
+    y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, 2I]
+    a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
+    return grouped_fp8_linear_triton(a, w2, s2, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, H]

@@ -3,7 +3,10 @@ w4a16_gemm.py, so that miles_core imports without triton.
 
 - `fp8_act_quant_kernel`: 1x128 dynamic activation quantization (bf16/fp32 -> e4m3 + fp32 scale per
   row and 128 columns), scales written through arbitrary strides so that `torch._scaled_mm` gets
-  its column-major scale layout without a transpose copy.
+  its column-major scale layout without a transpose copy. GATHER reads the rows x[src] in place (the
+  MoE experts' rows sorted by expert, without an index_select copy first).
+- `swiglu_fp8_quant_kernel`: SwiGLU on the experts' gate_up output, rounded as `swiglu` rounds, then
+  quantized as above: the down GEMM's fp8 input in one launch, the same bits as the two launches.
 - `w4a16_kernel`: y = x @ dequant(W)^T for packed int4 W (compressed-tensors layout). The nibbles
   are unpacked in registers to exact small integers in bf16, the tile's dot runs on tensor cores,
   and the group scale multiplies the fp32 partial sum (one multiply per output per group instead
@@ -14,7 +17,8 @@ w4a16_gemm.py, so that miles_core imports without triton.
   mantissa of 128.0, one LOP3 in PTX), fp32 FMAs, several groups per step, the next step prefetched.
 - `grouped_*_kernel`: the same for MoE experts, rows sorted by expert; each program finds its expert
   and rows from the per-expert row counts alone (`_expert_tile`: a scan over E counts in registers), so
-  a call needs no prep launches, no host sync and no padding of rows, and its grid is static.
+  a call needs no prep launches, no host sync and no padding of rows, and its grid is static. The INT4
+  one (as grouped_triton's bf16 kernel) can read its rows as x[src] (GATHER), the MoE's token rows in place.
 - `grouped_fp8_kernel` / `fp8_dense_kernel`: FP8 block-scaled GEMMs (1x128 activation and 128x128
   weight scales applied to each 128-deep partial product in fp32, the DeepSeek-V3 recipe). With QUANT
   the A operand is the bf16 activations, quantized per 1x128 tile inside the GEMM with the act-quant
@@ -28,24 +32,63 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from miles_core.kernels.swiglu import silu_mul
+
 FP8_MAX = tl.constexpr(448.0)  # globals inside @triton.jit must be constexpr
 
 
 @triton.jit
 def fp8_act_quant_kernel(
-    X, Q, S, M, M_ALLOC, K, stride_xm, stride_qm, stride_sm, stride_sk, EPS, BM: tl.constexpr, BLOCK: tl.constexpr
+    X,
+    Q,
+    S,
+    SRC,
+    M,
+    M_ALLOC,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    stride_sk,
+    EPS,
+    BM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GATHER: tl.constexpr = False,
 ):
-    # X: [M, K]; Q: [M_alloc, K] fp8; S: scale [M_alloc, ceil(K/BLOCK)] with strides (stride_sm, stride_sk).
-    # Rows in [M, M_alloc) (padding for cuBLAS) are written as zeros with scale EPS/448.
+    # X: [M, K], or (GATHER) [T, K] token rows with SRC [M]: row r is X[SRC[r]] (the MoE's rows sorted by
+    # expert, read in place); Q: [M_alloc, K] fp8; S: scale [M_alloc, ceil(K/BLOCK)] with strides
+    # (stride_sm, stride_sk). Rows in [M, M_alloc) (padding for cuBLAS) are written as zeros with scale EPS/448.
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    if GATHER:
+        x_rows = tl.load(SRC + rows, mask=rows < M, other=0)
+    else:
+        x_rows = rows
     mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + x_rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     q, scale = _quantize_rows(x, EPS)
     out_mask = (rows[:, None] < M_ALLOC) & (cols[None, :] < K)
     tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=out_mask)
     tl.store(S + rows * stride_sm + pid_k * stride_sk, scale, mask=rows < M_ALLOC)
+
+
+@triton.jit
+def swiglu_fp8_quant_kernel(X, Q, S, M, N, stride_xm, stride_qm, stride_sm, EPS, BM: tl.constexpr, BLOCK: tl.constexpr):
+    # X: [M, 2N] gate columns then up columns (the gate_up GEMM's output) -> h = silu(gate) * up rounded to
+    # X's dtype, as `swiglu` writes it, then quantized as fp8_act_quant_kernel quantizes h: Q [M, N] fp8,
+    # S [M, ceil(N/BLOCK)] fp32. One launch, and no [M, N] h in memory between them.
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(ptrs + N, mask=mask, other=0.0).to(tl.float32)
+    h = silu_mul(g, u).to(X.dtype.element_ty).to(tl.float32)  # masked: silu(0) * 0 = 0, as a masked load
+    q, scale = _quantize_rows(h, EPS)
+    tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(S + rows * stride_sm + pid_k, scale, mask=rows < M)
 
 
 @triton.jit
@@ -391,6 +434,7 @@ def grouped_w4a16_kernel(
     TILE_END,
     ROW_START,
     COUNTS,
+    SRC,
     E,
     N,
     K,
@@ -410,13 +454,19 @@ def grouped_w4a16_kernel(
     UNPACK: tl.constexpr,
     ASM: tl.constexpr = False,
     PREP: tl.constexpr = False,
+    GATHER: tl.constexpr = False,
 ):
-    # X: [M, K] rows sorted by expert; W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N];
+    # X: [M, K] rows sorted by expert, or (GATHER) [T, K] token rows with SRC [M]: row r is X[SRC[r]];
+    # W: [E, N, ceil(K/8)] int32; S: [E, N, ceil(K/GROUP)]; Y: [M, N];
     # COUNTS: [E] rows per expert (TILE_END, ROW_START: read only with PREP, see _expert_tile).
     e, e_safe, r0, r1 = _expert_tile(COUNTS, TILE_END, ROW_START, E, tl.program_id(0), E_P2, BM, PREP)
     if e >= E:
         return
     rows = r0 + tl.arange(0, BM)
+    if GATHER:
+        x_rows = tl.load(SRC + rows, mask=rows < r1, other=0)
+    else:
+        x_rows = rows
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     k_words = (K + 7) // 8
     W += e_safe.to(tl.int64) * stride_we
@@ -425,7 +475,7 @@ def grouped_w4a16_kernel(
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         x = tl.load(
-            X + rows[:, None] * stride_xm + ks[None, :],
+            X + x_rows[:, None] * stride_xm + ks[None, :],
             mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
@@ -520,19 +570,26 @@ def grouped_fp8_kernel(
     QUANT: tl.constexpr = False,
     SWAP: tl.constexpr = False,
     PREP: tl.constexpr = False,
+    NFAST: tl.constexpr = False,
 ):
     # A: [M, K] rows sorted by expert, fp8 with SA [M, ceil(K/128)] fp32, or (QUANT) bf16/fp16/fp32;
     # B: [E, N, K] fp8, SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]; COUNTS: [E] rows per expert.
-    # BK == 128; BN divides 128.
-    e, e_safe, r0, r1 = _expert_tile(COUNTS, TILE_END, ROW_START, E, tl.program_id(0), E_P2, BM, PREP)
+    # BK == 128; BN divides 128. Grid (row tiles, N tiles), or with NFAST (N tiles, row tiles): the N
+    # tiles of one row tile are then neighbours in launch order, so its A rows come from L2 after the
+    # first (prefill sizes, where A is re-read once per N tile otherwise).
+    if NFAST:
+        pid_t, pid_n = tl.program_id(1), tl.program_id(0)
+    else:
+        pid_t, pid_n = tl.program_id(0), tl.program_id(1)
+    e, e_safe, r0, r1 = _expert_tile(COUNTS, TILE_END, ROW_START, E, pid_t, E_P2, BM, PREP)
     if e >= E:
         return
     rows = r0 + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     B += e_safe.to(tl.int64) * stride_be
     SB += e_safe.to(tl.int64) * stride_sbe
     acc = _fp8_block_dot(
-        A, SA, B, SB, rows, r1, tl.program_id(1) * BN, N, K, 0, tl.cdiv(K, BK),
+        A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
         stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP,
     )  # fmt: skip
     if SWAP:

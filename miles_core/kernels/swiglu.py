@@ -9,6 +9,10 @@ halves, so the activation runs on the slow non-vectorised elementwise path, and 
 concatenates the two halves' gradients with a `cat`. Here one kernel reads the two halves and
 writes the output, and one kernel writes the whole [M, 2I] gradient. Both compute in float32 and
 round once. The pure-torch form is `torch_swiglu` (CPU path, reference).
+
+`silu_mul` is the forward formula as a Triton function, shared with the kernels that fuse SwiGLU into
+a neighbour (the bf16 grouped GEMM's epilogue, `grouped_triton`; the FP8 act-quant of the down GEMM's
+input, `quant_triton.swiglu_fp8_quant_kernel`): given the same rounded inputs they give these bits.
 """
 
 from __future__ import annotations
@@ -35,13 +39,18 @@ def torch_swiglu(x: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
+    def silu_mul(g, u):
+        # fp32 gate and up -> silu(g) * u in fp32 (the caller rounds once)
+        return g * tl.sigmoid(g) * u
+
+    @triton.jit
     def _swiglu_fwd_kernel(x_ptr, out_ptr, total, inter, BLOCK: tl.constexpr):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = idx < total
         row, col = idx // inter, idx % inter
         g = tl.load(x_ptr + row * 2 * inter + col, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * 2 * inter + inter + col, mask=inside, other=0.0).to(tl.float32)
-        out = g * tl.sigmoid(g) * u
+        out = silu_mul(g, u)
         tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit

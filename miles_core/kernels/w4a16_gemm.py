@@ -219,9 +219,13 @@ def grouped_w4a16_linear(
     counts: torch.Tensor,
     group_size: int,
     config: W4A16Config | None = None,
+    src: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Grouped W4A16 expert GEMM (rows sorted by expert). Triton for bf16 CUDA inputs."""
-    m, k = xs.shape
+    """Grouped W4A16 expert GEMM (rows sorted by expert). Triton for bf16 CUDA inputs. `src` [M]: the rows
+    are xs[src] (xs: [T, K] token rows), read in place by the kernel (`kernels.EXPERT_FUSION`)."""
+    from miles_core import kernels
+
+    m, k = xs.shape if src is None else (src.shape[0], xs.shape[1])
     e, n, _ = packed.shape
     if config is None:  # decode (a few rows per expert) vs prefill tiles, from the bench sweep
         small = m <= 16 * e
@@ -229,9 +233,12 @@ def grouped_w4a16_linear(
     cfg = (
         config if group_size % config.bk == 0 else W4A16Config(**{**config.__dict__, "bk": min(config.bk, group_size)})
     )
-    if not _kernel_ok(xs, group_size, cfg.bk) or group_size < 16:
+    kernel = _kernel_ok(xs, group_size, cfg.bk) and group_size >= 16
+    if src is not None and not (kernel and kernels.DECODE_FUSION and kernels.EXPERT_FUSION):
+        xs, src = xs.index_select(0, src), None
+    if not kernel:
         return grouped_w4a16_linear_reference(xs, packed, scale, counts, group_size)
-    return grouped_w4a16_linear_triton(xs, packed, scale, counts, group_size, cfg)
+    return grouped_w4a16_linear_triton(xs, packed, scale, counts, group_size, cfg, src=src)
 
 
 def grouped_w4a16_linear_triton(
@@ -242,16 +249,17 @@ def grouped_w4a16_linear_triton(
     group_size: int,
     cfg: W4A16Config,
     prep: bool = False,
+    src: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grouped kernel launch alone (any Triton device, the interpreter included). The programs find
     their expert from `counts` ([E], int32 or int64) themselves; `prep`: the previous path's tile tables
-    (`expert_tiles`, five small launches), for benchmarks."""
-    m, k = xs.shape
+    (`expert_tiles`, five small launches), for benchmarks; `src` [M]: the rows xs[src], read in place."""
+    m, k = xs.shape if src is None else (src.shape[0], xs.shape[1])
     e, n, _ = packed.shape
     y = torch.empty(m, n, dtype=xs.dtype, device=xs.device)
     if m == 0:
         return y
-    xs = xs.contiguous()
+    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
     tile_end, row_start, c = expert_tiles(counts, cfg.bm) if prep else (counts, counts, counts)
     grid = (_cdiv(m, cfg.bm) + e, _cdiv(n, cfg.bn))
     load_triton_kernels().grouped_w4a16_kernel[grid](
@@ -262,6 +270,7 @@ def grouped_w4a16_linear_triton(
         tile_end,
         row_start,
         c,
+        src if src is not None else c,  # unread without GATHER
         e,
         n,
         k,
@@ -281,6 +290,7 @@ def grouped_w4a16_linear_triton(
         UNPACK=cfg.unpack,
         ASM=_asm_ok(xs),
         PREP=prep,
+        GATHER=src is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles_core.kernels import moe_combine, moe_route
+from miles_core.kernels import grouped_triton, moe_combine, moe_route
 from miles_core.kernels.grouped_gemm import grouped_linear
 from miles_core.model.config import ModelConfig
 from miles_core.model.layers import MLP, activation, gated
@@ -87,12 +87,19 @@ class Experts(nn.Module):
 
     def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         """xs: [M, H] rows sorted by expert (or, with `src` [M], the rows xs[src]), counts: [E] ->
-        [M, H] expert outputs (unweighted), in sorted order."""
-        if src is not None:
-            xs = xs.index_select(0, src)
+        [M, H] expert outputs (unweighted), in sorted order.
+
+        At decode sizes on CUDA (no autograd) the gate_up GEMM reads the rows xs[src] in place and, for
+        silu, applies SwiGLU in its epilogue (`grouped_triton`): the bits of the unfused launches."""
         w1, w2 = self.gate_up_proj, self.down_proj
         if self.weight_transform is not None:
             w1, w2 = self.weight_transform(w1), self.weight_transform(w2)
+        if grouped_triton.fusion_ok(xs, w1, xs.shape[0] if src is None else src.shape[0]):
+            fused = self.act is F.silu
+            h = grouped_triton.grouped_linear_triton(xs, w1, counts, src=src, swiglu=fused)  # [M, I] or [M, 2I]
+            return grouped_linear(h if fused else gated(self.act, h), w2, counts)
+        if src is not None:
+            xs = xs.index_select(0, src)
         return grouped_linear(gated(self.act, grouped_linear(xs, w1, counts)), w2, counts)  # [M, 2I] -> [M, I]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, plan=None) -> torch.Tensor:

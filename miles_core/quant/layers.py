@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from miles_core.errors import MilesError
@@ -141,7 +142,8 @@ class QuantExperts(nn.Module):
             raise MilesError(f"unknown quantization format {fmt!r}; use 'fp8' or 'int4'")
         return cls(fmt, experts.act, parts[0], parts[1], h, two_i // 2, group_size)
 
-    def _linear(self, xs: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
+    def _linear(self, xs: torch.Tensor, which: str, counts: torch.Tensor, src=None) -> torch.Tensor:
+        # src (INT4 only): the rows xs[src], gathered by the kernel when it can
         if self.fmt == "fp8":
             from miles_core.kernels.fp8_gemm import grouped_fp8_linear
 
@@ -151,17 +153,26 @@ class QuantExperts(nn.Module):
 
         p = getattr(self, f"{which}_weight_packed")
         s = _kernel_scales(self, xs, f"{which}_weight_scale")
-        return grouped_w4a16_linear(xs, p, s, counts, self.group_size)
+        return grouped_w4a16_linear(xs, p, s, counts, self.group_size, src=src)
 
     def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         """xs: [M, H] rows sorted by expert (or, with `src` [M], the rows xs[src]), counts: [E] ->
-        [M, H] expert outputs (unweighted), in sorted order."""
+        [M, H] expert outputs (unweighted), in sorted order.
+
+        CUDA: FP8 silu experts run `fp8_gemm.grouped_fp8_experts` (the gather and SwiGLU folded into
+        the act-quant launches), INT4 gathers its rows in the gate_up kernel; the unfused launches' bits."""
+        from miles_core.kernels import fp8_gemm
         from miles_core.model.layers import gated
 
-        if src is not None:
-            xs = xs.index_select(0, src)
-
-        return self._linear(gated(self.act, self._linear(xs, "gate_up", counts)), "down", counts)  # [M, 2I] -> [M, I]
+        rows = xs.shape[0] if src is None else src.shape[0]
+        if self.fmt == "fp8" and self.act is F.silu and fp8_gemm.experts_fusion_ok(xs, rows, self.num_experts):
+            w1, s1 = self.gate_up_weight, self.gate_up_weight_scale_inv  # [E, 2I, H] e4m3, its block scales
+            w2, s2 = self.down_weight, self.down_weight_scale_inv  # [E, H, I]
+            return fp8_gemm.grouped_fp8_experts(xs, counts, w1, s1, w2, s2, src)
+        if src is not None and self.fmt == "fp8":
+            xs, src = xs.index_select(0, src), None
+        h = self._linear(xs, "gate_up", counts, src)  # [M, 2I]
+        return self._linear(gated(self.act, h), "down", counts)  # [M, I] -> [M, H]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, plan=None) -> torch.Tensor:
         """x: [N, H], weights/experts: [N, k] -> [N, H]; the model core's dispatch, quantized GEMMs."""

@@ -32,8 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from miles_core.kernels.add_norm import add_rms_norm, combine_add_rms_norm, fused_ok
 from miles_core.kernels.rope_cache import rope_cache_ok, rope_norm_cache
 from miles_core.model.attention import MLAttention, attend
+from miles_core.model.moe import sort_plan
 from miles_core.rollout.cache import KVCache
 from miles_core.rollout.flash_decode import flash_decode, flash_decode_ok
 from miles_core.rollout.sampling import device_tensor
@@ -171,6 +173,53 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return mlp(x)
 
 
+def _layers(backbone, x: torch.Tensor, attention, capture_safe: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The decoder layers as the model core runs them: x [B, T, H], attention(i, layer, h) -> (the
+    last layer's output [B, T, H], experts [B*T, k] per MoE layer)."""
+    chosen = []
+    for i, layer in enumerate(backbone.layers):
+        h = layer.input_layernorm(x)
+        x = x + attention(i, layer, h)
+        h = layer.post_attention_layernorm(x)
+        if layer.is_moe:
+            h, experts = moe_forward(layer.mlp, h) if capture_safe else layer.mlp(h, None)  # experts [B*T, k]
+            chosen.append(experts)
+        else:
+            h = layer.mlp(h)
+        x = x + h
+    return x, chosen
+
+
+def _fused_layers(backbone, x: torch.Tensor, attention) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The decoder layers with each residual add fused into the RMSNorm after it, and a MoE layer's
+    combine into both (two launches per layer instead of five): x [B, T, H], attention(i, layer, h)
+    -> (backbone.norm of the last layer's output [B, T, H], experts [B*T, k] per MoE layer).
+
+    Row for row what the unfused loop computes: the residual sums bit for bit, each normed row
+    within one ulp of F.rms_norm (float32 statistics summed in another order). Norms are row-wise,
+    so norming every row and then taking the last positions equals the unfused gather-then-norm.
+    """
+    layers = backbone.layers
+    next_norms = [layer.input_layernorm for layer in layers[1:]] + [backbone.norm]
+    h = layers[0].input_layernorm(x)
+    chosen = []
+    for i, (layer, nxt) in enumerate(zip(layers, next_norms, strict=True)):
+        post, mlp = layer.post_attention_layernorm, layer.mlp
+        x, h = add_rms_norm(x, attention(i, layer, h), post.weight, post.eps)  # [B, T, H] each
+        if layer.is_moe and mlp.shared_experts is None:
+            flat = h.reshape(-1, h.shape[-1])  # [N, H]
+            weights, experts, plan = mlp.gate.route(flat)  # [N, k] each
+            src, inverse, counts = plan if plan is not None else sort_plan(flat, experts, mlp.gate.n_experts)
+            ys = mlp.experts.sorted_forward(flat, counts, src)  # [N*k, H], expert-sorted rows
+            x, h = combine_add_rms_norm(ys, inverse, weights, x, nxt.weight, nxt.eps)
+        else:  # dense MLP, or MoE + shared experts (DeepSeek-V3): the block as it is, then add + norm
+            out, experts = mlp(h, None) if layer.is_moe else (mlp(h), None)
+            x, h = add_rms_norm(x, out, nxt.weight, nxt.eps)
+        if layer.is_moe:
+            chosen.append(experts)
+    return h, chosen
+
+
 def forward_step(
     model, cache: KVCache, batch: StepBatch, all_logits: bool = False, capture_safe: bool = False
 ) -> torch.Tensor:
@@ -190,20 +239,18 @@ def forward_step(
     backbone = model.model
     x = backbone.embed_tokens(batch.tokens)  # [B, T, H]
     cos, sin = backbone.rotary(pos, x.dtype)
-    chosen = []
-    for i, layer in enumerate(backbone.layers):
-        h = layer.input_layernorm(x)
-        x = x + _attention(layer.self_attn, h, cos, sin, cache, i, wslot, wpos, batch, mask, ends)
-        h = layer.post_attention_layernorm(x)
-        if layer.is_moe:
-            h, experts = moe_forward(layer.mlp, h) if capture_safe else layer.mlp(h, None)  # experts [B*T, k]
-            chosen.append(experts.view(b, t, -1))
-        else:
-            h = layer.mlp(h)
-        x = x + h
+    attention = lambda i, layer, h: _attention(layer.self_attn, h, cos, sin, cache, i, wslot, wpos, batch, mask, ends)
+    fused = fused_ok(x)  # the GPU: residual adds fused into the norms after them (kernels/add_norm.py)
+    if fused:
+        x, chosen = _fused_layers(backbone, x, attention)  # x: already through backbone.norm
+    else:
+        x, chosen = _layers(backbone, x, attention, capture_safe)
     if chosen:
-        cache.write_experts(wslot, wpos, torch.stack(chosen, dim=2))  # [B, T, moe_layers, k]
+        cache.write_experts(wslot, wpos, torch.stack([e.view(b, t, -1) for e in chosen], dim=2))  # [B, T, L_moe, k]
+    norm = (lambda y: y) if fused else backbone.norm
     if all_logits:
-        return model.lm_head(backbone.norm(x))  # [B, T, V]
+        return model.lm_head(norm(x))  # [B, T, V]
+    if fused and t == 1:  # decode: the last position is the only one, no gather
+        return model.lm_head(x[:, 0])  # [B, V]
     last = x[torch.arange(b, device=device), batch.n_valid - 1]  # [B, H]
-    return model.lm_head(backbone.norm(last))  # [B, V]
+    return model.lm_head(norm(last))  # [B, V]
