@@ -162,6 +162,7 @@ def fp8_grouped(batches, bw: float) -> None:
         for bm, swap in ((16, True), (32, False), (64, False))
         for bn, nw, st in itertools.product((64, 128), (4, 8), (3, 4))
     ]
+    options += [(16, bn, nw, st, True) for bn, nw, st in itertools.product((64, 128), (2, 4), (5, 6))]
     for n_tok, (name, n, k) in itertools.product(batches, (("gate_up", 1536, 2048), ("down", 2048, 768))):
         rows = n_tok * 8
         g = torch.Generator().manual_seed(n_tok)

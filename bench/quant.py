@@ -372,10 +372,11 @@ PREFILL_GROUPED = [  # (name, experts, N, K, tokens): one rollout prefill chunk 
 PREFILL_FP8_SWEEP = [
     (64, 128, 4, 3, False),
     (64, 128, 4, 3, True),
+    (64, 128, 4, 4, True),
+    (64, 128, 8, 3, True),
+    (64, 64, 4, 4, True),
+    (128, 64, 4, 3, True),
     (128, 128, 8, 3, True),
-    (128, 128, 8, 4, True),
-    (128, 128, 4, 3, True),
-    (256, 128, 8, 3, True),
 ]
 
 

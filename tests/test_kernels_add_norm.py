@@ -402,13 +402,14 @@ def test_gpu_forward_step_fused_matches_unfused_bf16(arch, tmp_path, monkeypatch
 
 
 @pytest.mark.gpu
-def test_gpu_engine_with_cuda_graphs_samples_the_same_fused_and_unfused_fp32(monkeypatch):
-    """The engine's CUDA graphs capture and replay the fused kernels (fp32 model): greedy tokens
-    equal the unfused engine's, log-probs within 1e-4."""
+def test_gpu_engine_replays_the_fused_kernels_from_cuda_graphs(monkeypatch):
+    """The engine's CUDA graphs capture and replay the fused layer loop (bf16 model): the same tokens
+    and log-probs as the same static-shape decode run eagerly. (An fp32 MoE cannot be captured: its
+    grouped GEMM falls back to a per-expert loop that reads the counts on the host.)"""
     from miles_core import kernels
     from miles_core.rollout import Engine, EngineConfig, Request, SamplingParams, runner
 
-    model = tiny_moe(False, "cuda")
+    model = tiny_moe(False, "cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(10)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 30, 12)]
     sp = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
@@ -416,12 +417,13 @@ def test_gpu_engine_with_cuda_graphs_samples_the_same_fused_and_unfused_fp32(mon
     calls = []
     combine = runner.combine_add_rms_norm
     monkeypatch.setattr(runner, "combine_add_rms_norm", lambda *a: calls.append(1) or combine(*a))
+    monkeypatch.setattr(kernels, "DECODE_FUSION", True)
 
-    def run(fused: bool):
-        monkeypatch.setattr(kernels, "DECODE_FUSION", fused)
-        engine = Engine(model, config=EngineConfig(max_slots=4, max_len=128, cuda_graphs=True, graph_len_bucket=32))
+    def run(graphs: bool):
+        cfg = EngineConfig(max_slots=4, max_len=128, cuda_graphs=graphs, static_decode=True, graph_len_bucket=32)
+        engine = Engine(model, config=cfg)
         out = engine.generate(reqs)
-        assert engine._graphs._graphs  # a graph was captured and replayed
+        assert bool(engine._graphs._graphs) == graphs  # captured and replayed, or run eagerly
         return out
 
     got = run(True)
@@ -429,4 +431,4 @@ def test_gpu_engine_with_cuda_graphs_samples_the_same_fused_and_unfused_fp32(mon
     want = run(False)
     for a, b in zip(got, want, strict=True):
         assert a.response_tokens == b.response_tokens
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-4
+        assert a.logprobs == b.logprobs  # the same kernels on the same shapes: the same bits

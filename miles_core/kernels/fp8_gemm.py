@@ -321,14 +321,17 @@ def grouped_fp8_config(m: int, e: int) -> Fp8Config:
     experts, 4 each): the activations quantized in the GEMM, 16-row tiles with the weights on wgmma's M
     side (a 64-row tile would be mostly padding, which the fused quantization pays for in full).
     Each of the N / 128 column tiles redoes its rows' quantization, which the weight stream hides only
-    while rows per expert are few. Else act-quant first and the 64 x 128 tiles of the eager sweep."""
+    while rows per expert are few. Else act-quant first and the 64 x 128 tiles of the eager sweep, launched
+    N tiles first (`nfast`)."""
     if m <= FUSED_QUANT_MAX_M and m <= 16 * e and _decode_fusion():
         return Fp8Config(bm=16, bn=128, num_warps=4, num_stages=4, swap=True, fuse=True)
     if m <= DECODE_GROUPED_MAX_M and m <= 16 * e and _decode_fusion():
         # act-quant first, 16-row tiles with the weights on wgmma's M side: on an H200 at 512 rows,
         # 102.9 / 55.0 us (gate_up / down) against 111.7 / 63.4 for 64 x 128 (bench/decode_kernels.py)
         return Fp8Config(bm=16, bn=64, num_warps=4, num_stages=3, swap=True)
-    return Fp8Config(bm=64, bn=128, num_warps=4, num_stages=3)
+    # prefill: a row tile's N tiles side by side, its activations read once from HBM (H200, rollout prefill
+    # chunk of 32k tokens x top-8: gate_up 2.80 ms vs 3.34 in the other launch order; bench/quant.py)
+    return Fp8Config(bm=64, bn=128, num_warps=4, num_stages=3, nfast=True)
 
 
 def grouped_fp8_linear(
