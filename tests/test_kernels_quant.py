@@ -295,7 +295,7 @@ _FP8 = {**_PTRS, "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", "C
 
 
 def _g8(**consts) -> dict:
-    return {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, **consts}
+    return {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, "NFAST": False, **consts}
 
 
 def _d8(**consts) -> dict:
