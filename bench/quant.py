@@ -79,7 +79,27 @@ def row(group, shape, base_us, us, err, note=""):
     print(f"  {group:<22} {shape:<28} {speed}  err {err:.1e} {note}", flush=True)
 
 
-def fp8_dense():
+ACT_QUANT_SWEEP = [(bm, w, kf) for bm in (16, 32, 64) for w in (4, 8) for kf in (False, True)]
+
+
+def _act_quant_rows(x, a, sa, m: int, k: int, sweep: bool) -> tuple:
+    """The activation quantization alone (the default tiles, and with --sweep the candidates), as bandwidth:
+    x read, e4m3 + scales written; each candidate's bits checked against the default's. -> the fastest tiles."""
+    nbytes = m * k * 3 + m * (k // 128) * 4
+    default = fp8_gemm.act_quant_tiles(m)
+    best = None
+    for tiles in [default] + (ACT_QUANT_SWEEP if sweep else []):
+        fn = lambda tiles=tiles: fp8_gemm.fp8_act_quant_triton(x, 4, True, tiles=tiles)
+        q, s = fn()
+        same = torch.equal(q.view(torch.uint8), a.view(torch.uint8)) and torch.equal(s, sa)
+        t = bench(fn)
+        note = f"{nbytes / t / 1e3:.0f} GB/s, tiles {tiles}{' (default)' if tiles == default else ''}, same bits {same}"
+        row("fp8 act-quant", f"{m}x{k}", float("nan"), t, 0.0, note)
+        best = (t, tiles) if best is None else min(best, (t, tiles))
+    return best[1]
+
+
+def fp8_dense(sweep: bool = False):
     for m, n, k in [(8192, 8192, 8192), (4096, 14336, 4096), (4096, 4096, 14336), (16384, 7168, 2048)]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda") * 0.02
@@ -97,6 +117,12 @@ def fp8_dense():
         err3 = rel(fp8_gemm.fp8_linear(x, wq, ws, backend="triton"), ref)
         row("fp8 linear (triton)", f"{m}x{n}x{k}", base, t3, err3, f"{2 * m * n * k / t3 / 1e6:.0f} TFLOP/s")
         a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)
+        best = _act_quant_rows(x, a, sa, m, k, sweep)
+        if best != fp8_gemm.act_quant_tiles(m):  # the whole linear with the fastest act-quant tiles
+            default, fp8_gemm.act_quant_tiles = fp8_gemm.act_quant_tiles, lambda _m, best=best: best
+            t5 = bench(lambda: fp8_gemm.fp8_linear(x, wq, ws, scale_b=sb))
+            fp8_gemm.act_quant_tiles = default
+            row("fp8 linear", f"{m}x{n}x{k}", base, t5, err, f"{2 * m * n * k / t5 / 1e6:.0f} TFLOP/s act-quant {best}")
         t2 = bench(lambda: fp8_gemm._scaled_mm(a, wq.t(), sa, sb, torch.bfloat16))
         row("fp8 scaled_mm alone", f"{m}x{n}x{k}", base, t2, err, f"{2 * m * n * k / t2 / 1e6:.0f} TFLOP/s")
         for name, fn in _scaled_mm_variants(a, wq, sa, sb).items():  # cuBLAS's other recipes: its ceilings here
@@ -541,7 +567,7 @@ def main() -> int:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     only = args.only.split(",")
     for name, fn in [
-        ("fp8", fp8_dense),
+        ("fp8", lambda: fp8_dense(args.sweep)),
         ("w4a16", lambda: w4a16_dense(args.sweep)),
         ("grouped", lambda: grouped(args.sweep)),
         ("graph", lambda: graph_decode(args.sweep)),

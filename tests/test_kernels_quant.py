@@ -68,11 +68,12 @@ def interp_act_quant() -> None:
     g = torch.Generator().manual_seed(1)
     for m, k, pad, col in [(5, 200, 4, True), (16, 128, 1, False), (33, 384, 4, True)]:
         x = _exact_fp8_input(m, k, g)
-        q, s = fp8_gemm.fp8_act_quant_triton(x, pad, col)
         rq, rs = fp8_act_quantize_reference(x)
-        assert torch.equal(q[:m].float(), rq.float()) and torch.equal(s[:m], rs), (m, k)
-        assert q.shape[0] % pad == 0 and torch.equal(q[m:].float(), torch.zeros(q.shape[0] - m, k))
-        assert s.shape[1] == 1 or (s.stride(0) == 1) == col
+        for tiles in (None, (32, 4, True), (16, 4, True)):  # the default, and the K-fast grid order
+            q, s = fp8_gemm.fp8_act_quant_triton(x, pad, col, tiles=tiles)
+            assert torch.equal(q[:m].float(), rq.float()) and torch.equal(s[:m], rs), (m, k, tiles)
+            assert q.shape[0] % pad == 0 and torch.equal(q[m:].float(), torch.zeros(q.shape[0] - m, k))
+            assert s.shape[1] == 1 or (s.stride(0) == 1) == col
 
 
 def interp_w4a16() -> None:
@@ -151,11 +152,12 @@ def test_gpu_fp8_act_quant_bit_exact():
     for m, k in [(1, 128), (3, 200), (64, 4096), (257, 1000), (4096, 7168)]:
         x = (torch.randn(m, k, generator=g) * 3).bfloat16()
         for pad, col in [(1, False), (4, True)]:
-            _poison()
-            q, s = fp8_gemm.fp8_act_quant(x.cuda(), pad, col)
             rq, rs = fp8_act_quantize_reference(x)
-            assert torch.equal(q[:m].cpu().float(), rq.float()) and torch.equal(s[:m].cpu(), rs), (m, k)
-            assert not q.float().isnan().any() and not s.isnan().any()
+            for tiles in (None, (64, 8, True), (32, 4, False)):  # the size's default and other tiles
+                _poison()
+                q, s = fp8_gemm.fp8_act_quant_triton(x.cuda(), pad, col, tiles=tiles)
+                assert torch.equal(q[:m].cpu().float(), rq.float()) and torch.equal(s[:m].cpu(), rs), (m, k, tiles)
+                assert not q.float().isnan().any() and not s.isnan().any()
 
 
 @cuda
@@ -305,9 +307,11 @@ def _d8(**consts) -> dict:
 _SM90_CASES = [
     # (kernel name, pointer types, constexprs, num_warps or (num_warps, num_stages), expect wgmma)
     ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i32", "EPS": "fp32"},
-     {"BM": 16, "BLOCK": 128}, 4, False),
+     {"BM": 16, "BLOCK": 128, "GATHER": False, "KFAST": False}, 4, False),
     ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i64", "EPS": "fp32"},
-     {"BM": 16, "BLOCK": 128, "GATHER": True}, 4, False),
+     {"BM": 16, "BLOCK": 128, "GATHER": True, "KFAST": False}, 4, False),
+    ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i32", "EPS": "fp32"},
+     {"BM": 64, "BLOCK": 128, "GATHER": False, "KFAST": True}, 8, False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4), 4, False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=128, BN=128, BK=64, SPLIT_K=1), 8, True),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=1, BN=64, BK=128, SPLIT_K=2, UNPACK=4, ASM=True), 1, False),

@@ -111,10 +111,15 @@ def fp8_act_quant(x: torch.Tensor, pad_rows_to: int = 1, col_major_scale: bool =
 
 
 def fp8_act_quant_triton(
-    x: torch.Tensor, pad_rows_to: int = 1, col_major_scale: bool = False, src: torch.Tensor | None = None
+    x: torch.Tensor,
+    pad_rows_to: int = 1,
+    col_major_scale: bool = False,
+    src: torch.Tensor | None = None,
+    tiles: tuple[int, int, bool] | None = None,
 ):
     """The kernel launch alone (any Triton device, the interpreter included). `src` [M] (int32/int64):
-    quantize the rows x[src] (x: [T, K]) read in place, the bits of `fp8_act_quant_triton(x[src])`."""
+    quantize the rows x[src] (x: [T, K]) read in place, the bits of `fp8_act_quant_triton(x[src])`.
+    `tiles` (rows per program, warps, K blocks on the grid's fast axis): `act_quant_tiles` by size."""
     m, k = x.shape if src is None else (src.shape[0], x.shape[1])
     mp = _cdiv(m, pad_rows_to) * pad_rows_to
     kb = _cdiv(k, BLOCK)
@@ -123,13 +128,19 @@ def fp8_act_quant_triton(
     s = torch.empty(kb, mp, device=x.device).t() if col_major_scale else torch.empty(mp, kb, device=x.device)
     if mp == 0:
         return q, s
-    bm = 16
-    grid = (_cdiv(mp, bm), kb)
+    bm, warps, kfast = tiles or act_quant_tiles(mp)
+    kfast = kfast and _cdiv(mp, bm) <= 65535  # the grid's second axis is limited
+    grid = (kb, _cdiv(mp, bm)) if kfast else (_cdiv(mp, bm), kb)
     load_triton_kernels().fp8_act_quant_kernel[grid](
         x, q, s, src if src is not None else x, m, mp, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None,
+        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None, KFAST=kfast, num_warps=warps,
     )  # fmt: skip
     return q, s
+
+
+def act_quant_tiles(m: int) -> tuple[int, int, bool]:
+    """(rows per program, warps, K blocks on the grid's fast axis) of the act-quant kernel for M rows."""
+    return 16, 4, False
 
 
 def swiglu_fp8_quant_triton(y: torch.Tensor):

@@ -54,11 +54,17 @@ def fp8_act_quant_kernel(
     BM: tl.constexpr,
     BLOCK: tl.constexpr,
     GATHER: tl.constexpr = False,
+    KFAST: tl.constexpr = False,
 ):
     # X: [M, K], or (GATHER) [T, K] token rows with SRC [M]: row r is X[SRC[r]] (the MoE's rows sorted by
     # expert, read in place); Q: [M_alloc, K] fp8; S: scale [M_alloc, ceil(K/BLOCK)] with strides
     # (stride_sm, stride_sk). Rows in [M, M_alloc) (padding for cuBLAS) are written as zeros with scale EPS/448.
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    # Grid (row tiles, K blocks), or with KFAST (K blocks, row tiles): neighbouring programs then read
+    # neighbouring 128-column blocks of the same rows.
+    if KFAST:
+        pid_m, pid_k = tl.program_id(1), tl.program_id(0)
+    else:
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     if GATHER:
