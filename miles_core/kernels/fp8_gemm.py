@@ -139,8 +139,12 @@ def fp8_act_quant_triton(
 
 
 def act_quant_tiles(m: int) -> tuple[int, int, bool]:
-    """(rows per program, warps, K blocks on the grid's fast axis) of the act-quant kernel for M rows."""
-    return 16, 4, False
+    """(rows per program, warps, K blocks on the grid's fast axis) of the act-quant kernel for M rows.
+
+    H200 sweep (`bench/quant.py --only fp8 --sweep`, 2026-12-02): 16 rows and 4 warps throughout; the
+    K-fast order 2-5% faster from 4096 rows (8192 x 8192: 58.9 us = 3.45 TB/s against 60.9-62.0); 32 or 64
+    rows and 8 warps no better. Decode sizes keep the order they were timed with."""
+    return 16, 4, m >= 1024
 
 
 def swiglu_fp8_quant_triton(y: torch.Tensor):
