@@ -156,3 +156,25 @@ def test_warmup_captures_every_bucket_and_generation_then_captures_none(tmp_path
     got = warm.generate(reqs)
     assert set(warm._graphs._graphs) == captured
     assert [s.response_tokens for s in got] == [s.response_tokens for s in want]
+
+
+def test_capture_blocker_names_experts_a_cuda_graph_cannot_capture():
+    """CUDA graphs need the experts' GEMMs to take their row counts on the device: fp32 bf16-class
+    experts and INT4 experts on fp32 activations are refused up front (the engine raises before any
+    capture), bf16 models and FP8 experts pass; dense models have nothing to refuse."""
+    import copy
+
+    from miles_core.quant import quantize_model_
+    from miles_core.rollout.graphs import capture_blocker
+
+    fp32 = tiny("qwen3_moe")[2]
+    assert "float32 experts" in capture_blocker(fp32)
+    assert capture_blocker(copy.deepcopy(fp32).bfloat16()) is None
+    int4 = copy.deepcopy(fp32)
+    quantize_model_(int4, "int4", group_size=32)
+    assert "INT4 experts" in capture_blocker(int4)
+    assert capture_blocker(copy.deepcopy(int4).bfloat16()) is None
+    fp8 = copy.deepcopy(tiny("qwen3_moe", moe_intermediate_size=128)[2])  # FP8 blocks want I % 128 == 0
+    quantize_model_(fp8, "fp8", scope="experts")
+    assert capture_blocker(fp8) is None
+    assert capture_blocker(tiny("qwen3")[2]) is None

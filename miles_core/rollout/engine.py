@@ -81,7 +81,11 @@ class Engine:
         if self.config.cuda_graphs and self.device.type != "cuda":
             raise MilesError("cuda_graphs needs the model on a CUDA device")
         if self.config.cuda_graphs or self.config.static_decode:
-            from miles_core.rollout.graphs import GraphDecoder
+            from miles_core.rollout.graphs import GraphDecoder, capture_blocker
+
+            if self.config.cuda_graphs and (why := capture_blocker(model)):
+                raise MilesError(f"cuda_graphs cannot capture this model's decode step: {why}; "
+                                 "load it in bf16 or set cuda_graphs=False")  # fmt: skip
 
             bucket = self.config.graph_len_bucket
             self._graphs = GraphDecoder(model, self.cache, bucket, capture=self.config.cuda_graphs)

@@ -11,8 +11,10 @@ one launch. It needs fixed shapes and fixed tensor addresses, so the step here a
 row), reads its inputs from persistent buffers, and attends over a length rounded up to a bucket
 (`bucket`, e.g. 256): one graph per bucket, captured the first time that length is reached, or all
 up front (`capture_all`, `Engine.warmup`).
-The MoE block runs `moe_forward(capture_safe)` (no host sync); the experts run the grouped GEMM
-(`torch._grouped_mm`, bf16) which takes device-side offsets. Sampling stays outside the graph.
+The MoE block runs without a host sync; the experts run grouped GEMMs that take their per-expert row
+counts on the device (the Triton kernels at decode sizes, else `torch._grouped_mm`). Models whose
+experts cannot (fp32 experts, INT4 experts on fp32 activations) are refused up front
+(`capture_blocker`, checked by the engine). Sampling stays outside the graph.
 `advance` turns a step's sampled tokens into the next step's inputs on the device, so the engine
 can queue the next step before the tokens reach the host (`Engine._decode_ahead`).
 
@@ -28,7 +30,28 @@ from miles_core.rollout.cache import KVCache
 from miles_core.rollout.runner import StepBatch, forward_step
 from miles_core.rollout.sampling import device_tensor
 
-__all__ = ["GraphDecoder"]
+__all__ = ["GraphDecoder", "capture_blocker"]
+
+_16BIT = (torch.bfloat16, torch.float16)
+
+
+def capture_blocker(model) -> str | None:
+    """Why a CUDA graph cannot capture this model's decode step, or None when it can.
+
+    The experts' GEMMs must run a kernel that takes its per-expert row counts on the device: bf16 /
+    fp16 experts (the Triton grouped kernel or `torch._grouped_mm`), INT4 experts on bf16 activations
+    (the W4A16 kernel) and FP8 experts on any. Otherwise they fall back to a loop over the experts that
+    reads the counts on the host, which a capture cannot do (it fails mid-capture)."""
+    dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype
+    for i, layer in enumerate(model.model.layers):
+        if not layer.is_moe:
+            continue
+        fmt = getattr(layer.mlp.experts, "fmt", None)  # QuantExperts: "fp8" / "int4"; bf16 Experts: None
+        if fmt == "int4" and dtype != torch.bfloat16:
+            return f"layer {i}: INT4 experts run their kernel on bf16 activations only, this model runs {dtype}"
+        if fmt is None and layer.mlp.experts.gate_up_proj.dtype not in _16BIT:
+            return f"layer {i}: {layer.mlp.experts.gate_up_proj.dtype} experts have no device-side grouped GEMM"
+    return None
 
 
 class GraphDecoder:
