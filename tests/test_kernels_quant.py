@@ -231,6 +231,10 @@ def test_gpu_grouped_kernels_match_reference():
         y = fp8_gemm.grouped_fp8_linear(xs.cuda(), wq.cuda(), ws.cuda(), counts.cuda())
         assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("fp8", e, n, k, _rel(y.cpu(), ref))
         args = (xs.cuda(), wq.cuda(), ws.cuda(), counts.cuda())
+        for tiles in (dict(bm=16, bn=128, swap=False), dict(bm=16, bn=64, swap=True)):  # decode-size candidates
+            _poison()
+            y = fp8_gemm.grouped_fp8_linear(*args, **tiles)
+            assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3, ("fp8", tiles, e, n, k, _rel(y.cpu(), ref))
         outs = []
         for nfast in (False, True):  # the prefill tiles, in both launch orders: the same bits
             _poison()
@@ -327,6 +331,8 @@ _SM90_CASES = [
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=128, SWAP=False, QUANT=False, NFAST=True), 8, True),
     # decode: activations quantized in the GEMM, weights on wgmma's M side (m64n16k32)
     ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=16, SWAP=True, QUANT=True), (4, 4), True),
+    # 16-row tiles without the swap: mma.sync (m16n8k32 e4m3), as the bf16 grouped kernel's 16-row tiles
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=128, SWAP=False, QUANT=False), 4, False),
     ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=64, SWAP=False, QUANT=True), 4, True),
     # dense_fp8_config's decode tiles (M <= 16 and M = 64) and the unfused large-M tiles
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=16, BN=128, SPLIT_K=4, SWAP=True, QUANT=True), (4, 4), True),
