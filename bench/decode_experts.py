@@ -17,30 +17,19 @@ launches' bit for bit (it should: `kernels.EXPERT_FUSION` changes only the launc
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import torch
 
 from bench.decode_kernels import graph_us
+from miles_core import kernels
 
 HIDDEN, INTER, E, TOP_K = 2048, 768, 128, 8
 
 
-@contextlib.contextmanager
-def _expert_fusion(on: bool):
-    from miles_core import kernels
-
-    old, kernels.EXPERT_FUSION = kernels.EXPERT_FUSION, on
-    try:
-        yield
-    finally:
-        kernels.EXPERT_FUSION = old
-
-
 def _flagged(fn, on: bool):
     def run():  # the flag is read at each call: the graph captures that path's kernels
-        with _expert_fusion(on):
+        with kernels.fusion(experts=on):
             return fn()
 
     return run

@@ -307,17 +307,6 @@ def _layers():
     return {"bf16": experts.bfloat16(), **quant}
 
 
-@contextlib.contextmanager
-def _fusion(on: bool):
-    from miles_core import kernels
-
-    old, kernels.EXPERT_FUSION = kernels.EXPERT_FUSION, on
-    try:
-        yield
-    finally:
-        kernels.EXPERT_FUSION = old
-
-
 @cuda
 @pytest.mark.gpu
 def test_gpu_experts_forward_is_identical_with_expert_fusion_on_and_off():
@@ -332,7 +321,7 @@ def test_gpu_experts_forward_is_identical_with_expert_fusion_on_and_off():
             out = {}
             with torch.inference_mode():
                 for on in (True, False):
-                    with _fusion(on):
+                    with kernels.fusion(experts=on):
                         _poison()
                         out[on] = layer(x, weights, experts)
                 old, kernels.DECODE_FUSION = kernels.DECODE_FUSION, False
@@ -350,6 +339,8 @@ def test_gpu_experts_forward_is_identical_with_expert_fusion_on_and_off():
 @pytest.mark.gpu
 def test_gpu_fused_experts_replayed_from_a_cuda_graph_follow_new_tokens_and_routes():
     # src and counts are read on the device at each replay: new inputs, same graph, same bits as eager
+    from miles_core import kernels
+
     g = torch.Generator().manual_seed(51)
     tokens = 64
     for name, layer in _layers().items():
@@ -365,6 +356,18 @@ def test_gpu_fused_experts_replayed_from_a_cuda_graph_follow_new_tokens_and_rout
                 x.copy_(torch.randn(tokens, 2048, generator=g).bfloat16())
                 experts.copy_(torch.rand(tokens, 128, generator=g).topk(8, dim=-1)[1])
                 graph.replay()
-                with _fusion(False):
+                with kernels.fusion(experts=False):
                     want = layer(x, weights, experts)
                 assert torch.equal(out, want), name
+
+
+def test_fusion_switch_sets_the_flags_for_a_block_and_restores_them_after_an_error():
+    from miles_core import kernels
+
+    before = kernels.DECODE_FUSION, kernels.EXPERT_FUSION
+    with pytest.raises(RuntimeError), kernels.fusion(decode=False, experts=not before[1]):
+        assert (False, not before[1]) == (kernels.DECODE_FUSION, kernels.EXPERT_FUSION)
+        raise RuntimeError("inside")
+    assert before == (kernels.DECODE_FUSION, kernels.EXPERT_FUSION)
+    with kernels.fusion(experts=False):  # an unset flag keeps its value
+        assert before[0] == kernels.DECODE_FUSION and kernels.EXPERT_FUSION is False

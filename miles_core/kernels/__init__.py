@@ -11,7 +11,22 @@ into the INT4 GEMM). These give the unfused launches' bits, so turning them off
 (`MILES_EXPERT_FUSION=0`) changes the timing only; `DECODE_FUSION` off also changes the GEMM kernels.
 """
 
+import contextlib
 import os
 
 DECODE_FUSION = os.environ.get("MILES_DECODE_FUSION", "1") != "0"
 EXPERT_FUSION = os.environ.get("MILES_EXPERT_FUSION", "1") != "0"
+
+
+@contextlib.contextmanager
+def fusion(decode: bool | None = None, experts: bool | None = None):
+    """Set `DECODE_FUSION` / `EXPERT_FUSION` for a block (benchmarks, tests), restored after. The flags
+    are read at each call, so a CUDA graph captured inside the block keeps that block's kernels."""
+    global DECODE_FUSION, EXPERT_FUSION
+    old = DECODE_FUSION, EXPERT_FUSION
+    DECODE_FUSION = old[0] if decode is None else decode
+    EXPERT_FUSION = old[1] if experts is None else experts
+    try:
+        yield
+    finally:
+        DECODE_FUSION, EXPERT_FUSION = old
