@@ -118,6 +118,12 @@ def interp_grouped() -> None:
     y = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64)
     ref = fp8_gemm.grouped_fp8_linear_reference(xs, wq, ws, counts)
     assert _rel(y, ref) < 1e-5, _rel(y, ref)
+    for k in (256, 384):  # two K blocks per iteration, with an even and an odd number of blocks: the same bits
+        xs = _exact_fp8_input(m, k, g)
+        wq, ws = fp8_block_quantize(torch.randn(5, 192, k, generator=g))
+        y1 = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64)
+        y2 = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64, ku=2)
+        assert torch.equal(y1, y2) and _rel(y2, fp8_gemm.grouped_fp8_linear_reference(xs, wq, ws, counts)) < 1e-5
 
 
 def _run_interpreted(check: str, module: str = "tests.test_kernels_quant") -> None:
@@ -241,6 +247,11 @@ def test_gpu_grouped_kernels_match_reference():
             outs.append(fp8_gemm.grouped_fp8_linear(*args, bm=128, bn=128, num_warps=8, nfast=nfast))
             assert _rel(outs[-1].cpu(), ref) < 5e-3, ("fp8 128x128", nfast, e, n, k, _rel(outs[-1].cpu(), ref))
         assert torch.equal(outs[0], outs[1]), ("nfast changed bits", e, n, k)
+        for tiles in (dict(bm=16, bn=64, swap=True), dict(bm=64, bn=128, nfast=True)):  # two K blocks per step
+            one = fp8_gemm.grouped_fp8_linear(*args, **tiles)
+            _poison()
+            two = fp8_gemm.grouped_fp8_linear(*args, **tiles, ku=2)
+            assert torch.equal(one, two), ("ku=2 changed bits", tiles, e, n, k)
 
 
 @cuda
@@ -334,6 +345,9 @@ _SM90_CASES = [
     # 16-row tiles without the swap: mma.sync (m16n8k32 e4m3), as the bf16 grouped kernel's 16-row tiles
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=128, SWAP=False, QUANT=False), 4, False),
     ("grouped_fp8_kernel", {**_FP8, "A": "*bf16"}, _g8(BM=64, SWAP=False, QUANT=True), 4, True),
+    # two K blocks per loop iteration (decode swapped tiles and prefill tiles)
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=64, SWAP=True, QUANT=False, KU=2), 4, True),
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False, NFAST=True, KU=2), 4, True),
     # dense_fp8_config's decode tiles (M <= 16 and M = 64) and the unfused large-M tiles
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=16, BN=128, SPLIT_K=4, SWAP=True, QUANT=True), (4, 4), True),
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=64, BN=128, SPLIT_K=4, SWAP=False, QUANT=True), (8, 4), True),

@@ -83,6 +83,7 @@ class Fp8Config:
     swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
     fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
     nfast: bool = False  # grouped kernel: a row tile's N tiles launched side by side (A reused from L2)
+    ku: int = 1  # grouped kernel: K blocks of 128 per loop iteration (1 or 2; the same bits either way)
 
 
 @functools.cache
@@ -361,16 +362,17 @@ def grouped_fp8_linear(
     fuse: bool | None = None,
     swap: bool | None = None,
     nfast: bool | None = None,
+    ku: int | None = None,
 ) -> torch.Tensor:
     """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E], int32 or int64); Triton on
     CUDA. Tiles by size (`grouped_fp8_config`) unless given."""
     if not xs.is_cuda:
         return grouped_fp8_linear_reference(xs, w, scale_inv, counts)
-    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast)
+    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast, ku=ku)
     cfg = replace(grouped_fp8_config(xs.shape[0], w.shape[0]), **{k: v for k, v in given.items() if v is not None})
     return grouped_fp8_linear_triton(
         xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap,
-        nfast=cfg.nfast,
+        nfast=cfg.nfast, ku=cfg.ku,
     )  # fmt: skip
 
 
@@ -389,12 +391,16 @@ def grouped_fp8_linear_triton(
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     nfast: bool = False,
+    ku: int = 1,
 ) -> torch.Tensor:
     """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
     activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
     previous path's tile tables (`expert_tiles`, five small launches), for benchmarks. `x_scale`: xs is
     already quantized (e4m3 [M, K] and x_scale [M, KB] fp32, as `fp8_act_quant_triton` gives them), the
-    output `out_dtype`. `nfast`: the grid's fast axis walks N tiles (see `Fp8Config`)."""
+    output `out_dtype`. `nfast`: the grid's fast axis walks N tiles, `ku`: K blocks per iteration (see
+    `Fp8Config`)."""
+    if ku not in (1, 2):
+        raise ValueError(f"ku must be 1 or 2 (K blocks per loop iteration), got {ku}")
     m, k = xs.shape
     e, n, _ = w.shape
     y = torch.empty(m, n, dtype=out_dtype or xs.dtype, device=xs.device)
@@ -412,7 +418,7 @@ def grouped_fp8_linear_triton(
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, num_warps=num_warps, num_stages=num_stages,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y
 
@@ -438,7 +444,7 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None) -> torch.Tensor:
     same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
     m = x.shape[0] if src is None else src.shape[0]
     cfg = grouped_fp8_config(m, w1.shape[0])
-    tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap)
+    tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap, ku=cfg.ku)
     a, sa = fp8_act_quant_triton(x, src=src)  # [M, H] e4m3, [M, H/128] fp32
     y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, 2I]
     a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32

@@ -516,12 +516,15 @@ def _fp8_block_dot(
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
+    KU: tl.constexpr = 1,
 ):
     # -> sum over K blocks [kb_lo, kb_hi) of (a_kb @ b_kb^T) * sa_kb * sb_kb, fp32 [BM, BN] ([BN, BM] if SWAP),
     # for the output columns col0 .. col0 + BN.
     # A: [*, K] e4m3 with SA [*, ceil(K/128)] fp32 scales, or (QUANT) the activations themselves, each
     # 1x128 tile quantized here; B: [N, K] e4m3 (one expert), SB: [ceil(N/128), ceil(K/128)]. BK == 128,
-    # BN divides 128.
+    # BN divides 128. KU: K blocks per loop iteration (2: twice the bytes per pipeline stage, half the
+    # loop's bookkeeping per byte; a missing last block reads as zeros). The sum runs in K-block order
+    # either way, so KU does not change the result's bits.
     # Rows >= row_end read as zeros (their outputs are not stored).
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -529,21 +532,59 @@ def _fp8_block_dot(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     rmask = rows < row_end
     cols = col0 + tl.arange(0, BN)
-    for kb in range(kb_lo, kb_hi):
-        ks = kb * BK + tl.arange(0, BK)
-        kmask = (ks < K) | EVEN_K
-        a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if QUANT:
-            q, sa = _quantize_rows(a.to(tl.float32), EPS)
-            a = q.to(tl.float8e4nv)
-        else:
-            sa = tl.load(SA + rows * stride_sam + kb, mask=rmask, other=0.0)
-        b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
-        sb = tl.load(SB + (col0 // 128) * stride_sbn + kb)  # the tile lies in one 128-column scale block
-        if SWAP:
-            acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
-        else:
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+    for kb in range(kb_lo, kb_hi, KU):
+        acc = _fp8_kstep(
+            acc, A, SA, B, SB, rows, rmask, cols, col0, N, K, kb, True,
+            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
+        )  # fmt: skip
+        if KU == 2:
+            acc = _fp8_kstep(
+                acc, A, SA, B, SB, rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
+                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
+            )  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _fp8_kstep(
+    acc,
+    A,
+    SA,
+    B,
+    SB,
+    rows,
+    rmask,
+    cols,
+    col0,
+    N,
+    K,
+    kb,
+    live,
+    stride_am,
+    stride_sam,
+    stride_bn,
+    stride_sbn,
+    EPS,
+    BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    QUANT: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot); `live` False: acc unchanged (zeros read)
+    ks = kb * BK + tl.arange(0, BK)
+    kmask = ((ks < K) | EVEN_K) & live
+    a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    if QUANT:
+        q, sa = _quantize_rows(a.to(tl.float32), EPS)
+        a = q.to(tl.float8e4nv)
+    else:
+        sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
+    b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+    sb = tl.load(SB + (col0 // 128) * stride_sbn + kb, mask=live, other=0.0)  # the tile lies in one scale block
+    if SWAP:
+        acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
+    else:
+        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
     return acc
 
 
@@ -577,6 +618,7 @@ def grouped_fp8_kernel(
     SWAP: tl.constexpr = False,
     PREP: tl.constexpr = False,
     NFAST: tl.constexpr = False,
+    KU: tl.constexpr = 1,
 ):
     # A: [M, K] rows sorted by expert, fp8 with SA [M, ceil(K/128)] fp32, or (QUANT) bf16/fp16/fp32;
     # B: [E, N, K] fp8, SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]; COUNTS: [E] rows per expert.
@@ -596,7 +638,7 @@ def grouped_fp8_kernel(
     SB += e_safe.to(tl.int64) * stride_sbe
     acc = _fp8_block_dot(
         A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
-        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP,
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU,
     )  # fmt: skip
     if SWAP:
         acc = tl.trans(acc)
