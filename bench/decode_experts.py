@@ -103,10 +103,20 @@ def fp8(tokens: int, w1, s1, w2, s2) -> None:
         h = swiglu(fp8_gemm.grouped_fp8_linear(x.index_select(0, src), w1, s1, counts))  # [M, I]
         return fp8_gemm.grouped_fp8_linear(h, w2, s2, counts)
 
+    def epilogue(on: bool, xq=None):
+        old, fp8_gemm.SWIGLU_EPILOGUE = fp8_gemm.SWIGLU_EPILOGUE, on
+        try:
+            return fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq)
+        finally:
+            fp8_gemm.SWIGLU_EPILOGUE = old
+
+    xq = fp8_gemm.fp8_act_quant(x)  # what the norm before the MoE hands over in the engine
     whole = [
         ("index_select, act-quant, gate_up, swiglu, act-quant, down", unfused),
-        ("act-quant(gather), gate_up, swiglu+act-quant, down",
-         lambda: fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)),
+        ("act-quant(gather), gate_up, swiglu+act-quant, down", lambda: epilogue(False)),
+        ("act-quant(gather), gate_up with swiglu+act-quant epilogue, down", lambda: epilogue(True)),
+        ("(rows quantized by the norm) gate_up gathering them, with the epilogue, down",
+         lambda: epilogue(True, xq)),
     ]  # fmt: skip
     _time("fp8 experts", tokens, whole)
 

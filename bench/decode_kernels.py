@@ -185,10 +185,37 @@ def fp8_grouped(batches, bw: float) -> None:
                 continue
             print(f"| {name} | {rows} | {opt} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
                   f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
+        if name == "gate_up":
+            _swiglu_epilogue(fp8_gemm, x, wq, ws, counts, nbytes, bw)
 
 
 def _fp8_run(fp8_gemm, x, wq, ws, counts, cfg):
     return lambda: fp8_gemm.grouped_fp8_linear_triton(x, wq, ws, counts, **cfg)
+
+
+def _swiglu_epilogue(fp8_gemm, x, wq, ws, counts, nbytes: int, bw: float) -> None:
+    """gate_up on pre-quantized rows then SwiGLU + act-quant (two launches) vs the SwiGLU and its
+    act-quant in the GEMM's epilogue (128-wide tiles: gate and up columns of one 1x128 output tile)."""
+    rows = x.shape[0]
+    with torch.inference_mode():
+        a, sa = fp8_gemm.fp8_act_quant(x)
+    common = dict(x_scale=sa, out_dtype=torch.bfloat16, bm=16, num_warps=4, swap=True)
+    for ku, st in ((1, 3), (2, 2), (2, 3)):
+        tiles = dict(ku=ku, num_stages=st)
+        two = lambda t=tiles: fp8_gemm.swiglu_fp8_quant_triton(
+            fp8_gemm.grouped_fp8_linear_triton(a, wq, ws, counts, bn=64, **common, **t)
+        )
+        one = lambda t=tiles: fp8_gemm.grouped_fp8_linear_triton(
+            a, wq, ws, counts, bn=128, swiglu_quant=True, **common, **t
+        )
+        with torch.inference_mode():
+            (q2, s2), (q1, s1) = two(), one()
+            same = torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+            for label, fn in ((f"gate_up (bn 64) + swiglu-quant, ku {ku}, {st} stages", two),
+                              (f"gate_up with swiglu-quant epilogue (bn 128), ku {ku}, {st} stages", one)):  # fmt: skip
+                us = graph_us(fn)
+                print(f"| {label} | {rows} | bitwise {same} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
+                      f"{nbytes / (us * 1e-6) / bw:.2f} | |", flush=True)  # fmt: skip
 
 
 def flash(batches, bw: float) -> None:

@@ -393,16 +393,17 @@ PREFILL_GROUPED = [  # (name, experts, N, K, tokens): one rollout prefill chunk 
     ("down, prefill 16k tokens", 128, 2048, 768, 16384),
     ("gate_up, prefill 32k tokens", 128, 1536, 2048, 32768),
 ]
-# (bm, bn, num_warps, num_stages, nfast): act-quant first; nfast = the N tiles of one row tile run
+# (bm, bn, num_warps, num_stages, nfast, ku): act-quant first; nfast = the N tiles of one row tile run
 # side by side (grid axis 0), so its activations are read from L2 instead of once per N tile from HBM
-PREFILL_FP8_SWEEP = [
-    (64, 128, 4, 3, False),
-    (64, 128, 4, 3, True),
-    (64, 128, 4, 4, True),
-    (64, 128, 8, 3, True),
-    (64, 64, 4, 4, True),
-    (128, 64, 4, 3, True),
-    (128, 128, 8, 3, True),
+PREFILL_FP8_SWEEP = [  # (bm, bn, num_warps, num_stages, nfast, K blocks per loop iteration)
+    (64, 128, 4, 3, False, 1),
+    (64, 128, 4, 3, True, 1),
+    (64, 128, 4, 4, True, 1),
+    (128, 128, 8, 3, True, 1),
+    (64, 128, 4, 2, True, 2),
+    (64, 128, 4, 3, True, 2),
+    (128, 128, 8, 2, True, 2),
+    (128, 64, 4, 3, True, 2),
 ]
 
 
@@ -427,7 +428,7 @@ def _prefill_case(name: str, e: int, n: int, k: int, tokens: int, g: torch.Gener
     ref = base_fn().float()
     wq, ws = fp8_block_quantize(w)
     del w
-    keys = ("bm", "bn", "num_warps", "num_stages", "nfast")
+    keys = ("bm", "bn", "num_warps", "num_stages", "nfast", "ku")
     for v in [None] + (PREFILL_FP8_SWEEP if sweep else []):
         kw = {**dict(zip(keys, v, strict=True)), **NO_FUSE} if v else {}
         fn = lambda kw=kw: fp8_gemm.grouped_fp8_linear(xs, wq, ws, counts, **kw)

@@ -80,6 +80,24 @@ def _check_add_norm(shape, dtype, device, seed: int, before=lambda: None) -> Non
     assert _same_bits(s, want), (shape, dtype)
     ref = F.rms_norm(want, (shape[-1],), w, EPS)
     assert not h.isnan().any() and _ulps(h, ref) <= _h_bound(dtype, x.is_cuda), (shape, dtype, _ulps(h, ref))
+    _check_norm_quant(x, r, w, s, h, before)
+
+
+def _check_norm_quant(x, r, w, s, h, before) -> None:
+    """quant=True: the same s and h, and h's rows quantized to FP8 with the bits of the act-quant kernel
+    the unquantized path runs, and on the GPU of the pure-torch recipe too (the interpreter's fp32 -> e4m3
+    conversion rounds wrongly, see tests/test_kernels_quant.py, in both kernels alike)."""
+    from miles_core.kernels import fp8_gemm
+    from miles_core.quant.fp8 import fp8_act_quantize_reference
+
+    before()
+    s2, h2, (q, qs) = an.add_rms_norm(x, r, w, EPS, quant=True)
+    assert _same_bits(s2, s) and _same_bits(h2, h)
+    rows = h.reshape(-1, h.shape[-1])
+    wants = [fp8_gemm.fp8_act_quant_triton(rows)] + ([fp8_act_quantize_reference(rows)] if x.is_cuda else [])
+    for q_ref, s_ref in wants:
+        assert q.shape == q_ref.shape and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), x.shape
+        assert torch.equal(qs, s_ref), x.shape
 
 
 def _check_combine_add_norm(n, hdim, k, dtype, device, seed: int, before=lambda: None) -> None:
@@ -232,7 +250,7 @@ def fused_and_unfused(model, device, setattr_) -> tuple:
 
     calls = {"add": 0, "combine": 0}
     add, combine = runner.add_rms_norm, runner.combine_add_rms_norm
-    count = lambda name, fn: lambda *a: calls.__setitem__(name, calls[name] + 1) or fn(*a)
+    count = lambda name, fn: lambda *a, **kw: calls.__setitem__(name, calls[name] + 1) or fn(*a, **kw)
     setattr_(runner, "add_rms_norm", count("add", add))
     setattr_(runner, "combine_add_rms_norm", count("combine", combine))
     setattr_(kernels, "DECODE_FUSION", True)
@@ -293,11 +311,12 @@ def test_kernels_compile_for_hopper_without_spills_and_with_ieee_mean(h):
     from tests.test_kernels_quant import _resources
 
     bf = {n: "*bf16" for n in ("x_ptr", "r_ptr", "w_ptr", "s_ptr", "h_ptr", "ys_ptr", "cw_ptr")}
-    types = {**bf, "inv_ptr": "*i64", "eps": "fp32"}
+    types = {**bf, "inv_ptr": "*i64", "eps": "fp32", "q_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "qeps": "fp32"}
     launch = an._launch(h)
     warps = launch.pop("num_warps")
     cases = [
-        (an._add_norm_kernel, {"H": h, **launch}),
+        (an._add_norm_kernel, {"H": h, "QUANT": False, **launch}),
+        (an._add_norm_kernel, {"H": h, "QUANT": True, **launch}),  # + the FP8 rows for FP8 experts
         (an._combine_add_norm_kernel, {"H": h, "K": 8, "HAS_NORM": True, **launch}),
     ]
     for fn, consts in cases:
@@ -432,3 +451,38 @@ def test_gpu_engine_replays_the_fused_kernels_from_cuda_graphs(monkeypatch):
     for a, b in zip(got, want, strict=True):
         assert a.response_tokens == b.response_tokens
         assert a.logprobs == b.logprobs  # the same kernels on the same shapes: the same bits
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_experts_read_their_rows_quantized_by_the_norm(tmp_path, monkeypatch):
+    """FP8 experts (bf16 attention) on the fused layer loop: the norm before each MoE also quantizes its
+    rows (`add_rms_norm(quant=True)`, one act-quant launch fewer per layer) and the gate_up GEMM gathers
+    them; prefill and decode logits and recorded experts are bit for bit those of the same loop with the
+    expert fusions off (act-quant of the gathered rows in its own launch)."""
+    from miles_core import kernels
+    from miles_core.model import load_model
+    from miles_core.quant import quantize_model_
+    from miles_core.rollout import runner
+    from tests.tiny_models import qwen3_moe_config, save_hf
+
+    cfg = qwen3_moe_config(hidden_size=256, moe_intermediate_size=128, head_dim=64)
+    path, _ = save_hf(cfg, str(tmp_path / "qwen3_moe"))
+    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    quantize_model_(model, "fp8", scope="experts")
+    quantized = {"norms": 0}
+    add = runner.add_rms_norm
+
+    def counted(*a, quant=False, **kw):
+        quantized["norms"] += quant
+        return add(*a, quant=quant, **kw)
+
+    monkeypatch.setattr(runner, "add_rms_norm", counted)
+    with kernels.fusion(decode=True, experts=True):
+        on = decode_steps(model, "cuda")
+    routed = sum(layer.is_moe for layer in model.model.layers)
+    assert quantized["norms"] == 4 * routed, quantized  # 4 forward steps
+    with kernels.fusion(decode=True, experts=False):
+        off = decode_steps(model, "cuda")
+    assert quantized["norms"] == 4 * routed, quantized  # none more with the fusions off
+    for got, want in zip(on, off, strict=True):
+        assert not got.float().isnan().any() and torch.equal(got, want)

@@ -285,6 +285,9 @@ def test_gpu_fp8_and_int4_gather_and_swiglu_quant_are_bitwise_the_unfused_launch
         fused = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)
         unfused = fp8_gemm.grouped_fp8_linear(swiglu(gate_up), w2, s2, counts)
         assert not fused.isnan().any() and torch.equal(fused, unfused)
+        _poison()  # the token rows quantized once (as the norm before the MoE does), gathered by the GEMM
+        pre = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=fp8_gemm.fp8_act_quant(x))
+        assert torch.equal(pre, fused)
         qi, si = int4_group_quantize(torch.randn(128, 1536, 2048, device="cuda") * 0.05, 128)
         p, si = pack_int4(qi), w4a16_gemm.group_major(si)
         _poison()

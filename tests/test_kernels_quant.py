@@ -124,6 +124,33 @@ def interp_grouped() -> None:
         y1 = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64)
         y2 = fp8_gemm.grouped_fp8_linear_triton(xs, wq, ws, counts, bm=16, bn=64, ku=2)
         assert torch.equal(y1, y2) and _rel(y2, fp8_gemm.grouped_fp8_linear_reference(xs, wq, ws, counts)) < 1e-5
+    # token rows quantized once, gathered by the kernel (src): the bits of gathering the quantized rows first
+    tokens = _exact_fp8_input(7, 256, g)
+    src = torch.randint(0, 7, (m,), generator=g)
+    q, sq = fp8_act_quantize_reference(tokens)
+    wq, ws = fp8_block_quantize(torch.randn(5, 192, 256, generator=g))
+    want = fp8_gemm.grouped_fp8_linear_triton(
+        q[src], wq, ws, counts, bm=16, bn=64, x_scale=sq[src], out_dtype=torch.float32
+    )
+    for ku in (1, 2):
+        got = fp8_gemm.grouped_fp8_linear_triton(
+            q, wq, ws, counts, bm=16, bn=64, x_scale=sq, out_dtype=torch.float32, src=src, ku=ku
+        )
+        assert torch.equal(got, want), ku
+    assert _rel(want, fp8_gemm.grouped_fp8_linear_reference(tokens[src], wq, ws, counts)) < 1e-5
+    # SwiGLU + act-quant in the gate_up epilogue (fp16: the interpreter has no bf16): the bits of the
+    # GEMM's fp16 output then the swiglu-quant kernel, with the gather, swapped or not, one or two K blocks
+    w1, s1 = fp8_block_quantize(torch.randn(5, 512, 256, generator=g))  # [E, 2I, K], I = 256
+    gate_up = fp8_gemm.grouped_fp8_linear_triton(
+        q[src], w1, s1, counts, bm=16, bn=128, x_scale=sq[src], out_dtype=torch.float16
+    )
+    want_q, want_s = fp8_gemm.swiglu_fp8_quant_triton(gate_up)
+    for swap, ku in ((False, 1), (True, 2)):
+        got_q, got_s = fp8_gemm.grouped_fp8_linear_triton(
+            q, w1, s1, counts, bm=16, bn=128, x_scale=sq, out_dtype=torch.float16, src=src, swap=swap, ku=ku,
+            swiglu_quant=True,
+        )  # fmt: skip
+        assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_s, want_s), swap
 
 
 def _run_interpreted(check: str, module: str = "tests.test_kernels_quant") -> None:
@@ -308,11 +335,21 @@ def _w4(**consts) -> dict:
     return {"GROUP": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False, "SWAP": False, **consts}
 
 
-_FP8 = {**_PTRS, "SA": "*fp32", "B": "*fp8e4nv", "SB": "*fp32", "Y": "*bf16", "COUNTS": "*i64", "EPS": "fp32"}
+_FP8 = {
+    **_PTRS,
+    "SA": "*fp32",
+    "B": "*fp8e4nv",
+    "SB": "*fp32",
+    "Y": "*bf16",
+    "COUNTS": "*i64",
+    "EPS": "fp32",
+    "YS": "*fp32",
+}
 
 
 def _g8(**consts) -> dict:
-    return {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, "NFAST": False, **consts}
+    base = {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, "NFAST": False, "KU": 1}
+    return {**base, "GATHER": False, "SWIGLU_DT": None, **consts}
 
 
 def _d8(**consts) -> dict:
@@ -348,6 +385,11 @@ _SM90_CASES = [
     # two K blocks per loop iteration (decode swapped tiles and prefill tiles)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=64, SWAP=True, QUANT=False, KU=2), 4, True),
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False, NFAST=True, KU=2), 4, True),
+    # the decode tiles reading token rows through SRC (rows quantized by the norm before the MoE)
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True), 4, True),
+    # gate_up with SwiGLU + act-quant in the epilogue (gate and up accumulators, fp8 output and scales)
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv", "Y": "*fp8e4nv", "YS": "*fp32"},
+     _g8(BM=16, BN=128, SWAP=True, QUANT=False, GATHER=True, SWIGLU_DT=triton.language.bfloat16), 4, True),
     # dense_fp8_config's decode tiles (M <= 16 and M = 64) and the unfused large-M tiles
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=16, BN=128, SPLIT_K=4, SWAP=True, QUANT=True), (4, 4), True),
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=64, BN=128, SPLIT_K=4, SWAP=False, QUANT=True), (8, 4), True),

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from miles_core.quant.fp8 import ACT_EPS, FP8_DTYPE, fp8_act_quantize_reference
+
 try:
     import triton
     import triton.language as tl
@@ -109,20 +111,24 @@ def combine_add_rms_norm_reference(
 # ---- kernels ------------------------------------------------------------------------------------
 
 if triton is not None:
+    from miles_core.kernels.quant_triton import _quantize_rows
 
     @triton.jit
     def _norm_store(s, w_ptr, h_row, offs, inside, eps, H: tl.constexpr):
         """One row s [BLOCK_H] (float32, zero past H) -> h = s * rsqrt(mean(s^2) + eps) * w, stored at
-        h_row in its dtype: F.rms_norm's float32 statistics and single rounding."""
+        h_row in its dtype: F.rms_norm's float32 statistics and single rounding. Returns the stored h."""
         ms = tl.math.div_rn(tl.sum(s * s, 0), tl.full([], H, tl.float32))  # mean of squares, IEEE division
         rstd = tl.math.rsqrt(ms + eps)
         w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(h_row + offs, (s * rstd * w).to(h_row.dtype.element_ty), mask=inside)
+        h = (s * rstd * w).to(h_row.dtype.element_ty)
+        tl.store(h_row + offs, h, mask=inside)
+        return h
 
     @triton.jit
     def _add_norm_kernel(
-        x_ptr, r_ptr, w_ptr, s_ptr, h_ptr, eps, stride_x, stride_r, H: tl.constexpr, BLOCK_H: tl.constexpr
-    ):
+        x_ptr, r_ptr, w_ptr, s_ptr, h_ptr, q_ptr, qs_ptr, eps, qeps, stride_x, stride_r,
+        H: tl.constexpr, BLOCK_H: tl.constexpr, QUANT: tl.constexpr,
+    ):  # fmt: skip
         n = tl.program_id(0).to(tl.int64)  # row
         offs = tl.arange(0, BLOCK_H)
         inside = offs < H
@@ -130,7 +136,13 @@ if triton is not None:
         r = tl.load(r_ptr + n * stride_r + offs, mask=inside, other=0.0).to(tl.float32)
         s = (x + r).to(s_ptr.dtype.element_ty)  # torch's x + r: one float32 add, one rounding
         tl.store(s_ptr + n * H + offs, s, mask=inside)
-        _norm_store(s.to(tl.float32), w_ptr, h_ptr + n * H, offs, inside, eps, H)
+        h = _norm_store(s.to(tl.float32), w_ptr, h_ptr + n * H, offs, inside, eps, H)
+        if QUANT:  # h's 1x128 tiles as fp8_act_quant_kernel quantizes them (the same function, the same bits)
+            G: tl.constexpr = BLOCK_H // 128
+            q, scale = _quantize_rows(tl.reshape(h.to(tl.float32), (G, 128)), qeps)  # zeros past H: no effect
+            tl.store(q_ptr + n * H + offs, tl.reshape(q, (BLOCK_H,)).to(q_ptr.dtype.element_ty), mask=inside)
+            g = tl.arange(0, G)
+            tl.store(qs_ptr + n * ((H + 127) // 128) + g, scale, mask=g * 128 < H)
 
     @triton.jit
     def _combine_add_norm_kernel(
@@ -159,28 +171,37 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(h: int) -> dict:
-    """The row's block and warps: 16 elements per thread up to 4096 (1 to 8 warps), 32 beyond (8 or 16
-    warps; sm_90 AOT: 16 warps at H = 7168 spill in the combine kernel, 8 do not)."""
-    block = triton.next_power_of_2(h)
+def _launch(h: int, least: int = 1) -> dict:
+    """The row's block (at least `least`) and warps: 16 elements per thread up to 4096 (1 to 8 warps),
+    32 beyond (8 or 16 warps; sm_90 AOT: 16 warps at H = 7168 spill in the combine kernel, 8 do not)."""
+    block = max(least, triton.next_power_of_2(h))
     return {"BLOCK_H": block, "num_warps": max(1, block // 512) if block <= 4096 else block // 1024}
 
 
-def add_rms_norm(x: Tensor, r: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, r: Tensor, weight: Tensor, eps: float, quant: bool = False):
     """x, r [..., H] (one dtype), weight [H] -> (s = x + r, h = RMSNorm(s) * weight), both like x.
+    `quant`: also h's rows quantized to FP8 as `fp8_gemm.fp8_act_quant` does (1x128 tiles, the same
+    bits), for FP8 experts that read them in place: (s, h, (q [N, H] e4m3, scale [N, ceil(H/128)] fp32)).
 
     One launch on CUDA (one program per row); the reference elsewhere and when a gradient is needed.
     """
     if not (_kernel_ok(x, r, weight) and r.dtype == x.dtype and r.shape == x.shape):
-        return add_rms_norm_reference(x, r, weight, eps)
+        s, h = add_rms_norm_reference(x, r, weight, eps)
+        return (s, h, fp8_act_quantize_reference(h.reshape(-1, h.shape[-1]))) if quant else (s, h)
     hdim = x.shape[-1]
     x2, r2 = _rows(x), _rows(r)  # [N, H]
     s, h = x2.new_empty(x2.shape), x2.new_empty(x2.shape)  # [N, H] contiguous
+    if quant:
+        q = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x.device)
+        qs = torch.empty(x2.shape[0], -(-hdim // 128), dtype=torch.float32, device=x.device)
+    else:
+        q, qs = h, h  # unread
     if x2.shape[0]:
         _add_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight.contiguous(), s, h, float(eps), x2.stride(0), r2.stride(0), H=hdim, **_launch(hdim)
-        )
-    return s.view(x.shape), h.view(x.shape)
+            x2, r2, weight.contiguous(), s, h, q, qs, float(eps), ACT_EPS, x2.stride(0), r2.stride(0),
+            H=hdim, QUANT=quant, **_launch(hdim, 128 if quant else 1),
+        )  # fmt: skip
+    return (s.view(x.shape), h.view(x.shape), (q, qs)) if quant else (s.view(x.shape), h.view(x.shape))
 
 
 def combine_add_rms_norm(

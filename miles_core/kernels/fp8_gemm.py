@@ -16,9 +16,12 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
   their expert from `counts` alone (no prep launches); at decode sizes (`grouped_fp8_config`, up to
   `FUSED_QUANT_MAX_M` rows) it quantizes the activations itself (no act-quant launch), with the weights
   on the MMA's M side since experts get a few rows each.
-- `grouped_fp8_experts`: the whole SwiGLU expert MLP in four launches, the MoE's row gather folded
-  into the first act-quant (`fp8_act_quant_triton(x, src=...)`) and SwiGLU into the second
-  (`swiglu_fp8_quant_triton`); the unfused chain's bits (`QuantExperts` on CUDA, `kernels.EXPERT_FUSION`).
+- `grouped_fp8_experts`: the whole SwiGLU expert MLP in three launches, the MoE's row gather folded
+  into the act-quant (`fp8_act_quant_triton(x, src=...)`) and SwiGLU with its act-quant into the
+  gate_up GEMM's epilogue (`SWIGLU_EPILOGUE`; else `swiglu_fp8_quant_triton`, one launch more); in
+  the engine's fused layer loop the norm before the MoE quantizes the token rows (`add_rms_norm(quant=
+  True)`) and the GEMM gathers them: two launches. The unfused chain's bits (`QuantExperts` on CUDA,
+  `kernels.EXPERT_FUSION`).
 - The `*_reference` functions are the pure-torch definition (dequantize, then matmul in fp32);
   they are the CPU path and what the GPU tests compare against.
 """
@@ -64,6 +67,7 @@ __all__ = [
 # Thresholds on M (rows), to be tuned on the device with `bench/quant.py --only decode`.
 DENSE_TRITON_MAX_M = 128  # fp8_linear: the dense Triton kernel (act-quant first) up to here, act-quant + cuBLAS above
 DECODE_GROUPED_MAX_M = 2048  # grouped FP8: the 16-row swapped tiles up to here (decode), 64 x 128 above
+SWIGLU_EPILOGUE = True  # grouped_fp8_experts at decode: SwiGLU + act-quant in the gate_up GEMM's epilogue
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -392,35 +396,58 @@ def grouped_fp8_linear_triton(
     out_dtype: torch.dtype | None = None,
     nfast: bool = False,
     ku: int = 1,
-) -> torch.Tensor:
+    src: torch.Tensor | None = None,
+    swiglu_quant: bool = False,
+):
     """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
     activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
     previous path's tile tables (`expert_tiles`, five small launches), for benchmarks. `x_scale`: xs is
     already quantized (e4m3 [M, K] and x_scale [M, KB] fp32, as `fp8_act_quant_triton` gives them), the
     output `out_dtype`. `nfast`: the grid's fast axis walks N tiles, `ku`: K blocks per iteration (see
-    `Fp8Config`)."""
+    `Fp8Config`). `src` [M] (with `x_scale`): xs [T, K] are token rows and sorted row r reads xs[src[r]]
+    in the kernel (no gathered copy). `swiglu_quant` (w: [E, 2I, K] gate rows then up rows, bn == 128):
+    -> (q [M, I] e4m3, scale [M, I/128] fp32), SwiGLU and its act-quant in the epilogue, the bits of this
+    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]."""
+    if swiglu_quant and (bn != BLOCK or w.shape[1] % (2 * BLOCK)):
+        raise ValueError(f"swiglu_quant needs bn == {BLOCK} and I a multiple of {BLOCK}; got bn={bn}, 2I={w.shape[1]}")
     if ku not in (1, 2):
         raise ValueError(f"ku must be 1 or 2 (K blocks per loop iteration), got {ku}")
-    m, k = xs.shape
+    if src is not None and x_scale is None:
+        raise ValueError("src (the kernel's row gather) needs pre-quantized rows (x_scale)")
+    k = xs.shape[1]
+    m = xs.shape[0] if src is None else src.shape[0]
     e, n, _ = w.shape
-    y = torch.empty(m, n, dtype=out_dtype or xs.dtype, device=xs.device)
+    out_dtype = out_dtype or xs.dtype
+    if swiglu_quant:
+        y = torch.empty(m, n // 2, dtype=torch.float8_e4m3fn, device=xs.device)
+        ys = torch.empty(m, n // 2 // BLOCK, dtype=torch.float32, device=xs.device)
+    else:
+        y, ys = torch.empty(m, n, dtype=out_dtype, device=xs.device), None
     if m == 0:
-        return y
+        return (y, ys) if swiglu_quant else y
     xs = xs if xs.stride(-1) == 1 else xs.contiguous()
     if x_scale is not None:
         a, sa, fuse = xs, x_scale, False
     else:  # [M, K]; [M, KB] fp32 (unused when fused)
         a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)
     tile_end, row_start, c = expert_tiles(counts, bm) if prep else (counts, counts, counts)
-    grid = (_cdiv(m, bm) + e, _cdiv(n, bn))
+    grid = (_cdiv(m, bm) + e, _cdiv(n // 2 if swiglu_quant else n, bn))
     grid = grid[::-1] if nfast else grid
+    swiglu = dict(YS=ys, stride_ysm=ys.stride(0), SWIGLU_DT=_tl_dtype(out_dtype)) if swiglu_quant else {}
     load_triton_kernels().grouped_fp8_kernel[grid](
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, num_warps=num_warps, num_stages=num_stages,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return y
+    return (y, ys) if swiglu_quant else y
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
 def triton_next_pow2(n: int) -> int:
@@ -435,17 +462,30 @@ def experts_fusion_ok(x: torch.Tensor, rows: int, n_experts: int) -> bool:
     return kernels.EXPERT_FUSION and x.is_cuda and _decode_fusion() and not grouped_fp8_config(rows, n_experts).fuse
 
 
-def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None) -> torch.Tensor:
-    """SwiGLU experts on FP8 weights in four launches: act-quant of the rows x[src] -> gate_up ->
-    SwiGLU + act-quant -> down. x: [T, H] token rows (without `src`: [M, H] rows sorted by expert);
+def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.Tensor:
+    """SwiGLU experts on FP8 weights: act-quant of the rows x[src] -> gate_up -> SwiGLU + act-quant -> down,
+    the SwiGLU + act-quant in the gate_up GEMM's epilogue at decode (`SWIGLU_EPILOGUE`: three launches). x: [T, H] token rows (without `src`: [M, H] rows sorted by expert);
     w1 [E, 2I, H], w2 [E, H, I] e4m3 with scale_inv s1, s2; counts [E] -> [M, H] in x.dtype.
+    `xq` = (q [T, H] e4m3, scale [T, H/128] fp32), x's rows already quantized as `fp8_act_quant` does
+    (by the norm before the MoE, `add_norm.add_rms_norm(quant=True)`): one launch fewer, the gate_up GEMM
+    reading q[src] in place.
 
     The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
     same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
     m = x.shape[0] if src is None else src.shape[0]
     cfg = grouped_fp8_config(m, w1.shape[0])
     tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap, ku=cfg.ku)
-    a, sa = fp8_act_quant_triton(x, src=src)  # [M, H] e4m3, [M, H/128] fp32
-    y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, 2I]
-    a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
+    if xq is not None and src is not None:  # token rows quantized already: the GEMM gathers them
+        a, sa, gather = xq[0], xq[1], src
+    else:
+        a, sa = fp8_act_quant_triton(x, src=src) if xq is None else xq  # [M, H] e4m3, [M, H/128] fp32
+        gather = None
+    if SWIGLU_EPILOGUE and cfg.swap and (w1.shape[1] // 2) % BLOCK == 0:  # [M, I] e4m3, [M, I/128] fp32
+        wide = {**tiles, "bn": BLOCK}  # gate and up columns of one 1x128 output tile per program
+        a, sa = grouped_fp8_linear_triton(
+            a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, swiglu_quant=True, **wide
+        )
+    else:
+        y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, **tiles)  # [M, 2I]
+        a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
     return grouped_fp8_linear_triton(a, w2, s2, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, H]

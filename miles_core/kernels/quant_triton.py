@@ -517,6 +517,7 @@ def _fp8_block_dot(
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
     KU: tl.constexpr = 1,
+    a_rows=None,
 ):
     # -> sum over K blocks [kb_lo, kb_hi) of (a_kb @ b_kb^T) * sa_kb * sb_kb, fp32 [BM, BN] ([BN, BM] if SWAP),
     # for the output columns col0 .. col0 + BN.
@@ -525,7 +526,10 @@ def _fp8_block_dot(
     # BN divides 128. KU: K blocks per loop iteration (2: twice the bytes per pipeline stage, half the
     # loop's bookkeeping per byte; a missing last block reads as zeros). The sum runs in K-block order
     # either way, so KU does not change the result's bits.
-    # Rows >= row_end read as zeros (their outputs are not stored).
+    # Rows >= row_end read as zeros (their outputs are not stored). `a_rows`: the rows of A (and SA) that
+    # tile rows `rows` read (a gather), else `rows` themselves.
+    if a_rows is None:
+        a_rows = rows
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -534,12 +538,12 @@ def _fp8_block_dot(
     cols = col0 + tl.arange(0, BN)
     for kb in range(kb_lo, kb_hi, KU):
         acc = _fp8_kstep(
-            acc, A, SA, B, SB, rows, rmask, cols, col0, N, K, kb, True,
+            acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, True,
             stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
         )  # fmt: skip
         if KU == 2:
             acc = _fp8_kstep(
-                acc, A, SA, B, SB, rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
+                acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
                 stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
             )  # fmt: skip
     return acc
@@ -570,7 +574,8 @@ def _fp8_kstep(
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
 ):
-    # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot); `live` False: acc unchanged (zeros read)
+    # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot), A's rows `rows` (masked by rmask);
+    # `live` False: acc unchanged (zeros read)
     ks = kb * BK + tl.arange(0, BK)
     kmask = ((ks < K) | EVEN_K) & live
     a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -619,8 +624,19 @@ def grouped_fp8_kernel(
     PREP: tl.constexpr = False,
     NFAST: tl.constexpr = False,
     KU: tl.constexpr = 1,
+    SRC=None,
+    GATHER: tl.constexpr = False,
+    YS=None,
+    stride_ysm=0,
+    SWIGLU_DT: tl.constexpr = None,
 ):
-    # A: [M, K] rows sorted by expert, fp8 with SA [M, ceil(K/128)] fp32, or (QUANT) bf16/fp16/fp32;
+    # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
+    # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
+    # up columns, rounds both to SWIGLU_DT (the unfused GEMM's output dtype), h = silu(gate) * up rounded
+    # to SWIGLU_DT, and stores h quantized: Y [M, I] e4m3 and YS [M, I/128] fp32 (the bits of the GEMM
+    # then swiglu_fp8_quant_kernel). Grid N extent I / 128.
+    # A: [M, K] rows sorted by expert, fp8 with SA [M, ceil(K/128)] fp32, or (QUANT) bf16/fp16/fp32; with
+    # GATHER, A [T, K] (and SA [T, *]) token rows and SRC [M]: sorted row r reads A[SRC[r]] in place;
     # B: [E, N, K] fp8, SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]; COUNTS: [E] rows per expert.
     # BK == 128; BN divides 128. Grid (row tiles, N tiles), or with NFAST (N tiles, row tiles): the N
     # tiles of one row tile are then neighbours in launch order, so its A rows come from L2 after the
@@ -634,16 +650,34 @@ def grouped_fp8_kernel(
         return
     rows = r0 + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
+    if GATHER:
+        a_rows = tl.load(SRC + rows, mask=rows < r1, other=0)
+    else:
+        a_rows = rows
     B += e_safe.to(tl.int64) * stride_be
     SB += e_safe.to(tl.int64) * stride_sbe
     acc = _fp8_block_dot(
         A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
-        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU,
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
     )  # fmt: skip
     if SWAP:
         acc = tl.trans(acc)
-    mask = (rows[:, None] < r1) & (cols[None, :] < N)
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+    if SWIGLU_DT is not None:
+        up = _fp8_block_dot(
+            A, SA, B, SB, rows, r1, N // 2 + pid_n * BN, N, K, 0, tl.cdiv(K, BK),
+            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
+        )  # fmt: skip
+        if SWAP:
+            up = tl.trans(up)
+        g = acc.to(SWIGLU_DT).to(tl.float32)  # the unfused GEMM's stored outputs
+        h = silu_mul(g, up.to(SWIGLU_DT).to(tl.float32)).to(SWIGLU_DT).to(tl.float32)  # as `swiglu` stores h
+        q, scale = _quantize_rows(h, EPS)  # BN == 128: one 1x128 tile per row
+        mask = (rows[:, None] < r1) & (cols[None, :] < N // 2)
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
+        tl.store(YS + rows * stride_ysm + pid_n, scale, mask=rows < r1)
+    else:
+        mask = (rows[:, None] < r1) & (cols[None, :] < N)
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit

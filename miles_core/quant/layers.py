@@ -155,9 +155,19 @@ class QuantExperts(nn.Module):
         s = _kernel_scales(self, xs, f"{which}_weight_scale")
         return grouped_w4a16_linear(xs, p, s, counts, self.group_size, src=src)
 
-    def sorted_forward(self, xs: torch.Tensor, counts: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+    def takes_fp8_rows(self, xs: torch.Tensor, rows: int) -> bool:
+        """`sorted_forward` would quantize xs's rows to FP8 first (1x128 tiles) on its fused path, so
+        a caller that has them quantized already (the norm before the MoE) may pass them as `xq`."""
+        from miles_core.kernels import fp8_gemm
+
+        return self.fmt == "fp8" and self.act is F.silu and fp8_gemm.experts_fusion_ok(xs, rows, self.num_experts)
+
+    def sorted_forward(
+        self, xs: torch.Tensor, counts: torch.Tensor, src: torch.Tensor | None = None, xq=None
+    ) -> torch.Tensor:
         """xs: [M, H] rows sorted by expert (or, with `src` [M], the rows xs[src]), counts: [E] ->
-        [M, H] expert outputs (unweighted), in sorted order.
+        [M, H] expert outputs (unweighted), in sorted order. `xq`: xs's rows quantized already,
+        (q e4m3, scale fp32) as `fp8_gemm.fp8_act_quant` gives them (used where `takes_fp8_rows`).
 
         CUDA: FP8 silu experts run `fp8_gemm.grouped_fp8_experts` (the gather and SwiGLU folded into
         the act-quant launches), INT4 gathers its rows in the gate_up kernel; the unfused launches' bits."""
@@ -165,10 +175,10 @@ class QuantExperts(nn.Module):
         from miles_core.model.layers import gated
 
         rows = xs.shape[0] if src is None else src.shape[0]
-        if self.fmt == "fp8" and self.act is F.silu and fp8_gemm.experts_fusion_ok(xs, rows, self.num_experts):
+        if self.takes_fp8_rows(xs, rows):
             w1, s1 = self.gate_up_weight, self.gate_up_weight_scale_inv  # [E, 2I, H] e4m3, its block scales
             w2, s2 = self.down_weight, self.down_weight_scale_inv  # [E, H, I]
-            return fp8_gemm.grouped_fp8_experts(xs, counts, w1, s1, w2, s2, src)
+            return fp8_gemm.grouped_fp8_experts(xs, counts, w1, s1, w2, s2, src, xq)
         if src is not None and self.fmt == "fp8":
             xs, src = xs.index_select(0, src), None
         h = self._linear(xs, "gate_up", counts, src)  # [M, 2I]

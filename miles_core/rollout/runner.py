@@ -205,12 +205,14 @@ def _fused_layers(backbone, x: torch.Tensor, attention) -> tuple[torch.Tensor, l
     chosen = []
     for i, (layer, nxt) in enumerate(zip(layers, next_norms, strict=True)):
         post, mlp = layer.post_attention_layernorm, layer.mlp
-        x, h = add_rms_norm(x, attention(i, layer, h), post.weight, post.eps)  # [B, T, H] each
+        quant = _norm_quantizes(layer, h)
+        x, h, *xq = add_rms_norm(x, attention(i, layer, h), post.weight, post.eps, quant=quant)  # [B, T, H] each
         if layer.is_moe and mlp.shared_experts is None:
             flat = h.reshape(-1, h.shape[-1])  # [N, H]
             weights, experts, plan = mlp.gate.route(flat)  # [N, k] each
             src, inverse, counts = plan if plan is not None else sort_plan(flat, experts, mlp.gate.n_experts)
-            ys = mlp.experts.sorted_forward(flat, counts, src)  # [N*k, H], expert-sorted rows
+            fp8_rows = {"xq": xq[0]} if quant else {}  # h's rows in FP8, quantized by the norm's launch
+            ys = mlp.experts.sorted_forward(flat, counts, src, **fp8_rows)  # [N*k, H], expert-sorted rows
             x, h = combine_add_rms_norm(ys, inverse, weights, x, nxt.weight, nxt.eps)
         else:  # dense MLP, or MoE + shared experts (DeepSeek-V3): the block as it is, then add + norm
             out, experts = mlp(h, None) if layer.is_moe else (mlp(h), None)
@@ -218,6 +220,16 @@ def _fused_layers(backbone, x: torch.Tensor, attention) -> tuple[torch.Tensor, l
         if layer.is_moe:
             chosen.append(experts)
     return h, chosen
+
+
+def _norm_quantizes(layer, h: torch.Tensor) -> bool:
+    """The MoE after this layer's attention takes its input rows in FP8 (`QuantExperts.takes_fp8_rows`),
+    so the norm before it quantizes them in its own launch (the act-quant's bits, one launch fewer)."""
+    mlp = layer.mlp
+    if not (layer.is_moe and mlp.shared_experts is None and hasattr(mlp.experts, "takes_fp8_rows")):
+        return False
+    tokens = h.numel() // h.shape[-1]
+    return mlp.experts.takes_fp8_rows(h, tokens * mlp.gate.top_k)
 
 
 def forward_step(
