@@ -315,8 +315,8 @@ def test_kernels_compile_for_hopper_without_spills_and_with_ieee_mean(h):
     launch = an._launch(h)
     warps = launch.pop("num_warps")
     cases = [
-        (an._add_norm_kernel, {"H": h, "QUANT": False, **launch}),
-        (an._add_norm_kernel, {"H": h, "QUANT": True, **launch}),  # + the FP8 rows for FP8 experts
+        (an._add_norm_kernel, {"H": h, "QUANT": False, "G": 1, **launch}),
+        (an._add_norm_kernel, {"H": h, "QUANT": True, "G": triton.next_power_of_2(h // 128), **launch}),  # FP8 rows
         (an._combine_add_norm_kernel, {"H": h, "K": 8, "HAS_NORM": True, **launch}),
     ]
     for fn, consts in cases:

@@ -260,7 +260,7 @@ def test_gpu_bf16_gather_and_swiglu_are_bitwise_the_unfused_launches(tokens):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [64, 256])
-def test_gpu_fp8_and_int4_gather_and_swiglu_quant_are_bitwise_the_unfused_launches(tokens):
+def test_gpu_fp8_and_int4_gather_and_swiglu_quant_are_bitwise_the_unfused_launches(tokens, monkeypatch):
     from miles_core.kernels import fp8_gemm, w4a16_gemm
     from miles_core.kernels.swiglu import swiglu
     from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
@@ -288,6 +288,12 @@ def test_gpu_fp8_and_int4_gather_and_swiglu_quant_are_bitwise_the_unfused_launch
         _poison()  # the token rows quantized once (as the norm before the MoE does), gathered by the GEMM
         pre = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=fp8_gemm.fp8_act_quant(x))
         assert torch.equal(pre, fused)
+        monkeypatch.setattr(fp8_gemm, "SWIGLU_EPILOGUE", True)  # SwiGLU + act-quant in the gate_up epilogue
+        for xq in (None, fp8_gemm.fp8_act_quant(x)):
+            _poison()
+            epilogue = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=xq)
+            assert torch.equal(epilogue, fused)
+        monkeypatch.undo()
         qi, si = int4_group_quantize(torch.randn(128, 1536, 2048, device="cuda") * 0.05, 128)
         p, si = pack_int4(qi), w4a16_gemm.group_major(si)
         _poison()

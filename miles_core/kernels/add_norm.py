@@ -116,18 +116,16 @@ if triton is not None:
     @triton.jit
     def _norm_store(s, w_ptr, h_row, offs, inside, eps, H: tl.constexpr):
         """One row s [BLOCK_H] (float32, zero past H) -> h = s * rsqrt(mean(s^2) + eps) * w, stored at
-        h_row in its dtype: F.rms_norm's float32 statistics and single rounding. Returns the stored h."""
+        h_row in its dtype: F.rms_norm's float32 statistics and single rounding."""
         ms = tl.math.div_rn(tl.sum(s * s, 0), tl.full([], H, tl.float32))  # mean of squares, IEEE division
         rstd = tl.math.rsqrt(ms + eps)
         w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        h = (s * rstd * w).to(h_row.dtype.element_ty)
-        tl.store(h_row + offs, h, mask=inside)
-        return h
+        tl.store(h_row + offs, (s * rstd * w).to(h_row.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _add_norm_kernel(
         x_ptr, r_ptr, w_ptr, s_ptr, h_ptr, q_ptr, qs_ptr, eps, qeps, stride_x, stride_r,
-        H: tl.constexpr, BLOCK_H: tl.constexpr, QUANT: tl.constexpr,
+        H: tl.constexpr, BLOCK_H: tl.constexpr, QUANT: tl.constexpr, G: tl.constexpr,
     ):  # fmt: skip
         n = tl.program_id(0).to(tl.int64)  # row
         offs = tl.arange(0, BLOCK_H)
@@ -136,12 +134,17 @@ if triton is not None:
         r = tl.load(r_ptr + n * stride_r + offs, mask=inside, other=0.0).to(tl.float32)
         s = (x + r).to(s_ptr.dtype.element_ty)  # torch's x + r: one float32 add, one rounding
         tl.store(s_ptr + n * H + offs, s, mask=inside)
-        h = _norm_store(s.to(tl.float32), w_ptr, h_ptr + n * H, offs, inside, eps, H)
+        _norm_store(s.to(tl.float32), w_ptr, h_ptr + n * H, offs, inside, eps, H)
         if QUANT:  # h's 1x128 tiles as fp8_act_quant_kernel quantizes them (the same function, the same bits)
-            G: tl.constexpr = BLOCK_H // 128
-            q, scale = _quantize_rows(tl.reshape(h.to(tl.float32), (G, 128)), qeps)  # zeros past H: no effect
-            tl.store(q_ptr + n * H + offs, tl.reshape(q, (BLOCK_H,)).to(q_ptr.dtype.element_ty), mask=inside)
-            g = tl.arange(0, G)
+            # read back from memory (after a barrier: the program's own stores), not reshaped in registers:
+            # a [G, 128] view of the row would change the layout the compiler picks for the norm above, and
+            # with it the sum of squares' order, so h's bits would differ from the QUANT=False kernel's
+            tl.debug_barrier()
+            cols = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 128)[None, :]  # [G, 128]
+            h = tl.load(h_ptr + n * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+            q, scale = _quantize_rows(h, qeps)  # zeros past H: no effect on a tile's amax
+            tl.store(q_ptr + n * H + cols, q.to(q_ptr.dtype.element_ty), mask=cols < H)
+            g = tl.arange(0, G)  # G: the row's 128-column tiles, rounded up to a power of two
             tl.store(qs_ptr + n * ((H + 127) // 128) + g, scale, mask=g * 128 < H)
 
     @triton.jit
@@ -171,10 +174,10 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(h: int, least: int = 1) -> dict:
-    """The row's block (at least `least`) and warps: 16 elements per thread up to 4096 (1 to 8 warps),
-    32 beyond (8 or 16 warps; sm_90 AOT: 16 warps at H = 7168 spill in the combine kernel, 8 do not)."""
-    block = max(least, triton.next_power_of_2(h))
+def _launch(h: int) -> dict:
+    """The row's block and warps: 16 elements per thread up to 4096 (1 to 8 warps), 32 beyond (8 or 16
+    warps; sm_90 AOT: 16 warps at H = 7168 spill in the combine kernel, 8 do not)."""
+    block = triton.next_power_of_2(h)
     return {"BLOCK_H": block, "num_warps": max(1, block // 512) if block <= 4096 else block // 1024}
 
 
@@ -199,7 +202,7 @@ def add_rms_norm(x: Tensor, r: Tensor, weight: Tensor, eps: float, quant: bool =
     if x2.shape[0]:
         _add_norm_kernel[(x2.shape[0],)](
             x2, r2, weight.contiguous(), s, h, q, qs, float(eps), ACT_EPS, x2.stride(0), r2.stride(0),
-            H=hdim, QUANT=quant, **_launch(hdim, 128 if quant else 1),
+            H=hdim, QUANT=quant, G=triton.next_power_of_2(-(-hdim // 128)), **_launch(hdim),
         )  # fmt: skip
     return (s.view(x.shape), h.view(x.shape), (q, qs)) if quant else (s.view(x.shape), h.view(x.shape))
 

@@ -16,12 +16,12 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
   their expert from `counts` alone (no prep launches); at decode sizes (`grouped_fp8_config`, up to
   `FUSED_QUANT_MAX_M` rows) it quantizes the activations itself (no act-quant launch), with the weights
   on the MMA's M side since experts get a few rows each.
-- `grouped_fp8_experts`: the whole SwiGLU expert MLP in three launches, the MoE's row gather folded
-  into the act-quant (`fp8_act_quant_triton(x, src=...)`) and SwiGLU with its act-quant into the
-  gate_up GEMM's epilogue (`SWIGLU_EPILOGUE`; else `swiglu_fp8_quant_triton`, one launch more); in
-  the engine's fused layer loop the norm before the MoE quantizes the token rows (`add_rms_norm(quant=
-  True)`) and the GEMM gathers them: two launches. The unfused chain's bits (`QuantExperts` on CUDA,
-  `kernels.EXPERT_FUSION`).
+- `grouped_fp8_experts`: the whole SwiGLU expert MLP in four launches, the MoE's row gather folded
+  into the act-quant (`fp8_act_quant_triton(x, src=...)`) and SwiGLU into the second act-quant
+  (`swiglu_fp8_quant_triton`; or into the gate_up GEMM's epilogue, `SWIGLU_EPILOGUE`, measured slower);
+  in the engine's fused layer loop the norm before the MoE quantizes the token rows (`add_rms_norm(
+  quant=True)`) and the gate_up GEMM gathers them: three launches. The unfused chain's bits
+  (`QuantExperts` on CUDA, `kernels.EXPERT_FUSION`).
 - The `*_reference` functions are the pure-torch definition (dequantize, then matmul in fp32);
   they are the CPU path and what the GPU tests compare against.
 """
@@ -67,7 +67,10 @@ __all__ = [
 # Thresholds on M (rows), to be tuned on the device with `bench/quant.py --only decode`.
 DENSE_TRITON_MAX_M = 128  # fp8_linear: the dense Triton kernel (act-quant first) up to here, act-quant + cuBLAS above
 DECODE_GROUPED_MAX_M = 2048  # grouped FP8: the 16-row swapped tiles up to here (decode), 64 x 128 above
-SWIGLU_EPILOGUE = True  # grouped_fp8_experts at decode: SwiGLU + act-quant in the gate_up GEMM's epilogue
+SWIGLU_EPILOGUE = False  # grouped_fp8_experts at decode: SwiGLU + act-quant in the gate_up GEMM's epilogue.
+# Off: it needs 128-wide tiles (a program holds the gate and up columns of whole 1x128 output tiles), which
+# stream slower than the 64-wide ones: on an H200 at batch 64 the gate_up with the epilogue ran 102.7-104.6
+# us against 101.3-101.9 for the 64-wide GEMM + the SwiGLU-quant launch (bench/RESULTS.md).
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -87,7 +90,9 @@ class Fp8Config:
     swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
     fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
     nfast: bool = False  # grouped kernel: a row tile's N tiles launched side by side (A reused from L2)
-    ku: int = 1  # grouped kernel: K blocks of 128 per loop iteration (1 or 2; the same bits either way)
+    ku: int = 1  # grouped kernel: K blocks of 128 per loop iteration (1 or 2; the same bits either way).
+    # 2 was no faster on an H200: decode gate_up 101.8 vs 101.9 us, down 55.9 vs 54.5; prefill 0.73-0.89x
+    # of bf16 against 0.95-1.01x (bench/RESULTS.md)
 
 
 @functools.cache
@@ -463,12 +468,12 @@ def experts_fusion_ok(x: torch.Tensor, rows: int, n_experts: int) -> bool:
 
 
 def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.Tensor:
-    """SwiGLU experts on FP8 weights: act-quant of the rows x[src] -> gate_up -> SwiGLU + act-quant -> down,
-    the SwiGLU + act-quant in the gate_up GEMM's epilogue at decode (`SWIGLU_EPILOGUE`: three launches). x: [T, H] token rows (without `src`: [M, H] rows sorted by expert);
+    """SwiGLU experts on FP8 weights in four launches: act-quant of the rows x[src] -> gate_up ->
+    SwiGLU + act-quant -> down. x: [T, H] token rows (without `src`: [M, H] rows sorted by expert);
     w1 [E, 2I, H], w2 [E, H, I] e4m3 with scale_inv s1, s2; counts [E] -> [M, H] in x.dtype.
     `xq` = (q [T, H] e4m3, scale [T, H/128] fp32), x's rows already quantized as `fp8_act_quant` does
     (by the norm before the MoE, `add_norm.add_rms_norm(quant=True)`): one launch fewer, the gate_up GEMM
-    reading q[src] in place.
+    reading q[src] in place. `SWIGLU_EPILOGUE`: SwiGLU + act-quant in the gate_up GEMM's epilogue.
 
     The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
     same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
