@@ -220,37 +220,21 @@ def w4a16_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # decode tiles (BM <= 64): the group scales one K step ahead (the pipeliner stages x and W, not the
-    # scales: loaded in their own step they cost an L2 round trip before the dequantization, every step);
-    # the 128-row tiles have no registers to spare for them
-    PRE: tl.constexpr = BM <= 64
-    if PRE:
-        s_next = _group_scales(S, cols, stride_sn, stride_sg, pid_k * kb_per_split * BK, N, K, GROUP)
     for i in range(0, kb_per_split):
         k0 = (pid_k * kb_per_split + i) * BK
         ks = k0 + tl.arange(0, BK)
-        if PRE:  # masked past K: a split that runs past the end adds 0, not 0 * garbage
-            s = s_next
-            s_next = _group_scales(S, cols, stride_sn, stride_sg, k0 + BK, N, K, GROUP)
-        else:
-            s = _group_scales(S, cols, stride_sn, stride_sg, k0, N, K, GROUP)
         x = tl.load(
             X + rows[:, None] * stride_xm + ks[None, :],
             mask=(rows[:, None] < M) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
         w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK, BM > 1, ASM)  # exact
+        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
+        s = s.to(tl.float32)  # masked past K: a split that runs past the end adds 0, not 0 * garbage
         acc = _mac(acc, x, w, s, 136.0 if UNPACK == 4 else 0.0, SWAP)
     if SWAP and BM > 1:
         acc = tl.trans(acc)
     _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
-
-
-@triton.jit
-def _group_scales(S, cols, stride_sn, stride_sg, k0, N, K, GROUP: tl.constexpr):
-    # -> the scales [BN] fp32 of the group holding column k0 (zeros past N or K)
-    s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
-    return s.to(tl.float32)
 
 
 @triton.jit
@@ -396,47 +380,28 @@ def w4a16_gemv_kernel(
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PREFETCH:
         wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K)
-        xp, sp = _gemv_x_scales(X, S, pid_m, cols, kb0 * BK, N, K, stride_xm, stride_sn, stride_sg, GROUP, BK, EVEN_K)
     for it in range(0, kb_per_split):
         k0 = (kb0 + it) * BK
-        if PREFETCH:  # this step's words, x and scales were loaded a step ago; load the next step's now
-            cur, x, s = wp, xp, sp
+        if PREFETCH:
+            cur = wp
             wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split)
-            xp, sp = _gemv_x_scales(
-                X, S, pid_m, cols, k0 + BK, N, K, stride_xm, stride_sn, stride_sg, GROUP, BK, EVEN_K,
-                it + 1 < kb_per_split,
-            )  # fmt: skip
         else:
             cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K)
-            x, s = _gemv_x_scales(X, S, pid_m, cols, k0, N, K, stride_xm, stride_sn, stride_sg, GROUP, BK, EVEN_K)
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(X + pid_m * stride_xm + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)  # [BK]
         w = _magic_join(cur, False, ASM)  # [BN, BK] fp32, 136 + q
         if BK <= GROUP:
+            s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
             acc += (tl.sum(w * x[None, :], axis=1) - 136.0 * tl.sum(x)) * s.to(tl.float32)
         else:
+            g = k0 // GROUP + tl.arange(0, BK // GROUP)
+            smask = (cols[:, None] < N) & (g[None, :] * GROUP < K)
+            s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=smask, other=0.0)  # [BN, NG]
             part = tl.sum(tl.reshape(w * x[None, :], (BN, BK // GROUP, GROUP)), axis=2)  # [BN, NG]
             xs = tl.sum(tl.reshape(x, (BK // GROUP, GROUP)), axis=1)  # [NG]
             acc += tl.sum((part - 136.0 * xs[None, :]) * s.to(tl.float32), axis=1)
     rows = pid_m + tl.arange(0, 1)
     _store_split(acc[None, :], Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
-
-
-@triton.jit
-def _gemv_x_scales(
-    X, S, row, cols, k0, N, K, stride_xm, stride_sn, stride_sg,
-    GROUP: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, live=True,
-):  # fmt: skip
-    # -> (x [BK] fp32, scales [BN] or [BN, BK // GROUP]) of the K step at k0 (zeros past K, or everywhere
-    # when not `live`: a prefetch past the split's last step, which may lie past the end of x)
-    ks = k0 + tl.arange(0, BK)
-    x = tl.load(X + row * stride_xm + ks, mask=((ks < K) | EVEN_K) & live, other=0.0).to(tl.float32)
-    if BK <= GROUP:
-        smask = (cols < N) & (k0 < K) & live
-        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=smask, other=0.0)
-    else:
-        g = k0 // GROUP + tl.arange(0, BK // GROUP)
-        smask = (cols[:, None] < N) & (g[None, :] * GROUP < K) & live
-        s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=smask, other=0.0)  # [BN, NG]
-    return x, s
 
 
 @triton.jit
@@ -513,17 +478,15 @@ def grouped_w4a16_kernel(
     W += e_safe.to(tl.int64) * stride_we
     S += e_safe.to(tl.int64) * stride_se
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    s_next = _group_scales(S, cols, stride_sn, stride_sg, 0, N, K, GROUP)  # one K step ahead (w4a16_kernel)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
-        s = s_next
-        s_next = _group_scales(S, cols, stride_sn, stride_sg, k0 + BK, N, K, GROUP)
         x = tl.load(
             X + x_rows[:, None] * stride_xm + ks[None, :],
             mask=(rows[:, None] < r1) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
         w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK, BM > 1, ASM)  # exact
+        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=cols < N, other=0.0).to(tl.float32)
         acc = _mac(acc, x, w, s, 136.0 if UNPACK == 4 else 0.0)
     mask = (rows[:, None] < r1) & (cols[None, :] < N)
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
