@@ -528,9 +528,6 @@ def _fp8_block_dot(
     # either way, so KU does not change the result's bits.
     # Rows >= row_end read as zeros (their outputs are not stored). `a_rows`: the rows of A (and SA) that
     # tile rows `rows` read (a gather), else `rows` themselves.
-    # The scales are loaded one K block ahead (carried through the loop): the pipeliner stages only the
-    # dot's operands, so a scale loaded in its own step costs an L2 round trip right before the FMAs that
-    # need it, in every step.
     if a_rows is None:
         a_rows = rows
     if SWAP:
@@ -539,37 +536,22 @@ def _fp8_block_dot(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     rmask = rows < row_end
     cols = col0 + tl.arange(0, BN)
-    sa, sb = _fp8_scales(SA, SB, a_rows, rmask, col0, kb_lo, kb_hi, stride_sam, stride_sbn, BM, QUANT)
     for kb in range(kb_lo, kb_hi, KU):
-        acc, sa, sb = _fp8_kstep(
-            acc, sa, sb, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, kb_hi, True,
-            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BK, EVEN_K, QUANT, SWAP,
+        acc = _fp8_kstep(
+            acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, True,
+            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
         )  # fmt: skip
         if KU == 2:
-            acc, sa, sb = _fp8_kstep(
-                acc, sa, sb, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb_hi, kb + 1 < kb_hi,
-                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BK, EVEN_K, QUANT, SWAP,
+            acc = _fp8_kstep(
+                acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
+                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
             )  # fmt: skip
     return acc
 
 
 @triton.jit
-def _fp8_scales(SA, SB, rows, rmask, col0, kb, kb_hi, stride_sam, stride_sbn, BM: tl.constexpr, QUANT: tl.constexpr):
-    # -> (sa [BM], sb) of K block kb (zeros past kb_hi; sa zeros with QUANT, which computes its own)
-    live = kb < kb_hi
-    if QUANT:
-        sa = tl.zeros((BM,), dtype=tl.float32)
-    else:
-        sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
-    sb = tl.load(SB + (col0 // 128) * stride_sbn + kb, mask=live, other=0.0)  # the tile lies in one scale block
-    return sa, sb
-
-
-@triton.jit
 def _fp8_kstep(
     acc,
-    sa,
-    sb,
     A,
     SA,
     B,
@@ -581,35 +563,34 @@ def _fp8_kstep(
     N,
     K,
     kb,
-    kb_hi,
     live,
     stride_am,
     stride_sam,
     stride_bn,
     stride_sbn,
     EPS,
-    BM: tl.constexpr,
     BK: tl.constexpr,
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
 ):
-    # -> (acc + (a_kb @ b_kb^T) * sa * sb, the scales of block kb + 1) (see _fp8_block_dot): sa, sb are
-    # block kb's, loaded a step earlier (zeros when `live` is False, and then acc is unchanged). A's rows
-    # `rows` (masked by rmask).
-    sa_next, sb_next = _fp8_scales(SA, SB, rows, rmask, col0, kb + 1, kb_hi, stride_sam, stride_sbn, BM, QUANT)
+    # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot), A's rows `rows` (masked by rmask);
+    # `live` False: acc unchanged (zeros read)
     ks = kb * BK + tl.arange(0, BK)
     kmask = ((ks < K) | EVEN_K) & live
     a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     if QUANT:
         q, sa = _quantize_rows(a.to(tl.float32), EPS)
         a = q.to(tl.float8e4nv)
+    else:
+        sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
     b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+    sb = tl.load(SB + (col0 // 128) * stride_sbn + kb, mask=live, other=0.0)  # the tile lies in one scale block
     if SWAP:
         acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
     else:
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
-    return acc, sa_next, sb_next
+    return acc
 
 
 @triton.jit
