@@ -8,8 +8,9 @@ save (bench/rollout.py --unfused). Numerics are the same either way up to float3
 `EXPERT_FUSION` (with `DECODE_FUSION`) switches the MoE experts' launch fusions alone: the row gather
 and SwiGLU folded into the bf16 grouped GEMM, into the FP8 activation quantization (and the gather
 into the INT4 GEMM), and FP8 experts' rows quantized by the RMSNorm before the MoE in the engine's
-fused layer loop (`add_norm.add_rms_norm(quant=True)`, gathered by the FP8 GEMM). These give the unfused launches' bits, so turning them off
-(`MILES_EXPERT_FUSION=0`) changes the timing only; `DECODE_FUSION` off also changes the GEMM kernels.
+fused layer loop (`add_norm.add_rms_norm(quant=True)`, gathered by the FP8 GEMM). These give the
+unfused launches' bits, so turning them off (`MILES_EXPERT_FUSION=0`) changes the timing only;
+`DECODE_FUSION` off also changes the GEMM kernels.
 """
 
 import contextlib
