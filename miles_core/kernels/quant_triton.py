@@ -594,6 +594,19 @@ def _fp8_kstep(
 
 
 @triton.jit
+def _fp8_kstep_scaled(
+    acc, A, B, rows, rmask, cols, N, K, kb, live, sa, sb, stride_am, stride_bn, BK: tl.constexpr, EVEN_K: tl.constexpr
+):
+    # _fp8_kstep's swapped step (acc [BN, BM]) with its scales given: sa [BM] of A's rows, sb of B's tile
+    # (B's rows `cols` of N). The same expression, so the same bits.
+    ks = kb * BK + tl.arange(0, BK)
+    kmask = ((ks < K) | EVEN_K) & live
+    a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+    return acc + tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
+
+
+@triton.jit
 def grouped_fp8_kernel(
     A,
     SA,
@@ -719,6 +732,263 @@ def fp8_dense_kernel(
         A, SA, B, SB, rows, M, pid_n * BN, N, K, kb_lo, kb_hi,
         stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP,
     )  # fmt: skip
+    if SWAP:
+        acc = tl.trans(acc)
+    _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
+
+
+@triton.jit
+def fp8_experts_kernel(
+    A,
+    SA,
+    SRC,
+    W1,
+    S1,
+    W2,
+    S2,
+    HQ,
+    HS,
+    Y,
+    COUNTS,
+    E,
+    INTER,
+    HID,
+    stride_am,
+    stride_sam,
+    stride_w1e,
+    stride_w1n,
+    stride_s1e,
+    stride_s1n,
+    stride_w2e,
+    stride_w2n,
+    stride_s2e,
+    stride_s2n,
+    stride_hm,
+    stride_hsm,
+    stride_ym,
+    EPS,
+    E_P2: tl.constexpr,
+    BT: tl.constexpr,
+    BN2: tl.constexpr,
+    BK: tl.constexpr,
+    EVEN_H: tl.constexpr,
+    SWIGLU_DT: tl.constexpr,
+    GATHER: tl.constexpr = False,
+):
+    # The whole SwiGLU expert MLP of one expert per program (grid (E,)): gate_up on its rows, SwiGLU and the
+    # 1x128 act-quant of h, then down; no launch boundary between the GEMMs and none for the SwiGLU. The
+    # bits of grouped_fp8_kernel (swapped tiles) -> swiglu_fp8_quant_kernel -> grouped_fp8_kernel.
+    # A: [M, HID] e4m3 rows sorted by expert with SA [M, HID/128] fp32, or (GATHER) [T, HID] token rows and
+    # SRC [M]; W1 [E, 2I, HID] e4m3 (gate rows, then up) with S1 [E, 2I/128, HID/128]; W2 [E, HID, INTER] with
+    # S2; HQ [M, INTER] e4m3 and HS [M, INTER/128] fp32: h, written here and read back by this program; Y [M, HID].
+    # INTER is a multiple of 128. Rows go in tiles of BT (the wgmma's N; an expert with more rows loops).
+    # Each phase is one flat loop over (output tile, K block) so that the software pipeline runs across
+    # output tiles instead of refilling for each.
+    e = tl.program_id(0)
+    es = tl.arange(0, E_P2)
+    c = tl.load(COUNTS + es, mask=es < E, other=0).to(tl.int32)
+    row0 = tl.sum(tl.where(es < e, c, 0))
+    r1 = row0 + tl.sum(tl.where(es == e, c, 0))
+    W1 += e.to(tl.int64) * stride_w1e
+    S1 += e.to(tl.int64) * stride_s1e
+    W2 += e.to(tl.int64) * stride_w2e
+    S2 += e.to(tl.int64) * stride_s2e
+    kb1 = tl.cdiv(HID, BK)  # gate_up's K blocks
+    kb2 = INTER // BK  # down's K blocks
+    groups = INTER // BK  # h's 128-column tiles
+    nt2 = tl.cdiv(HID, 2 * BN2)  # down's pairs of output tiles
+    ar = tl.arange(0, BK)
+    for t0 in range(row0, r1, BT):
+        rows = t0 + tl.arange(0, BT)
+        rmask = rows < r1
+        if GATHER:
+            a_rows = tl.load(SRC + rows, mask=rmask, other=0)
+        else:
+            a_rows = rows
+        acc_g = tl.zeros((BK, BT), dtype=tl.float32)
+        acc_u = tl.zeros((BK, BT), dtype=tl.float32)
+        n1 = groups * kb1
+        # the scales of a step are loaded one step ahead (one program per SM has no other program to hide
+        # their latency behind)
+        sa = tl.load(SA + a_rows * stride_sam, mask=rmask, other=0.0)
+        sbg = tl.load(S1)
+        sbu = tl.load(S1 + groups * stride_s1n)
+        for step in range(0, n1):
+            g = step // kb1
+            kb = step - g * kb1
+            nxt = tl.minimum(step + 1, n1 - 1)
+            g_n = nxt // kb1
+            kb_n = nxt - g_n * kb1
+            sa_n = tl.load(SA + a_rows * stride_sam + kb_n, mask=rmask, other=0.0)
+            sbg_n = tl.load(S1 + g_n * stride_s1n + kb_n)
+            sbu_n = tl.load(S1 + (groups + g_n) * stride_s1n + kb_n)
+            cols = g * BK + ar
+            acc_g = _fp8_kstep_scaled(
+                acc_g, A, W1, a_rows, rmask, cols, 2 * INTER, HID, kb, True, sa, sbg, stride_am, stride_w1n, BK, EVEN_H
+            )
+            acc_u = _fp8_kstep_scaled(
+                acc_u,
+                A,
+                W1,
+                a_rows,
+                rmask,
+                cols + INTER,
+                2 * INTER,
+                HID,
+                kb,
+                True,
+                sa,
+                sbu,
+                stride_am,
+                stride_w1n,
+                BK,
+                EVEN_H,
+            )
+            if kb == kb1 - 1:  # h's tile g: SwiGLU as the unfused launches round it, then its act-quant
+                gate = tl.trans(acc_g).to(SWIGLU_DT).to(tl.float32)
+                up = tl.trans(acc_u).to(SWIGLU_DT).to(tl.float32)
+                h = silu_mul(gate, up).to(SWIGLU_DT).to(tl.float32)
+                q, scale = _quantize_rows(h, EPS)
+                tl.store(HQ + rows[:, None] * stride_hm + cols[None, :], q.to(HQ.dtype.element_ty), mask=rmask[:, None])
+                tl.store(HS + rows * stride_hsm + g, scale, mask=rmask)
+                acc_g = tl.zeros((BK, BT), dtype=tl.float32)
+                acc_u = tl.zeros((BK, BT), dtype=tl.float32)
+            sa, sbg, sbu = sa_n, sbg_n, sbu_n
+        tl.debug_barrier()  # h's tiles, written by every thread of the program, before they are read
+        # down: two BN2-row output tiles per step, so that a pipeline stage holds as many weight bytes as
+        # gate_up's (gate and up tiles) and the program keeps as many loads in flight
+        acc_a = tl.zeros((BN2, BT), dtype=tl.float32)
+        acc_b = tl.zeros((BN2, BT), dtype=tl.float32)
+        n2 = nt2 * kb2
+        sa = tl.load(HS + rows * stride_hsm, mask=rmask, other=0.0)
+        sba = tl.load(S2)
+        sbb = tl.load(S2 + (BN2 // BK) * stride_s2n, mask=BN2 < HID, other=0.0)
+        for step in range(0, n2):
+            n = step // kb2
+            kb = step - n * kb2
+            nxt = tl.minimum(step + 1, n2 - 1)
+            n_n = nxt // kb2
+            kb_n = nxt - n_n * kb2
+            sa_n = tl.load(HS + rows * stride_hsm + kb_n, mask=rmask, other=0.0)
+            sba_n = tl.load(S2 + (2 * n_n * BN2 // BK) * stride_s2n + kb_n)
+            sbb_n = tl.load(
+                S2 + ((2 * n_n + 1) * BN2 // BK) * stride_s2n + kb_n, mask=(2 * n_n + 1) * BN2 < HID, other=0.0
+            )
+            cols = 2 * n * BN2 + tl.arange(0, BN2)
+            live_b = (2 * n + 1) * BN2 < HID
+            acc_a = _fp8_kstep_scaled(
+                acc_a, HQ, W2, rows, rmask, cols, HID, INTER, kb, True, sa, sba, stride_hm, stride_w2n, BK, True
+            )
+            acc_b = _fp8_kstep_scaled(
+                acc_b, HQ, W2, rows, rmask, cols + BN2, HID, INTER, kb, live_b, sa, sbb, stride_hm, stride_w2n, BK, True
+            )
+            if kb == kb2 - 1:
+                mask = rmask[:, None] & (cols[None, :] < HID)
+                tl.store(
+                    Y + rows[:, None] * stride_ym + cols[None, :], tl.trans(acc_a).to(Y.dtype.element_ty), mask=mask
+                )
+                mask = rmask[:, None] & (cols[None, :] + BN2 < HID)
+                y_b = tl.trans(acc_b).to(Y.dtype.element_ty)
+                tl.store(Y + rows[:, None] * stride_ym + BN2 + cols[None, :], y_b, mask=mask)
+                acc_a = tl.zeros((BN2, BT), dtype=tl.float32)
+                acc_b = tl.zeros((BN2, BT), dtype=tl.float32)
+            sa, sba, sbb = sa_n, sba_n, sbb_n
+
+
+@triton.jit
+def _load_bytes(W8, cols, stride_wn, k0, N, K, BK: tl.constexpr, EVEN_K: tl.constexpr, live):
+    # -> [BN, BK/2] uint8: the packed bytes of input columns k0 .. k0 + BK (zeros where masked or not `live`)
+    bs = k0 // 2 + tl.arange(0, BK // 2)
+    mask = (cols[:, None] < N) & ((bs[None, :] < (K + 1) // 2) | EVEN_K) & live
+    return tl.load(W8 + cols[:, None] * stride_wn + bs[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def w4a16_planes_kernel(
+    X,
+    W8,
+    S,
+    Y,
+    P,
+    LOCKS,
+    M,
+    N,
+    K,
+    kb_per_split,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_sg,
+    stride_ym,
+    GROUP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SWAP: tl.constexpr,
+    FP16: tl.constexpr,
+    W_OFFSET: tl.constexpr,
+    EVEN_K: tl.constexpr = False,
+    PREFETCH: tl.constexpr = True,
+):
+    # y = x @ dequant(W)^T on tensor cores for a few rows, reading the packed weights as bytes. A byte of
+    # the compressed-tensors words holds the nibbles of columns 2c (low) and 2c + 1 (high), so a [BN, BK/2]
+    # byte tile gives two [BN, BK/2] planes (even and odd columns) with elementwise bit operations only:
+    # the nibble or-ed into the mantissa of the magic number (128.0 in bf16, 1024.0 in fp16: its units
+    # digit), no conversion instruction and no reshuffle of the weights, which stay in the dot operand's
+    # layout from their load on. The activations are split into their even and odd columns instead (a
+    # [BM, BK] tile, small). Two dots per K step; the offset (magic + 8) is taken off the weights before the
+    # dots (W_OFFSET: exact) or once per row and group as offset * sum(x) after them.
+    # W8: [N, K/2] uint8 (the int32 words' bytes); S: [N, ceil(K/GROUP)]; BK divides GROUP.
+    # PREFETCH: the next step's bytes are loaded before this step's math (the compiler's pipeliner leaves
+    # a load that reaches the dot through bit operations in step).
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    if FP16:
+        magic = 0x6400
+        offset = 1032.0
+    else:
+        magic = 0x4300
+        offset = 136.0
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    kb0 = pid_k * kb_per_split
+    if PREFETCH:
+        b_next = _load_bytes(W8, cols, stride_wn, kb0 * BK, N, K, BK, EVEN_K, kb_per_split > 0)
+    for it in range(0, kb_per_split):
+        k0 = (kb0 + it) * BK
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(
+            X + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0
+        )
+        xe, xo = tl.split(tl.reshape(x, (BM, BK // 2, 2)))  # [BM, BK/2]: columns k0 + 2c, k0 + 2c + 1
+        if PREFETCH:
+            b = b_next
+            b_next = _load_bytes(W8, cols, stride_wn, k0 + BK, N, K, BK, EVEN_K, it + 1 < kb_per_split)
+        else:
+            b = _load_bytes(W8, cols, stride_wn, k0, N, K, BK, EVEN_K, True)
+        b = b.to(tl.int16)
+        lo = ((b & 0xF) | magic).to(tl.int16).to(x.dtype, bitcast=True)  # magic + u, u = q + 8
+        hi = ((b >> 4) | magic).to(tl.int16).to(x.dtype, bitcast=True)
+        if W_OFFSET:  # q exactly, in the 16-bit type
+            off = tl.full((1, 1), offset, x.dtype)
+            lo = lo - off
+            hi = hi - off
+        if SWAP:
+            part = tl.dot(lo, tl.trans(xe))
+            part = tl.dot(hi, tl.trans(xo), part)  # [BN, BM]
+        else:
+            part = tl.dot(xe, tl.trans(lo))
+            part = tl.dot(xo, tl.trans(hi), part)  # [BM, BN]
+        if not W_OFFSET:
+            xsum = tl.sum(x.to(tl.float32), axis=1)
+            part -= offset * (xsum[None, :] if SWAP else xsum[:, None])
+        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
+        s = s.to(tl.float32)  # masked past K: a split that runs past the end adds 0
+        acc += part * (s[:, None] if SWAP else s[None, :])
     if SWAP:
         acc = tl.trans(acc)
     _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
