@@ -71,9 +71,6 @@ SWIGLU_EPILOGUE = False  # grouped_fp8_experts at decode: SwiGLU + act-quant in 
 # Off: it needs 128-wide tiles (a program holds the gate and up columns of whole 1x128 output tiles), which
 # stream slower than the 64-wide ones: on an H200 at batch 64 the gate_up with the epilogue ran 102.7-104.6
 # us against 101.3-101.9 for the 64-wide GEMM + the SwiGLU-quant launch (bench/RESULTS.md).
-FUSED_EXPERTS_MAX_M = 0  # grouped_fp8_experts: up to this many sorted rows, the whole expert MLP in one launch
-# (`fp8_experts_kernel`, one program per expert), to be measured on the device
-FUSED_EXPERTS_CONFIG = dict(bt=16, bn2=128, num_warps=8, num_stages=3)
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -483,12 +480,6 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     m = x.shape[0] if src is None else src.shape[0]
     cfg = grouped_fp8_config(m, w1.shape[0])
     tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap, ku=cfg.ku)
-    if m <= FUSED_EXPERTS_MAX_M and (w1.shape[1] // 2) % BLOCK == 0:  # one launch, one program per expert
-        if xq is not None and src is not None:
-            a, sa, gather = xq[0], xq[1], src
-        else:
-            (a, sa), gather = (fp8_act_quant_triton(x, src=src) if xq is None else xq), None
-        return fp8_experts_fused_triton(a, sa, counts, w1, s1, w2, s2, x.dtype, src=gather, **FUSED_EXPERTS_CONFIG)
     if xq is not None and src is not None:  # token rows quantized already: the GEMM gathers them
         a, sa, gather = xq[0], xq[1], src
     else:
@@ -503,42 +494,3 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
         y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, **tiles)  # [M, 2I]
         a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
     return grouped_fp8_linear_triton(a, w2, s2, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, H]
-
-
-def fp8_experts_fused_triton(
-    a: torch.Tensor,
-    sa: torch.Tensor,
-    counts: torch.Tensor,
-    w1: torch.Tensor,
-    s1: torch.Tensor,
-    w2: torch.Tensor,
-    s2: torch.Tensor,
-    out_dtype: torch.dtype,
-    src: torch.Tensor | None = None,
-    bt: int = 16,
-    bn2: int = 128,
-    num_warps: int = 4,
-    num_stages: int = 3,
-) -> torch.Tensor:
-    """The SwiGLU expert MLP in one launch, one program per expert (`fp8_experts_kernel`): a [M, H] e4m3
-    rows sorted by expert with scales sa [M, H/128] (or token rows [T, H] read as a[src]), w1 [E, 2I, H]
-    and w2 [E, H, I] e4m3 with scale_inv s1, s2, counts [E] -> [M, H] in out_dtype. The bits of the
-    grouped gate_up GEMM -> `swiglu_fp8_quant_triton` -> grouped down GEMM. I must be a multiple of 128."""
-    e, two_i, hid = w1.shape
-    i = two_i // 2
-    if i % BLOCK:
-        raise ValueError(f"the fused experts kernel needs the expert hidden size a multiple of {BLOCK}, got {i}")
-    m = a.shape[0] if src is None else src.shape[0]
-    y = torch.empty(m, hid, dtype=out_dtype, device=a.device)
-    if m == 0:
-        return y
-    hq = torch.empty(m, i, dtype=FP8_DTYPE, device=a.device)
-    hs = torch.empty(m, i // BLOCK, dtype=torch.float32, device=a.device)
-    load_triton_kernels().fp8_experts_kernel[(e,)](
-        a, sa, src if src is not None else counts, w1, s1, w2, s2, hq, hs, y, counts, e, i, hid,
-        a.stride(0), sa.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1),
-        w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), hq.stride(0), hs.stride(0), y.stride(0), ACT_EPS,
-        E_P2=triton_next_pow2(e), BT=bt, BN2=bn2, BK=BLOCK, EVEN_H=hid % BLOCK == 0, SWIGLU_DT=_tl_dtype(out_dtype),
-        GATHER=src is not None, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    return y
