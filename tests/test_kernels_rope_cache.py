@@ -115,6 +115,13 @@ def _check_kernel(shape, dtype, device, seed: int, before_kernel=lambda: None) -
     eager_rope = {**case, "q": yq, "k": yk, "q_weight": None, "k_weight": None}  # the kernel's normed values
     _check_written(case, got, _run(rc.rope_norm_cache_reference, eager_rope))
 
+    # k_out (a prefill's own attention reads it): the k written to the cache, bit for bit, same q and cache
+    k_out = torch.full((b, hkv, d), float("nan"), dtype=dtype, device=device)
+    before_kernel()
+    with_k = _run(rc.rope_norm_cache, {**case, "k_out": k_out})
+    assert _same_bits(k_out, with_k[1][case["slot"], case["pos"]]) and not k_out.isnan().any()
+    _check_written(case, with_k, got)
+
 
 # ---- interpreter (CPU) -------------------------------------------------------------------------
 
@@ -230,7 +237,7 @@ def test_gpu_kernel_applies_only_to_16_bit_one_token_full_rope_steps(monkeypatch
 
 def _decode_steps(model, device, steps: int = 3):
     """A ragged prefill of 4 prompts into slots out of order, then `steps` decode steps -> (logits
-    [steps, B, V], cache)."""
+    [1 + steps, B, V]: the prefill's last positions, then each step's; cache)."""
     from miles_core.rollout.cache import KVCache
     from miles_core.rollout.runner import StepBatch, forward_step
     from tests.test_rollout_fixtures import ragged_prompts
@@ -239,7 +246,8 @@ def _decode_steps(model, device, steps: int = 3):
     cache = KVCache(model, slots=5, max_len=64)
     out = []
     with torch.no_grad():
-        forward_step(model, cache, StepBatch.build([(p, s, 0) for p, s in zip(prompts, slots, strict=True)], device))
+        first = StepBatch.build([(p, s, 0) for p, s in zip(prompts, slots, strict=True)], device)
+        out.append(forward_step(model, cache, first))  # [B, V]
         for t in range(steps):
             rows = [([7 * i + t + 3], s, len(p) + t) for i, (p, s) in enumerate(zip(prompts, slots, strict=True))]
             out.append(forward_step(model, cache, StepBatch.build(rows, device), capture_safe=True))  # [B, V]
@@ -247,8 +255,9 @@ def _decode_steps(model, device, steps: int = 3):
 
 
 def _with_and_without_kernel(model, device, setenv, setattr_) -> tuple:
-    """The decode steps with the kernel, then with MILES_NO_ROPE_CACHE_KERNEL=1 -> (logits, cache)
-    of each; checks that every decode layer, and no prefill, went through the kernel."""
+    """The prefill and decode steps with the kernel, then with MILES_NO_ROPE_CACHE_KERNEL=1 -> (logits,
+    cache) of each; checks that every layer of the prefill and of each decode step went through the
+    kernel (and none without it)."""
     from miles_core.rollout import runner
 
     calls = []
@@ -256,10 +265,10 @@ def _with_and_without_kernel(model, device, setenv, setattr_) -> tuple:
     setattr_(runner, "rope_norm_cache", lambda *a: calls.append(1) or fused(*a))
     setenv("MILES_NO_ROPE_CACHE_KERNEL", "0")
     got = _decode_steps(model, device)
-    assert len(calls) == 3 * len(model.model.layers)
+    assert len(calls) == 4 * len(model.model.layers)  # the prefill and 3 decode steps
     setenv("MILES_NO_ROPE_CACHE_KERNEL", "1")
     ref = _decode_steps(model, device)
-    assert len(calls) == 3 * len(model.model.layers)
+    assert len(calls) == 4 * len(model.model.layers)
     return got, ref
 
 
@@ -278,7 +287,8 @@ def interp_decode_steps() -> None:
     from miles_core.rollout import runner
     from tests.test_rollout_fixtures import tiny
 
-    runner.rope_cache_ok = lambda x, *a: x.shape[1] == 1 and rc.enabled()  # CPU fp32 tensors allowed here
+    # CPU fp32 tensors allowed here
+    runner.rope_cache_ok = lambda x, cos, cache, w=(), any_t=False: (x.shape[1] == 1 or any_t) and rc.enabled()
     for arch in ("llama", "qwen3"):
         steps = _with_and_without_kernel(tiny(arch)[2], "cpu", os.environ.__setitem__, setattr)
         _assert_steps_match(*steps, bitwise=arch == "llama", rel=1e-5)

@@ -1,4 +1,4 @@
-"""Decode-step q/k RMSNorm + rope + KV-cache write of a GQA layer in one Triton launch.
+"""q/k RMSNorm + rope + KV-cache write of a GQA layer in one Triton launch (decode and prefill).
 
 At decode (one new token per row) everything a GQA layer does between its q/k/v projections and
 `flash_decode` is a row of tiny elementwise kernels: q_norm and k_norm (`F.rms_norm`), `apply_rope`
@@ -6,6 +6,10 @@ on q and on k (x * cos, rotate_half's chunk / neg / cat, * sin, +), then two `in
 K and V into the slot cache: about 14 launches per layer per step that move a few KB each, so at
 batch 64 the step pays launch latency, not bandwidth. `rope_norm_cache` does all of it in one
 launch: one program per (row, head), the q heads first, then the KV heads (which also copy v).
+A prefill passes every token as a row (`k_out` also returns the roped k for the step's own
+attention): there the same ops are passes over [B, T, H, D] tensors, several of them strided or
+unvectorized (rotate_half's cat, the index writes), ~2.9 ms per layer for 64 x 512 tokens of
+Qwen3-30B-A3B on an H200 (bench/RESULTS.md).
 
 Numerics follow the eager bf16 sequence rounding step by rounding step, so that the result is the
 eager path's bit for bit, except where the RMSNorm's float32 sum of squares is added in another
@@ -53,10 +57,11 @@ def enabled() -> bool:
     return kernels.DECODE_FUSION and os.environ.get("MILES_NO_ROPE_CACHE_KERNEL", "0") in ("", "0")
 
 
-def rope_cache_ok(x: Tensor, cos: Tensor, cache_k: Tensor, norm_weights: tuple = ()) -> bool:
+def rope_cache_ok(x: Tensor, cos: Tensor, cache_k: Tensor, norm_weights: tuple = (), any_t: bool = False) -> bool:
     """The kernel applies to this step: CUDA and triton, not switched off, no autograd (it has no
-    backward), one new token per row (x [B, 1, H]), one 16-bit dtype for x, cos, the cache and the
-    norm weights, rope over the whole head (cos [B, 1, D]), the cache's head dim contiguous."""
+    backward), one new token per row (x [B, 1, H]; any number with `any_t`, a prefill's rows), one
+    16-bit dtype for x, cos, the cache and the norm weights, rope over the whole head (cos [B, T, D]),
+    the cache's head dim contiguous."""
     d = cache_k.shape[-1]
     return (
         x.is_cuda
@@ -64,7 +69,7 @@ def rope_cache_ok(x: Tensor, cos: Tensor, cache_k: Tensor, norm_weights: tuple =
         and enabled()
         and not torch.is_grad_enabled()
         and x.dim() == 3
-        and x.shape[1] == 1
+        and (x.shape[1] == 1 or any_t)
         and x.dtype in (torch.bfloat16, torch.float16)
         and cache_k.dtype == x.dtype
         and cos.dtype == x.dtype
@@ -100,10 +105,11 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(
-        q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ck_ptr, cv_ptr, slot_ptr, pos_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ck_ptr, cv_ptr, slot_ptr, pos_ptr, out_ptr, kout_ptr,
         eps, stride_q, stride_k, stride_v, stride_cs, stride_sn,
         stride_slot, stride_pos, stride_head,
-        HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+        K_OUT: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64)  # row
         h = tl.program_id(1)  # q head h, or KV head h - HQ
@@ -119,6 +125,8 @@ if triton is not None:
             y = _norm_rope(k_ptr + b * stride_k + j * D, kw_ptr, cos, sin, eps, D, BLOCK_D, HAS_NORM)
             dst = tl.load(slot_ptr + b) * stride_slot + tl.load(pos_ptr + b) * stride_pos + j * stride_head + offs
             tl.store(ck_ptr + dst, y.to(ck_ptr.dtype.element_ty), mask=inside)
+            if K_OUT:  # the normed + roped k also as a [rows, Hkv, D] tensor (a prefill attends to it)
+                tl.store(kout_ptr + (b * HKV + j) * D + offs, y, mask=inside)
             v = tl.load(v_ptr + b * stride_v + j * D + offs, mask=inside, other=0.0)
             tl.store(cv_ptr + dst, v.to(cv_ptr.dtype.element_ty), mask=inside)
 
@@ -132,13 +140,16 @@ def _rows(x: Tensor, b: int) -> Tensor:
 def rope_norm_cache(
     q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, eps: float,
     cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, slot: Tensor, pos: Tensor,
+    k_out: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """q [B, Hq*D] (or [B, (1,) Hq, D]), k, v [B, Hkv*D] (or [B, (1,) Hkv, D]), 16-bit; q_weight,
     k_weight: RMSNorm weights [D] or None (no qk-norm); cos, sin [B, (1,) D]; cache_k, cache_v
-    [slots + 1, max_len, Hkv, D]; slot, pos [B] long.
+    [slots + 1, max_len, Hkv, D]; slot, pos [B] long. B counts rows: a prefill passes its B * T
+    tokens as rows (q [B, T, Hq*D] and cos [B, T, D] reshape to them, slot and pos flattened).
 
     Writes the normed + roped k and the raw v at cache[slot[b], pos[b]] -> q normed + roped
-    [B, 1, Hq, D]. One launch, a static grid for a given B (CUDA-graph capturable), no host sync.
+    [B, 1, Hq, D]; `k_out` ([B * Hkv * D] elements, contiguous, q's dtype) also receives the normed +
+    roped k. One launch, a static grid for a given B (CUDA-graph capturable), no host sync.
     """
     assert cache_v.stride() == cache_k.stride() and (q_weight is None) == (k_weight is None)
     b, hkv, d = slot.shape[0], cache_k.shape[2], cache_k.shape[3]
@@ -147,12 +158,16 @@ def rope_norm_cache(
     hq = q2.shape[1] // d
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)  # [B, 1, Hq, D]
     has_norm = q_weight is not None
+    if k_out is not None:
+        assert k_out.is_contiguous() and k_out.numel() == b * hkv * d and k_out.dtype == q.dtype
     _rope_cache_kernel[(b, hq + hkv)](
         q2, k2, v2, q_weight if has_norm else q2, k_weight if has_norm else k2, cos2, sin2,
         cache_k, cache_v, slot.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), out,
+        k_out if k_out is not None else out,
         float(eps), q2.stride(0), k2.stride(0), v2.stride(0), cos2.stride(0), sin2.stride(0),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        HQ=hq, D=d, BLOCK_D=triton.next_power_of_2(d), HAS_NORM=has_norm, **launch_options(d),
+        HQ=hq, HKV=hkv, D=d, BLOCK_D=triton.next_power_of_2(d), HAS_NORM=has_norm, K_OUT=k_out is not None,
+        **launch_options(d),
     )  # fmt: skip
     return out
 

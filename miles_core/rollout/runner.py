@@ -15,6 +15,9 @@ computes, only over cached positions; the MoE layers return the experts they cho
 stored beside the KV entries. Logits are computed only where they are needed (the last fed
 position of each row, unless `all_logits`): a prompt's other positions never touch the LM head.
 
+On the GPU, GQA's q/k norms, rope and cache writes run as one kernel (`rope_norm_cache`) at decode and
+at a fresh prefill (every token a row; the prefill then attends to the roped k the kernel returns).
+
 Decode (T = 1) attends with `flash_decode` on the GPU for GQA (a Triton kernel that reads each
 row's keys once, in place, up to the row's own length; see flash_decode.py), else with
 `decode_attention`: GQA as grouped einsums (each KV head read once, never repeated per query head,
@@ -129,6 +132,22 @@ def _decode_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos) -> t
     return rope_norm_cache(q, k, v, qw, kw, eps, cos, sin, a, b, wslot[:, 0], wpos[:, 0])
 
 
+def _prefill_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos):
+    """GQA, a prefill from position 0 (every token of the step is a row): the projections, then
+    `rope_norm_cache` over the B * T rows (the norms, rope and cache writes that `attn.qkv` +
+    `cache.write` do in ~14 launches of the whole [B, T, H, D] tensors, in one) -> q [B, T, Hq, D],
+    k [B, T, Hkv, D] normed + roped, v [B, T, Hkv, D] (what the step's own causal attention reads)."""
+    b, t, _ = h.shape
+    d = cache.a[layer].shape[-1]
+    q, k, v = attn.project(h)  # [B, T, Hq*D], [B, T, Hkv*D] x2
+    qw, kw = _norm_weights(attn) or (None, None)
+    eps = 0.0 if attn.q_norm is None else attn.q_norm.eps
+    k_out = torch.empty(b, t, k.shape[-1] // d, d, dtype=h.dtype, device=h.device)
+    a, c = cache.a[layer], cache.b[layer]
+    q = rope_norm_cache(q, k, v, qw, kw, eps, cos, sin, a, c, wslot.reshape(-1), wpos.reshape(-1), k_out)
+    return q.view(b, t, -1, d), k_out, v.reshape(b, t, -1, d)
+
+
 def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask, ends):
     """h: [B, T, H] -> attention output [B, T, H], after writing this step's entries into the cache.
     mask: [B, 1, T, L] bool; ends: [B] keys each row attends (start + n_valid)."""
@@ -139,6 +158,9 @@ def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch
     elif not batch.fresh and rope_cache_ok(h, cos, cache.a[layer], _norm_weights(attn)):
         # decode on the GPU: q/k norm, rope and both cache writes in one kernel (kernels/rope_cache.py)
         q, new = _decode_qkv(attn, h, cos, sin, cache, layer, wslot, wpos), None  # q [B, 1, Hq, D]
+    elif batch.fresh and rope_cache_ok(h, cos, cache.a[layer], _norm_weights(attn), True):
+        # a prefill on the GPU: the same kernel over every token of the step
+        q, *new = _prefill_qkv(attn, h, cos, sin, cache, layer, wslot, wpos)
     else:
         q, *new = attn.qkv(h, cos, sin)  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
         cache.write(layer, wslot, wpos, *new)
