@@ -126,10 +126,15 @@ def _decode_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos) -> t
     """GQA, one new token per row: the three projections, then `rope_norm_cache` (what `attn.qkv` +
     `cache.write` compute, in one launch) -> q [B, 1, Hq, D]; K and V are in the cache."""
     q, k, v = attn.project(h)  # [B, 1, Hq*D], [B, 1, Hkv*D] x2 (strided views of one GEMM when fused)
+    return rope_norm_cache(
+        q, k, v, *_norm_args(attn), cos, sin, cache.a[layer], cache.b[layer], wslot[:, 0], wpos[:, 0]
+    )
+
+
+def _norm_args(attn) -> tuple:
+    """(q_norm weight, k_norm weight, eps) as `rope_norm_cache` takes them; (None, None, 0.0) without qk-norm."""
     qw, kw = _norm_weights(attn) or (None, None)
-    eps = 0.0 if attn.q_norm is None else attn.q_norm.eps  # k_norm's too: both are cfg.rms_norm_eps
-    a, b = cache.a[layer], cache.b[layer]
-    return rope_norm_cache(q, k, v, qw, kw, eps, cos, sin, a, b, wslot[:, 0], wpos[:, 0])
+    return qw, kw, 0.0 if attn.q_norm is None else attn.q_norm.eps  # k_norm's eps too: both are cfg.rms_norm_eps
 
 
 def _prefill_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos):
@@ -140,11 +145,9 @@ def _prefill_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos):
     b, t, _ = h.shape
     d = cache.a[layer].shape[-1]
     q, k, v = attn.project(h)  # [B, T, Hq*D], [B, T, Hkv*D] x2
-    qw, kw = _norm_weights(attn) or (None, None)
-    eps = 0.0 if attn.q_norm is None else attn.q_norm.eps
     k_out = torch.empty(b, t, k.shape[-1] // d, d, dtype=h.dtype, device=h.device)
     a, c = cache.a[layer], cache.b[layer]
-    q = rope_norm_cache(q, k, v, qw, kw, eps, cos, sin, a, c, wslot.reshape(-1), wpos.reshape(-1), k_out)
+    q = rope_norm_cache(q, k, v, *_norm_args(attn), cos, sin, a, c, wslot.reshape(-1), wpos.reshape(-1), k_out)
     return q.view(b, t, -1, d), k_out, v.reshape(b, t, -1, d)
 
 
