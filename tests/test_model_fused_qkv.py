@@ -9,13 +9,17 @@ from torch import nn
 
 from miles_core.model import load_model
 from miles_core.rollout.weights import copy_weights_
-from tests.tiny_models import CONFIGS, save_hf
+from tests.tiny_models import CONFIGS, qwen3_config, save_hf
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "llama"])
 def model(request, tmp_path_factory):
     path, _ = save_hf(CONFIGS[request.param](), str(tmp_path_factory.mktemp(request.param)), seed=3)
     return load_model(path).eval()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def _separate(attn, x):
@@ -80,3 +84,88 @@ def test_quantized_projections_are_not_fused(model):
     quantize_model_(m, "int4", scope="linear", group_size=16)
     attn = m.model.layers[0].self_attn
     assert not attn.fuse_projections_() and attn._fused() is None
+
+
+@pytest.fixture(scope="module")
+def fp8_model(tmp_path_factory):
+    # q/k/v output sizes multiples of the 128-row scale block (256, 128, 128), so FP8 projections fuse
+    from miles_core.quant import quantize_model_
+
+    cfg = qwen3_config(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    path, _ = save_hf(cfg, str(tmp_path_factory.mktemp("qwen3_fp8")), seed=4)
+    m = load_model(path).eval()
+    quantize_model_(m, "fp8", scope="linear")
+    return m
+
+
+def test_fp8_projections_fuse_weights_and_scales_and_stay_in_step_with_updates(fp8_model):
+    from miles_core.quant import Fp8Linear
+
+    m = copy.deepcopy(fp8_model)
+    attn = m.model.layers[0].self_attn
+    assert type(attn.q_proj) is Fp8Linear
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(3, 1, m.config.hidden_size)
+    with torch.no_grad():
+        want = _separate(attn, x)
+    assert attn.fuse_projections_()
+    weight, scale, bias = attn._fused()
+    assert weight.dtype == torch.float8_e4m3fn and weight.shape == (512, 128) and scale.shape == (4, 1)
+    assert attn.k_proj.weight.data_ptr() == weight[256:].data_ptr()
+    assert attn.v_proj.weight_scale_inv.data_ptr() == scale[3:].data_ptr()
+    got_state = m.state_dict()  # names and values unchanged: the checkpoint slice is the same
+    assert sorted(got_state) == sorted(state)
+    assert all(torch.equal(_bits(got_state[k]), _bits(v)) for k, v in state.items())
+    with torch.no_grad():
+        got = attn.project(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    new = torch.randn(128, 128)  # a trainer's bf16/fp32 k weight, requantized into the fused buffer
+    copy_weights_(m, {"model.layers.0.self_attn.k_proj.weight": new})
+    with torch.no_grad():
+        _, k, _ = attn.project(x)
+        torch.testing.assert_close(k, attn.k_proj(x), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(k, want[1])
+
+
+def test_projections_of_mixed_or_unaligned_types_are_not_fused(fp8_model, tmp_path):
+    from miles_core.quant import Fp8Linear, quantize_model_
+
+    path, _ = save_hf(CONFIGS["llama"](), str(tmp_path), seed=5)
+    m = load_model(path).eval()  # tiny head_dim: q/k/v output sizes not multiples of 128
+    quantize_model_(m, "fp8", scope="linear")
+    attn = m.model.layers[0].self_attn
+    assert type(attn.q_proj) is Fp8Linear and not attn.fuse_projections_() and attn._fused() is None
+    m = copy.deepcopy(fp8_model)
+    attn = m.model.layers[0].self_attn
+    attn.v_proj = nn.Linear(128, 128, bias=False)  # one plain projection among FP8 ones
+    assert not attn.fuse_projections_()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_gpu_fp8_fused_projection_matches_the_three_at_qwen3_30b_shapes(rows):
+    # decode rows (the dense Triton kernel) and prefill rows (act-quant + cuBLAS): one FP8 GEMM over the
+    # fused weights against three; the same quantized operands, so only the sum order differs
+    from miles_core.model.attention import GQAttention
+    from miles_core.model.config import ModelConfig
+    from miles_core.quant import Fp8Linear
+
+    torch.manual_seed(rows)
+    cfg = ModelConfig.from_hf(dict(qwen3_config(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                                                head_dim=128).to_dict()))  # fmt: skip
+    attn = GQAttention(cfg).cuda().to(torch.bfloat16).eval()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        lin = getattr(attn, name)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        setattr(attn, name, Fp8Linear.from_linear(lin))
+    x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = _separate(attn, x)
+        assert attn.fuse_projections_()
+        got = attn.project(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and not g.isnan().any()
+        assert (g.float() - w.float()).abs().max() <= 2**-7 * w.float().abs().max()

@@ -269,18 +269,20 @@ def split_for(tiles: int, k_blocks: int, target: int) -> int:
 
 
 def dense_fp8_config(m: int, n: int, k: int) -> Fp8Config:
-    """Tiles of the fused dense kernel at decode sizes (chosen by reasoning; tune with the bench's sweep).
+    """Tiles of the dense kernel at decode sizes.
 
     A decode GEMM reads each weight once and little else, so the grid must spread the weights over the
-    SMs: split-K to about 160 programs (one wave on 132 SMs, every program >= 2 K blocks) rather than
-    narrow N tiles, because each N tile redoes the quantization of its rows. Up to 16 rows: the weights
-    on wgmma's M side, the rows as its N (a 64-row M tile would quantize 48 rows of padding)."""
-    bm, swap, warps = (16, True, 4) if m <= 16 else (64, False, 8)  # 64 x 128 with 4 warps spills
-    bn = 128 if _cdiv(n, 128) >= 16 else 64
-    split = split_for(_cdiv(m, bm) * _cdiv(n, bn), _cdiv(k, BLOCK), 160)
-    # fuse=False: on an H200 (bench/RESULTS.md) the in-kernel quantization cost more than the act-quant
-    # launch it saves (M = 64: 16.5 vs 13.5 us on q_proj); the tiles are the same either way.
-    return Fp8Config(bm=bm, bn=bn, num_warps=warps, num_stages=4, split_k=split, swap=swap, fuse=False)
+    SMs. Up to 16 rows: the weights on wgmma's M side, the rows as its N (a 64-row M tile would be mostly
+    padding), split-K to about 160 programs. More rows: 64 x 64 tiles with 4 warps and 4 stages, split-K
+    only while the programs stay within ~128 (one wave): on an H200 at M = 64 (bench/RESULTS.md, seventh
+    session) the fused q/k/v shape (5120 x 2048) ran 8.3 us unsplit against 18.2 for the previous
+    64 x 128 / 8 warps / split-4 tiles, and o_proj (2048 x 4096) 8.5 us at split 4 against 16.9."""
+    if m <= 16:
+        bn = 128 if _cdiv(n, 128) >= 16 else 64
+        split = split_for(_cdiv(n, bn), _cdiv(k, BLOCK), 160)
+        return Fp8Config(bm=16, bn=bn, num_warps=4, num_stages=4, split_k=split, swap=True, fuse=False)
+    split = split_for(_cdiv(m, 64) * _cdiv(n, 64), _cdiv(k, BLOCK), 128)
+    return Fp8Config(bm=64, bn=64, num_warps=4, num_stages=4, split_k=split, swap=False, fuse=False)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}

@@ -28,6 +28,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2)  # [B, T, Hq, Dv]
 
 
+def _fusable(mods) -> tuple[type | None, tuple[str, ...]]:
+    """(the layer type, the attributes to fuse) when q/k/v can share one buffer, else (None, ())."""
+    from miles_core.quant.layers import Fp8Linear
+
+    kind = type(mods[0])
+    if any(type(m) is not kind for m in mods):
+        return None, ()
+    if kind is nn.Linear:
+        attrs = ("weight", "bias")
+    elif kind is Fp8Linear and all(m.out_features % 128 == 0 for m in mods):
+        attrs = ("weight", "weight_scale_inv", "bias")
+    else:
+        return None, ()
+    if len({(m.weight.dtype, m.weight.device, m.weight.shape[1]) for m in mods}) > 1:
+        return None, ()
+    if len({m.bias is None for m in mods}) > 1:
+        return None, ()
+    return kind, attrs
+
+
 class GQAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -45,43 +65,51 @@ class GQAttention(nn.Module):
         """Back q/k/v_proj's weights (and biases) by one [Hq*D + 2*Hkv*D, H] buffer, each parameter a
         view of its rows, so `project` runs one GEMM instead of three (decode: three latency-bound
         launches become one). Parameters keep their identity, names and values; an update written
-        into them (optimizer step, `copy_weights_`) lands in the buffer. Plain nn.Linear only (a
-        quantized projection keeps its own kernels). Returns whether the projections are fused."""
+        into them (optimizer step, `copy_weights_`) lands in the buffer. Plain nn.Linear, or three
+        `Fp8Linear` whose output sizes are multiples of the 128-row scale block (their e4m3 weights and
+        block scales fused alike: one activation quantization and one FP8 GEMM); other quantized
+        projections keep their own kernels. Returns whether the projections are fused."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
         if self._fused() is not None:
             return True
-        if any(type(m) is not nn.Linear for m in mods) or len({(m.weight.dtype, m.weight.device) for m in mods}) > 1:
+        kind, attrs = _fusable(mods)
+        if kind is None:
             return False
         with torch.no_grad():
             fused = []
-            for attr in ("weight", "bias"):
+            for attr in attrs:
                 parts = [getattr(m, attr) for m in mods]
                 if parts[0] is None:
                     fused.append(None)
                     continue
                 buf = torch.cat([p.detach() for p in parts])
                 start = 0
-                for p in parts:
-                    p.data = buf[start : start + p.shape[0]]
+                for m, p in zip(mods, parts, strict=True):
+                    view = buf[start : start + p.shape[0]]
+                    if isinstance(p, nn.Parameter):
+                        p.data = view
+                    else:  # a buffer (Fp8Linear's weight and scales): the module's attribute becomes the view
+                        setattr(m, attr, view)
                     start += p.shape[0]
                 fused.append(buf)
-        self.__dict__["_qkv_buffers"] = tuple(fused)  # not state: names and checkpoints are unchanged
+        self.__dict__["_qkv_buffers"] = (kind, attrs, tuple(fused))  # not state: names and checkpoints unchanged
         return True
 
     def _fused(self):
-        """The fused buffers while they still back the three projections (else None: e.g. after a
-        `load_state_dict(assign=True)` or a swap to quantized layers)."""
-        bufs = self.__dict__.get("_qkv_buffers")
-        if bufs is None:
+        """The fused buffers (in `_fusable`'s attribute order) while they still back the three projections
+        (else None: e.g. after a `load_state_dict(assign=True)` or a swap to other layers)."""
+        state = self.__dict__.get("_qkv_buffers")
+        if state is None:
             return None
+        kind, attrs, bufs = state
         mods = (self.q_proj, self.k_proj, self.v_proj)
-        for attr, buf in zip(("weight", "bias"), bufs, strict=True):
+        for attr, buf in zip(attrs, bufs, strict=True):
             if buf is None:
                 continue
             start = 0
             for m in mods:
                 p = getattr(m, attr, None)
-                if type(m) is not nn.Linear or p is None or p.data_ptr() != buf[start:].data_ptr():
+                if type(m) is not kind or p is None or p.data_ptr() != buf[start:].data_ptr():
                     return None
                 start += p.shape[0]
         return bufs
@@ -93,7 +121,12 @@ class GQAttention(nn.Module):
         bufs = None if torch.is_grad_enabled() else self._fused()
         if bufs is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        y = F.linear(x, bufs[0], bufs[1])
+        if len(bufs) == 3:  # Fp8Linear: weight, weight_scale_inv, bias
+            from miles_core.kernels.fp8_gemm import fp8_linear
+
+            y = fp8_linear(x, *bufs)
+        else:
+            y = F.linear(x, bufs[0], bufs[1])
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         return y.split([nq, nkv, nkv], dim=-1)
 
