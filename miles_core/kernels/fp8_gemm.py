@@ -29,7 +29,6 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -72,9 +71,6 @@ SWIGLU_EPILOGUE = False  # grouped_fp8_experts at decode: SwiGLU + act-quant in 
 # Off: it needs 128-wide tiles (a program holds the gate and up columns of whole 1x128 output tiles), which
 # stream slower than the 64-wide ones: on an H200 at batch 64 the gate_up with the epilogue ran 102.7-104.6
 # us against 101.3-101.9 for the 64-wide GEMM + the SwiGLU-quant launch (bench/RESULTS.md).
-# grouped_fp8_experts at decode: the whole expert MLP in one launch (`grouped_fp8_experts_stream`: gate_up,
-# SwiGLU + act-quant and down with no launch boundary, the same bits)
-STREAM_EXPERTS = os.environ.get("MILES_STREAM_EXPERTS", "0") == "1"
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -491,8 +487,6 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     else:
         a, sa = fp8_act_quant_triton(x, src=src) if xq is None else xq  # [M, H] e4m3, [M, H/128] fp32
         gather = None
-    if STREAM_EXPERTS and cfg.swap and not SWIGLU_EPILOGUE:
-        return grouped_fp8_experts_stream(a, sa, counts, w1, s1, w2, s2, x.dtype, cfg, src=gather)
     if SWIGLU_EPILOGUE and cfg.swap and (w1.shape[1] // 2) % BLOCK == 0:  # [M, I] e4m3, [M, I/128] fp32
         wide = {**tiles, "bn": BLOCK}  # gate and up columns of one 1x128 output tile per program
         a, sa = grouped_fp8_linear_triton(
@@ -502,82 +496,3 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
         y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, **tiles)  # [M, 2I]
         a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
     return grouped_fp8_linear_triton(a, w2, s2, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, H]
-
-
-_STREAM_SYNC: dict[torch.device, torch.Tensor] = {}
-_RESIDENT: dict[tuple, int] = {}
-
-
-def _stream_sync(device: torch.device, n: int) -> torch.Tensor:
-    """The streaming kernel's row-tile counters and flags: int32 zeros, made once per device (the kernel
-    leaves them at zero). Calls that run concurrently on different streams must not share them."""
-    sync = _STREAM_SYNC.get(device)
-    if sync is None or sync.numel() < n:
-        sync = _STREAM_SYNC[device] = torch.zeros(max(n, 1 << 12), dtype=torch.int32, device=device)
-    return sync
-
-
-def resident_programs(compiled, device: torch.device) -> int:
-    """How many programs of a compiled Triton kernel the whole GPU holds at once (registers, shared
-    memory, threads and the 32-blocks limit per SM): the most a persistent kernel whose programs wait on
-    one another may launch."""
-    props = torch.cuda.get_device_properties(device)
-    warps = compiled.metadata.num_warps
-    regs = max(1, compiled.n_regs) * 32 * warps
-    by_regs = props.regs_per_multiprocessor // (-(-regs // 256) * 256)
-    smem = compiled.metadata.shared
-    by_smem = props.shared_memory_per_multiprocessor // (smem + 1024) if smem else 32
-    by_threads = props.max_threads_per_multi_processor // (32 * warps)
-    return props.multi_processor_count * max(1, min(by_regs, by_smem, by_threads, 32))
-
-
-def grouped_fp8_experts_stream(
-    a: torch.Tensor,
-    sa: torch.Tensor,
-    counts: torch.Tensor,
-    w1: torch.Tensor,
-    s1: torch.Tensor,
-    w2: torch.Tensor,
-    s2: torch.Tensor,
-    out_dtype: torch.dtype,
-    cfg: Fp8Config,
-    src: torch.Tensor | None = None,
-    nprog: int | None = None,
-    persist: bool = True,
-) -> torch.Tensor:
-    """The FP8 SwiGLU expert MLP in one persistent launch (`quant_triton.fp8_experts_stream_kernel`): a
-    (e4m3 [M, H] sorted rows, or [T, H] token rows read as a[src]) with scales sa -> [M, H] in out_dtype,
-    the bits of gate_up -> `swiglu_fp8_quant_triton` -> down with the same tiles (`cfg`: bm, bn, swap,
-    num_warps, num_stages). `nprog`: programs (default: as many as the GPU holds at once, the kernel's
-    deadlock-free bound; the interpreter runs one tile per program)."""
-    e, i2, h = w1.shape
-    m = a.shape[0] if src is None else src.shape[0]
-    out = torch.empty(m, h, dtype=out_dtype, device=a.device)
-    if m == 0:
-        return out
-    y1 = torch.empty(m, i2, dtype=out_dtype, device=a.device)
-    hq = torch.empty(m, i2 // 2, dtype=FP8_DTYPE, device=a.device)
-    hs = torch.empty(m, _cdiv(i2 // 2, BLOCK), dtype=torch.float32, device=a.device)
-    r = _cdiv(m, cfg.bm) + e
-    total = r * (_cdiv(i2, cfg.bn) + _cdiv(h, cfg.bn))
-    sync = _stream_sync(a.device, 3 * r + 2)
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    key = (a.device, cfg, src is not None, out_dtype, h % BLOCK == 0, (i2 // 2) % BLOCK == 0)
-    if interpret or not persist:
-        nprog = total
-    elif nprog is None:
-        nprog = _RESIDENT.get(key, torch.cuda.get_device_properties(a.device).multi_processor_count)
-    nprog = max(1, min(nprog, total))
-    compiled = load_triton_kernels().fp8_experts_stream_kernel[(nprog,)](
-        a, sa, src if src is not None else counts, w1, s1, w2, s2, counts, y1, hq, hs, out, sync,
-        e, h, i2, r, nprog,
-        a.stride(0), sa.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1),
-        w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
-        y1.stride(0), hq.stride(0), hs.stride(0), out.stride(0), ACT_EPS,
-        E_P2=triton_next_pow2(e), BM=cfg.bm, BN=cfg.bn, BK=BLOCK, SWAP=cfg.swap, GATHER=src is not None,
-        EVEN_H=h % BLOCK == 0, EVEN_I=(i2 // 2) % BLOCK == 0, PERSIST=persist,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if persist and not interpret and key not in _RESIDENT:  # first call: one program per SM; now the bound
-        _RESIDENT[key] = resident_programs(compiled, a.device)
-    return out

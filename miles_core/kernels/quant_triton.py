@@ -518,7 +518,6 @@ def _fp8_block_dot(
     SWAP: tl.constexpr,
     KU: tl.constexpr = 1,
     a_rows=None,
-    CG: tl.constexpr = False,
 ):
     # -> sum over K blocks [kb_lo, kb_hi) of (a_kb @ b_kb^T) * sa_kb * sb_kb, fp32 [BM, BN] ([BN, BM] if SWAP),
     # for the output columns col0 .. col0 + BN.
@@ -528,8 +527,7 @@ def _fp8_block_dot(
     # loop's bookkeeping per byte; a missing last block reads as zeros). The sum runs in K-block order
     # either way, so KU does not change the result's bits.
     # Rows >= row_end read as zeros (their outputs are not stored). `a_rows`: the rows of A (and SA) that
-    # tile rows `rows` read (a gather), else `rows` themselves. CG: A and SA read from L2 (`.cg`), for rows
-    # that other programs of the same launch wrote (an SM's L1 is not coherent with their stores).
+    # tile rows `rows` read (a gather), else `rows` themselves.
     if a_rows is None:
         a_rows = rows
     if SWAP:
@@ -541,12 +539,12 @@ def _fp8_block_dot(
     for kb in range(kb_lo, kb_hi, KU):
         acc = _fp8_kstep(
             acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, True,
-            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP, CG,
+            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
         )  # fmt: skip
         if KU == 2:
             acc = _fp8_kstep(
                 acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
-                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP, CG,
+                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
             )  # fmt: skip
     return acc
 
@@ -575,22 +573,15 @@ def _fp8_kstep(
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
-    CG: tl.constexpr = False,
 ):
     # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot), A's rows `rows` (masked by rmask);
     # `live` False: acc unchanged (zeros read)
     ks = kb * BK + tl.arange(0, BK)
     kmask = ((ks < K) | EVEN_K) & live
-    amask = rmask[:, None] & kmask[None, :]
-    if CG:
-        a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=amask, other=0.0, cache_modifier=".cg")
-    else:
-        a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=amask, other=0.0)
+    a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     if QUANT:
         q, sa = _quantize_rows(a.to(tl.float32), EPS)
         a = q.to(tl.float8e4nv)
-    elif CG:
-        sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0, cache_modifier=".cg")
     else:
         sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
     b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
@@ -731,209 +722,3 @@ def fp8_dense_kernel(
     if SWAP:
         acc = tl.trans(acc)
     _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
-
-
-@triton.jit
-def _expert_rows(COUNTS, E, rt, E_P2: tl.constexpr, BM: tl.constexpr):
-    # row tile rt of the expert-sorted rows -> (e, e_safe, rows [BM], r1), as the grouped kernels tile them
-    e, e_safe, r0, r1 = _expert_tile(COUNTS, COUNTS, COUNTS, E, rt, E_P2, BM, False)
-    return e, e_safe, r0 + tl.arange(0, BM), r1
-
-
-@triton.jit
-def _stream_tile(
-    t,
-    inter,
-    n1,
-    n2,
-    g1,
-    A,
-    SA,
-    SRC,
-    W1,
-    S1,
-    W2,
-    S2,
-    COUNTS,
-    Y1,
-    HQ,
-    HS,
-    OUT,
-    SYNC,
-    E,
-    H,
-    I2,
-    R,
-    stride_am,
-    stride_sam,
-    stride_w1e,
-    stride_w1n,
-    stride_s1e,
-    stride_s1n,
-    stride_w2e,
-    stride_w2n,
-    stride_s2e,
-    stride_s2n,
-    stride_y1m,
-    stride_hqm,
-    stride_hsm,
-    stride_om,
-    EPS,
-    E_P2: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    SWAP: tl.constexpr,
-    GATHER: tl.constexpr,
-    EVEN_H: tl.constexpr,
-    EVEN_I: tl.constexpr,
-):
-    if t < g1:
-        rt = t // n1
-        pn = t - rt * n1
-        e, e_safe, rows, r1 = _expert_rows(COUNTS, E, rt, E_P2, BM)
-        if e < E:
-            if GATHER:
-                a_rows = tl.load(SRC + rows, mask=rows < r1, other=0)
-            else:
-                a_rows = rows
-            acc = _fp8_block_dot(
-                A, SA, W1 + e_safe.to(tl.int64) * stride_w1e, S1 + e_safe.to(tl.int64) * stride_s1e, rows, r1,
-                pn * BN, I2, H, 0, tl.cdiv(H, BK), stride_am, stride_sam, stride_w1n, stride_s1n, EPS,
-                BM, BN, BK, EVEN_H, False, SWAP, 1, a_rows,
-            )  # fmt: skip
-            if SWAP:
-                acc = tl.trans(acc)
-            cols = pn * BN + tl.arange(0, BN)
-            ymask = (rows[:, None] < r1) & (cols[None, :] < I2)
-            tl.store(Y1 + rows[:, None] * stride_y1m + cols[None, :], acc.to(Y1.dtype.element_ty), mask=ymask)
-            tl.debug_barrier()  # every thread's columns stored before the (releasing) count
-            arrived = tl.atomic_add(SYNC + rt, 1, sem="acq_rel", scope="gpu")
-            if arrived == n1 - 1:  # the row tile's last gate_up tile: SwiGLU + act-quant of its rows
-                for kb in range(0, tl.cdiv(inter, BK)):
-                    hc = kb * BK + tl.arange(0, BK)
-                    hmask = (rows[:, None] < r1) & (hc[None, :] < inter)
-                    ptrs = Y1 + rows[:, None] * stride_y1m + hc[None, :]
-                    g = tl.load(ptrs, mask=hmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    u = tl.load(ptrs + inter, mask=hmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    h = silu_mul(g, u).to(Y1.dtype.element_ty).to(tl.float32)
-                    q, scale = _quantize_rows(h, EPS)
-                    tl.store(HQ + rows[:, None] * stride_hqm + hc[None, :], q.to(HQ.dtype.element_ty), mask=hmask)
-                    tl.store(HS + rows * stride_hsm + kb, scale, mask=rows < r1)
-                tl.debug_barrier()
-                tl.atomic_xchg(SYNC + rt, 0)
-                tl.atomic_xchg(SYNC + R + rt, 1, sem="release", scope="gpu")
-    else:
-        d = t - g1
-        rt = d // n2
-        pn = d - rt * n2
-        e, e_safe, rows, r1 = _expert_rows(COUNTS, E, rt, E_P2, BM)
-        if e < E:
-            ready = tl.atomic_add(SYNC + R + rt, 0, sem="acquire", scope="gpu")
-            while ready == 0:
-                ready = tl.atomic_add(SYNC + R + rt, 0, sem="acquire", scope="gpu")
-            acc = _fp8_block_dot(
-                HQ, HS, W2 + e_safe.to(tl.int64) * stride_w2e, S2 + e_safe.to(tl.int64) * stride_s2e, rows, r1,
-                pn * BN, H, inter, 0, tl.cdiv(inter, BK), stride_hqm, stride_hsm, stride_w2n, stride_s2n, EPS,
-                BM, BN, BK, EVEN_I, False, SWAP, 1, rows, True,
-            )  # fmt: skip
-            if SWAP:
-                acc = tl.trans(acc)
-            cols = pn * BN + tl.arange(0, BN)
-            omask = (rows[:, None] < r1) & (cols[None, :] < H)
-            tl.store(OUT + rows[:, None] * stride_om + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
-            tl.debug_barrier()
-            done = tl.atomic_add(SYNC + 2 * R + rt, 1, sem="acq_rel", scope="gpu")
-            if done == n2 - 1:  # the row tile's last down tile: leave the flags at zero for the next call
-                tl.atomic_xchg(SYNC + R + rt, 0)
-                tl.atomic_xchg(SYNC + 2 * R + rt, 0)
-
-
-@triton.jit
-def fp8_experts_stream_kernel(
-    A,
-    SA,
-    SRC,
-    W1,
-    S1,
-    W2,
-    S2,
-    COUNTS,
-    Y1,
-    HQ,
-    HS,
-    OUT,
-    SYNC,
-    E,
-    H,
-    I2,
-    R,
-    NPROG,
-    stride_am,
-    stride_sam,
-    stride_w1e,
-    stride_w1n,
-    stride_s1e,
-    stride_s1n,
-    stride_w2e,
-    stride_w2n,
-    stride_s2e,
-    stride_s2n,
-    stride_y1m,
-    stride_hqm,
-    stride_hsm,
-    stride_om,
-    EPS,
-    E_P2: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    SWAP: tl.constexpr,
-    GATHER: tl.constexpr,
-    EVEN_H: tl.constexpr,
-    EVEN_I: tl.constexpr,
-    PERSIST: tl.constexpr = True,
-):
-    # The FP8 SwiGLU experts in one launch: gate_up, SwiGLU + 1x128 act-quant, down, with no launch boundary
-    # between them. The work is a list of tiles: R row tiles x n1 gate_up column tiles, then R x n2 down
-    # column tiles (a row tile: BM expert-sorted rows of one expert, tiled as grouped_fp8_kernel tiles
-    # them). NPROG persistent programs take tiles pid, pid + NPROG, ... in order. A down tile waits for its
-    # row tile's h: each gate_up tile stores its bf16 columns of Y1 and counts itself in SYNC[rt]; the
-    # last of the n1 to arrive computes h = silu(gate) * up and its act-quant for the row tile's rows
-    # (HQ e4m3, HS fp32: the bits of swiglu_fp8_quant_kernel) and raises READY = SYNC[R + rt]; the last
-    # of the n2 down tiles resets it (SYNC[2R + rt] counts them). Every tile waits only on tiles earlier in
-    # the list, so with all NPROG programs resident (the launcher caps NPROG at the occupancy) the earliest
-    # unfinished tile can always run: no deadlock. Under the interpreter NPROG = the tile count (one
-    # tile per program, run in order). The tiles are grouped_fp8_kernel's (same BM, BN, SWAP, one K
-    # block per step), so the results are the bits of the three launches.
-    # A [T, H] e4m3 token rows (GATHER: sorted row r reads A[SRC[r]]) or [M, H] sorted rows, SA fp32
-    # [*, H/128]; W1 [E, I2, H] (gate rows then up rows), W2 [E, H, I2/2] e4m3 with S1, S2 block scales;
-    # Y1 [M, I2] (OUT's dtype), HQ [M, I2/2] e4m3, HS [M, I2/256] fp32 scratch; OUT [M, H];
-    # SYNC [3R] int32, zeros between calls (left at zero).
-    pid = tl.program_id(0)
-    inter = I2 // 2
-    n1 = tl.cdiv(I2, BN)
-    n2 = tl.cdiv(H, BN)
-    g1 = R * n1
-    total = g1 + R * n2
-    if PERSIST:
-        for t in range(pid, total, NPROG):
-            _stream_tile(
-                t, inter, n1, n2, g1,
-                A, SA, SRC, W1, S1, W2, S2, COUNTS, Y1, HQ, HS, OUT, SYNC, E, H, I2, R,
-                stride_am, stride_sam, stride_w1e, stride_w1n, stride_s1e, stride_s1n, stride_w2e, stride_w2n,
-                stride_s2e, stride_s2n, stride_y1m, stride_hqm, stride_hsm, stride_om, EPS,
-                E_P2, BM, BN, BK, SWAP, GATHER, EVEN_H, EVEN_I,
-            )  # fmt: skip
-    else:  # one tile per program, in the order the programs start (a ticket): tiles before t have started
-        t = tl.atomic_add(SYNC + 3 * R, 1, sem="relaxed", scope="gpu")
-        _stream_tile(
-            t, inter, n1, n2, g1,
-            A, SA, SRC, W1, S1, W2, S2, COUNTS, Y1, HQ, HS, OUT, SYNC, E, H, I2, R,
-            stride_am, stride_sam, stride_w1e, stride_w1n, stride_s1e, stride_s1n, stride_w2e, stride_w2n,
-            stride_s2e, stride_s2n, stride_y1m, stride_hqm, stride_hsm, stride_om, EPS,
-            E_P2, BM, BN, BK, SWAP, GATHER, EVEN_H, EVEN_I,
-        )  # fmt: skip
-        if tl.atomic_add(SYNC + 3 * R + 1, 1, sem="acq_rel", scope="gpu") == total - 1:  # the last: reset
-            tl.atomic_xchg(SYNC + 3 * R, 0)
-            tl.atomic_xchg(SYNC + 3 * R + 1, 0)
