@@ -10,8 +10,9 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
   weight's K-block count padded to a multiple of 4; the quant kernel writes that layout directly.
   At decode sizes (M <= `DENSE_TRITON_MAX_M`) cuBLAS loses: 64 rows spent ~10 us per projection in
   `scaled_mm` plus ~3 us of act-quant (bench/RESULTS.md, "Rollout decode"), more than the bf16 GEMM.
-  There a Triton kernel (`fp8_dense_kernel`) quantizes x inside the GEMM and splits K so that the
-  weights stream over the whole GPU: one launch, bitwise equal to act-quant + the same kernel.
+  There the act-quant kernel feeds a Triton GEMM (`fp8_dense_kernel`, tiles by `dense_fp8_config`) that
+  splits K only as far as one wave of programs; the kernel can also quantize x itself (bitwise the
+  same), which ran slower on an H200. The rollout engine fuses an attention's q/k/v into one of them.
 - `grouped_fp8_linear`: MoE experts (rows sorted by expert), a Triton grouped kernel whose programs find
   their expert from `counts` alone (no prep launches); at decode sizes (`grouped_fp8_config`, up to
   `FUSED_QUANT_MAX_M` rows) it quantizes the activations itself (no act-quant launch), with the weights

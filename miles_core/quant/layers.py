@@ -2,8 +2,8 @@
 
 - `Fp8Linear`: float8_e4m3fn weight in 128x128 blocks + fp32 `weight_scale_inv`; activations are
   quantized on the fly in 1x128 tiles. CUDA: Triton act-quant + cuBLAS block-scaled GEMM, or at decode
-  sizes one Triton kernel that quantizes inside the GEMM (fp8_gemm.fp8_linear); CPU: the reference
-  (dequantize, matmul in fp32).
+  sizes act-quant + the dense Triton FP8 kernel (fp8_gemm.fp8_linear); CPU: the reference (dequantize,
+  matmul in fp32). An attention's q/k/v Fp8Linear fuse into one GEMM (`GQAttention.fuse_projections_`).
 - `Int4Linear`: W4A16, `weight_packed` int32 + `weight_scale` (compressed-tensors layout). CUDA bf16:
   Triton GEMM dequantizing in-kernel (M <= 256); CPU: the reference.
 - `QuantExperts`: the routed experts of one MoE layer (stacked gate_up [E, 2I, H], down [E, H, I])
