@@ -30,7 +30,6 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,9 +72,6 @@ SWIGLU_EPILOGUE = False  # grouped_fp8_experts at decode: SwiGLU + act-quant in 
 # Off: it needs 128-wide tiles (a program holds the gate and up columns of whole 1x128 output tiles), which
 # stream slower than the 64-wide ones: on an H200 at batch 64 the gate_up with the epilogue ran 102.7-104.6
 # us against 101.3-101.9 for the 64-wide GEMM + the SwiGLU-quant launch (bench/RESULTS.md).
-EXPERT_GRID = int(os.environ.get("MILES_FP8_EXPERT_GRID", "0"))  # grouped FP8 decode tiles (swap): one program
-# per (expert, N tile) so the weight stream starts before the row offsets are read (quant_triton.grouped_fp8_kernel
-# EGRID: 1 empty experts read their weights, 2 they test their count first); 0: programs over row tiles.
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -443,15 +439,14 @@ def grouped_fp8_linear_triton(
     else:  # [M, K]; [M, KB] fp32 (unused when fused)
         a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)
     tile_end, row_start, c = expert_tiles(counts, bm) if prep else (counts, counts, counts)
-    egrid = EXPERT_GRID if (swap and not swiglu_quant and not nfast and not prep and m <= DECODE_GROUPED_MAX_M) else 0
-    grid = (e if egrid else _cdiv(m, bm) + e, _cdiv(n // 2 if swiglu_quant else n, bn))
+    grid = (_cdiv(m, bm) + e, _cdiv(n // 2 if swiglu_quant else n, bn))
     grid = grid[::-1] if nfast else grid
     swiglu = dict(YS=ys, stride_ysm=ys.stride(0), SWIGLU_DT=_tl_dtype(out_dtype)) if swiglu_quant else {}
     load_triton_kernels().grouped_fp8_kernel[grid](
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu, EGRID=egrid,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (y, ys) if swiglu_quant else y

@@ -518,7 +518,6 @@ def _fp8_block_dot(
     SWAP: tl.constexpr,
     KU: tl.constexpr = 1,
     a_rows=None,
-    BFIRST: tl.constexpr = False,
 ):
     # -> sum over K blocks [kb_lo, kb_hi) of (a_kb @ b_kb^T) * sa_kb * sb_kb, fp32 [BM, BN] ([BN, BM] if SWAP),
     # for the output columns col0 .. col0 + BN.
@@ -540,12 +539,12 @@ def _fp8_block_dot(
     for kb in range(kb_lo, kb_hi, KU):
         acc = _fp8_kstep(
             acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, True,
-            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP, BFIRST,
+            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
         )  # fmt: skip
         if KU == 2:
             acc = _fp8_kstep(
                 acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
-                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP, BFIRST,
+                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
             )  # fmt: skip
     return acc
 
@@ -574,52 +573,24 @@ def _fp8_kstep(
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
-    BFIRST: tl.constexpr = False,
 ):
     # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot), A's rows `rows` (masked by rmask);
-    # `live` False: acc unchanged (zeros read). BFIRST: the weight block is loaded before the rows (whose
-    # addresses may wait on the expert's row offsets), the same bits.
+    # `live` False: acc unchanged (zeros read)
     ks = kb * BK + tl.arange(0, BK)
     kmask = ((ks < K) | EVEN_K) & live
-    if BFIRST:
-        b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
     a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     if QUANT:
         q, sa = _quantize_rows(a.to(tl.float32), EPS)
         a = q.to(tl.float8e4nv)
     else:
         sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
-    if not BFIRST:
-        b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+    b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
     sb = tl.load(SB + (col0 // 128) * stride_sbn + kb, mask=live, other=0.0)  # the tile lies in one scale block
     if SWAP:
         acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
     else:
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
     return acc
-
-
-@triton.jit
-def _grouped_fp8_tile(
-    A, SA, B, SB, Y, SRC, r0, r1, pid_n, N, K, stride_am, stride_sam, stride_bn, stride_sbn, stride_ym, EPS,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, QUANT: tl.constexpr,
-    SWAP: tl.constexpr, KU: tl.constexpr, GATHER: tl.constexpr,
-):  # fmt: skip
-    # rows [r0, min(r0 + BM, r1)) of one expert (B, SB at its weights) times N tile pid_n, stored to Y
-    rows = r0 + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    if GATHER:
-        a_rows = tl.load(SRC + rows, mask=rows < r1, other=0)
-    else:
-        a_rows = rows
-    acc = _fp8_block_dot(
-        A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
-        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows, True,
-    )  # fmt: skip
-    if SWAP:
-        acc = tl.trans(acc)
-    mask = (rows[:, None] < r1) & (cols[None, :] < N)
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -658,12 +629,7 @@ def grouped_fp8_kernel(
     YS=None,
     stride_ysm=0,
     SWIGLU_DT: tl.constexpr = None,
-    EGRID: tl.constexpr = 0,
 ):
-    # EGRID (decode): grid (E, N tiles), one program per expert and N tile, so that the weights' address
-    # is known before the row offsets (read from COUNTS) arrive; the weight block is loaded first. The
-    # expert's first row tile runs unconditionally (masked: an empty expert reads its weights for nothing,
-    # EGRID == 1) or after a test of its own count (EGRID == 2); further row tiles follow in a loop.
     # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
     # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
     # up columns, rounds both to SWIGLU_DT (the unfused GEMM's output dtype), h = silu(gate) * up rounded
@@ -675,28 +641,6 @@ def grouped_fp8_kernel(
     # BK == 128; BN divides 128. Grid (row tiles, N tiles), or with NFAST (N tiles, row tiles): the N
     # tiles of one row tile are then neighbours in launch order, so its A rows come from L2 after the
     # first (prefill sizes, where A is re-read once per N tile otherwise).
-    if EGRID:
-        e = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        B += e.to(tl.int64) * stride_be
-        SB += e.to(tl.int64) * stride_sbe
-        if EGRID == 2:  # noqa: SIM102 (a constexpr test; Triton does not `and` it with a runtime one)
-            if tl.load(COUNTS + e) == 0:
-                return
-        es = tl.arange(0, E_P2)
-        c = tl.load(COUNTS + es, mask=es < E, other=0).to(tl.int32)
-        r0 = tl.sum(tl.where(es < e, c, 0))
-        r1 = r0 + tl.sum(tl.where(es == e, c, 0))
-        _grouped_fp8_tile(
-            A, SA, B, SB, Y, SRC, r0, r1, pid_n, N, K, stride_am, stride_sam, stride_bn, stride_sbn, stride_ym, EPS,
-            BM, BN, BK, EVEN_K, QUANT, SWAP, KU, GATHER,
-        )  # fmt: skip
-        for rt in range(1, tl.cdiv(r1 - r0, BM)):
-            _grouped_fp8_tile(
-                A, SA, B, SB, Y, SRC, r0 + rt * BM, r1, pid_n, N, K, stride_am, stride_sam, stride_bn, stride_sbn,
-                stride_ym, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, GATHER,
-            )  # fmt: skip
-        return
     if NFAST:
         pid_t, pid_n = tl.program_id(1), tl.program_id(0)
     else:
