@@ -272,8 +272,9 @@ def dense_fp8_config(m: int, n: int, k: int) -> Fp8Config:
     SMs. Up to 16 rows: the weights on wgmma's M side, the rows as its N (a 64-row M tile would be mostly
     padding), split-K to about 160 programs. More rows: 64 x 64 tiles with 4 warps and 4 stages, split-K
     only while the programs stay within ~128 (one wave): on an H200 at M = 64 (bench/RESULTS.md, seventh
-    session) the fused q/k/v shape (5120 x 2048) ran 8.3 us unsplit against 18.2 for the previous
-    64 x 128 / 8 warps / split-4 tiles, and o_proj (2048 x 4096) 8.5 us at split 4 against 16.9."""
+    session) the fused q/k/v shape (5120 x 2048) took 8.3 us unsplit + 2.3 us of act-quant, against 18.2
+    with the previous 64 x 128 / 8 warps / split-4 tiles, and o_proj (2048 x 4096) 8.5 us at split 4 +
+    2.7, against 16.9."""
     if m <= 16:
         bn = 128 if _cdiv(n, 128) >= 16 else 64
         split = split_for(_cdiv(n, bn), _cdiv(k, BLOCK), 160)
