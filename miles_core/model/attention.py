@@ -30,6 +30,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def _fusable(mods) -> tuple[type | None, tuple[str, ...]]:
     """(the layer type, the attributes to fuse) when q/k/v can share one buffer, else (None, ())."""
+    from miles_core.quant.fp8 import BLOCK
     from miles_core.quant.layers import Fp8Linear
 
     kind = type(mods[0])
@@ -37,7 +38,7 @@ def _fusable(mods) -> tuple[type | None, tuple[str, ...]]:
         return None, ()
     if kind is nn.Linear:
         attrs = ("weight", "bias")
-    elif kind is Fp8Linear and all(m.out_features % 128 == 0 for m in mods):
+    elif kind is Fp8Linear and all(m.out_features % BLOCK == 0 for m in mods):
         attrs = ("weight", "weight_scale_inv", "bias")
     else:
         return None, ()
@@ -121,12 +122,12 @@ class GQAttention(nn.Module):
         bufs = None if torch.is_grad_enabled() else self._fused()
         if bufs is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if len(bufs) == 3:  # Fp8Linear: weight, weight_scale_inv, bias
+        if self.__dict__["_qkv_buffers"][0] is nn.Linear:
+            y = F.linear(x, *bufs)  # weight, bias
+        else:  # Fp8Linear: weight, weight_scale_inv, bias
             from miles_core.kernels.fp8_gemm import fp8_linear
 
             y = fp8_linear(x, *bufs)
-        else:
-            y = F.linear(x, bufs[0], bufs[1])
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         return y.split([nq, nkv, nkv], dim=-1)
 
