@@ -370,7 +370,12 @@ _SM90_CASES = [
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4, SWAP=True), 4, True),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=64, BN=64, BK=128, SPLIT_K=1, UNPACK=4, ASM=True), 4, True),
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True}, 1, False),
+     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1},
+     1, False),
+    # the GEMV's K loop pipelined through shared memory (its own num_stages): cp.async copies
+    ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4},
+     4, False),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
       "PREP": False}, 4, False),

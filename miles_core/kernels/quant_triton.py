@@ -368,11 +368,15 @@ def w4a16_gemv_kernel(
     EVEN_K: tl.constexpr,
     PREFETCH: tl.constexpr,
     ASM: tl.constexpr,
+    STAGES: tl.constexpr = 1,
 ):
     # Decode GEMV, one row of x per program along axis 0. fp32 FMAs on the magic-number weights (a shift,
     # a LOP3 and an FMA per weight); the K reduction stays in registers per group. BK is a divisor of
     # GROUP or a multiple of it (several groups per step: fewer, larger loads). PREFETCH: the next step's
-    # words are loaded before this step's math (two steps of loads in flight per program).
+    # words are loaded before this step's math (two steps of loads in flight per program, in registers).
+    # STAGES > 1: the loop's loads are software-pipelined through shared memory (cp.async, STAGES - 1
+    # steps ahead): Triton pipelines loads that feed no dot only in a loop that carries its own
+    # num_stages (`tl.range`), so a kernel-level num_stages alone leaves this loop unpipelined.
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_n * BN + tl.arange(0, BN)
     k_words = (K + 7) // 8
@@ -380,7 +384,7 @@ def w4a16_gemv_kernel(
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PREFETCH:
         wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K)
-    for it in range(0, kb_per_split):
+    for it in tl.range(0, kb_per_split, num_stages=STAGES):
         k0 = (kb0 + it) * BK
         if PREFETCH:
             cur = wp

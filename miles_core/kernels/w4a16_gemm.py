@@ -167,7 +167,7 @@ def w4a16_linear_triton(
         partials, locks = y, y  # unused
     kernels = load_triton_kernels()
     if gemv:
-        kernel, extra = kernels.w4a16_gemv_kernel, {"PREFETCH": cfg.prefetch}
+        kernel, extra = kernels.w4a16_gemv_kernel, {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages}
     else:
         kernel, extra = kernels.w4a16_kernel, {"BM": cfg.bm, "UNPACK": cfg.unpack, "SWAP": cfg.swap}
     kernel[grid](

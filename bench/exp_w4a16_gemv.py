@@ -1,0 +1,118 @@
+"""Experiment: the W4A16 M = 1 GEMV with its K loop software-pipelined (`tl.range(num_stages=S)`).
+
+    PYTHONPATH=. python bench/exp_w4a16_gemv.py [--quick]
+
+Triton pipelines loads that feed no dot only in a loop that carries its own num_stages, so the GEMV's
+weight loads were never staged through shared memory (PREFETCH held one step ahead in registers). This
+times, in CUDA graphs with weights rotating beyond the L2 and bf16 `x @ w.t()` in the same run, the
+current default and tiles with S stages in flight, and checks each against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.quant import bench_graph, rel
+from miles_core.kernels import w4a16_gemm
+from miles_core.kernels.fp8_gemm import _cdiv, split_for
+from miles_core.kernels.w4a16_gemm import W4A16Config
+from miles_core.quant import int4_group_quantize, pack_int4
+
+
+def occupancy(n: int, k: int) -> list[W4A16Config]:
+    """Many small programs (high split-K): more warps per SM to issue the dequant and FMAs."""
+    out = [w4a16_gemm.default_config(1, n, k)]
+    kb = _cdiv(k, 256)
+    splits = [s for s in (4, 8, 14, 16, 28, 56) if s <= kb]
+    for bn, bk, warps in ((16, 256, 1), (32, 256, 1), (32, 128, 1), (64, 256, 2), (64, 128, 2), (32, 256, 2)):
+        for split in splits:
+            programs = _cdiv(n, bn) * split
+            if not 1500 <= programs <= 8000 or split > _cdiv(k, bk):
+                continue
+            for stages in (1, 3):
+                out.append(W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=stages,
+                                       unpack=4))  # fmt: skip
+    return list(dict.fromkeys(out))
+
+
+def long_rows(n: int, k: int) -> list[W4A16Config]:
+    """Long contiguous stretches of each weight row per program (bk 512-2048: 256 B - 1 KB of a row per
+    step, against 128 B at bk 256): whether the row-scattered 128-byte reads hold the GEMV at ~2 TB/s."""
+    out = [w4a16_gemm.default_config(1, n, k)]
+    for bk in (512, 1024, 2048):
+        for bn in (4, 8, 16, 32):
+            for warps in (1, 2, 4):
+                per_thread = bn * bk // (32 * warps)
+                if per_thread > 512 or per_thread < 64 or bk // 8 < 32 * warps // max(1, bn):
+                    continue
+                for target in (900, 3600):
+                    split = split_for(_cdiv(n, bn), _cdiv(k, bk), target)
+                    for prefetch in (False,):
+                        out.append(W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=1,
+                                               unpack=4, prefetch=prefetch))  # fmt: skip
+    return list(dict.fromkeys(out))
+
+
+def candidates(n: int, k: int, quick: bool) -> list[W4A16Config]:
+    out = [w4a16_gemm.default_config(1, n, k)]
+    tiles = [(32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4)]
+    if quick:
+        tiles = [(64, 1), (128, 4)]
+    for bn, warps in tiles:
+        for bk in (256, 512):
+            if bk == 512 and bn * bk // (32 * warps) > 512:
+                continue
+            for stages in (2, 4):
+                for target in (264, 1056):
+                    split = split_for(_cdiv(n, bn), _cdiv(k, bk), target)
+                    out.append(W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=stages,
+                                           unpack=4))  # fmt: skip
+    return list(dict.fromkeys(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few tiles only")
+    ap.add_argument("--occupancy", action="store_true", help="high split-K, small programs instead")
+    ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}")
+    print("| shape (N x K) | config | us | bf16 us | speed-up | rel err |")
+    print("|---|---|---|---|---|---|")
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        copies = 4  # 4 x 29 MB of int4 weights: the L2 never holds the next call's weights
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
+        qs = [int4_group_quantize(w, 128) for w in ws]
+        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
+        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
+        del ws, qs
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ wbs[0].float().t()
+        results = []
+        base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
+        configs = occupancy(n, k) if args.occupancy else long_rows(n, k) if args.long else candidates(n, k, args.quick)
+        for c in configs:
+            try:
+                err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
+                us = bench_graph(
+                    [lambda p=p, sc=sc, c=c: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
+                )
+            except Exception as exc:  # a tile the compiler refuses (shared memory, registers)
+                print(f"| {n}x{k} | {c} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |", flush=True)
+                continue
+            results.append((us, c))
+            note = (
+                f"bn {c.bn} bk {c.bk} split {c.split_k} warps {c.num_warps} stages {c.num_stages}"
+                f"{' prefetch' if c.prefetch else ''}"
+            )
+            print(f"| {n}x{k} | {note} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
+        best = min(results, key=lambda r: r[0])
+        print(f"best {n}x{k}: {best[0]:.1f} us {best[1]}", flush=True)
+        del packed, wbs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
