@@ -91,13 +91,13 @@ def main() -> None:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ wbs[0].float().t()
         results = []
-        base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
+        base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
         configs = occupancy(n, k) if args.occupancy else long_rows(n, k) if args.long else candidates(n, k, args.quick)
         for c in configs:
             try:
                 err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
                 us = bench_graph(
-                    [lambda p=p, sc=sc, c=c: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
+                    [lambda p=p, sc=sc, c=c, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
                 )
             except Exception as exc:  # a tile the compiler refuses (shared memory, registers)
                 print(f"| {n}x{k} | {c} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |", flush=True)
