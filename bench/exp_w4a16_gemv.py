@@ -72,12 +72,57 @@ def candidates(n: int, k: int, quick: bool) -> list[W4A16Config]:
     return list(dict.fromkeys(out))
 
 
+def probe() -> None:
+    """Read-only probe: the packed weights read in [BN, BKW] word tiles (xor-summed, one int out per
+    program) in CUDA graphs, against a flat read of the same bytes: does the tile shape alone cap the
+    bandwidth?"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_tiles(W, OUT, N, KW, stride_wn, kw_per_split, BN: tl.constexpr, BKW: tl.constexpr):
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        w0 = tl.program_id(1) * kw_per_split
+        acc = tl.zeros((BN, BKW), dtype=tl.int32)
+        for at in range(w0, w0 + kw_per_split, BKW):
+            words = at + tl.arange(0, BKW)
+            mask = (cols[:, None] < N) & (words[None, :] < KW)
+            acc ^= tl.load(W + cols[:, None] * stride_wn + words[None, :], mask=mask, other=0)
+        tl.store(OUT + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.xor_sum(tl.xor_sum(acc, 1), 0))
+
+    def call(w, out, bn, bkw, split, warps):
+        n, kw = w.shape
+        kwps = _cdiv(_cdiv(kw, bkw), split) * bkw
+        return lambda: read_tiles[(_cdiv(n, bn), split)](w, out, n, kw, w.stride(0), kwps, BN=bn, BKW=bkw,
+                                                           num_warps=warps)  # fmt: skip
+
+    print("| probe shape | tile (BN x BKW words) | split | warps | us | GB/s |")
+    print("|---|---|---|---|---|---|")
+    tiles = [(64, 32, 4, 1), (32, 32, 8, 1), (8, 256, 1, 1), (8, 256, 2, 2), (4, 256, 2, 1), (16, 128, 2, 2),
+             (1, 512, 1, 1), (2, 512, 1, 2), (64, 32, 1, 1), (128, 32, 4, 4)]  # fmt: skip
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        kw = k // 8
+        ws = [torch.randint(-(2**31), 2**31 - 1, (n, kw), device="cuda", dtype=torch.int32) for _ in range(4)]
+        nbytes = n * kw * 4
+        out = torch.empty(1 << 20, dtype=torch.int32, device="cuda")
+        flat = bench_graph([lambda w=w: torch.bitwise_xor(w, 1, out=w) for w in ws[:2]])  # read + write
+        print(f"| {n}x{k} | torch xor in place (read + write) | - | - | {flat:.1f} | {2 * nbytes / flat / 1e3:.0f} |")
+        for bn, bkw, split, warps in tiles:
+            us = bench_graph([call(w, out, bn, bkw, split, warps) for w in ws])
+            print(f"| {n}x{k} | {bn} x {bkw} | {split} | {warps} | {us:.1f} | {nbytes / us / 1e3:.0f} |", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few tiles only")
     ap.add_argument("--occupancy", action="store_true", help="high split-K, small programs instead")
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
+    ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     args = ap.parse_args()
+    if args.probe:
+        probe()
     print(f"device: {torch.cuda.get_device_name()}")
     print("| shape (N x K) | config | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|")

@@ -92,6 +92,9 @@ def interp_w4a16() -> None:
         (2, 48, 640, 128, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=4)),
         (2, 48, 640, 64, W4A16Config(bm=1, bn=16, bk=256, split_k=2, unpack=4, prefetch=True)),  # 4 groups/step
         (1, 40, 200, 32, W4A16Config(bm=1, bn=32, bk=64, split_k=2, unpack=4, prefetch=True)),
+        # wide-N GEMV tiles: 16 columns x a K step longer than K (masked), 4 warps; and a pipelined K loop
+        (1, 40, 640, 128, W4A16Config(bm=1, bn=16, bk=1024, num_warps=4, num_stages=1, unpack=4)),
+        (1, 40, 640, 32, W4A16Config(bm=1, bn=16, bk=128, num_warps=1, num_stages=3, unpack=4)),
         (5, 96, 256, 64, W4A16Config(bm=16, bn=32, bk=64, split_k=2, unpack=4, swap=True)),
         (17, 64, 200, 32, W4A16Config(bm=16, bn=32, bk=32, swap=True)),
     ]:

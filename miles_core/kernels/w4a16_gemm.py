@@ -63,16 +63,20 @@ class W4A16Config:
 def default_config(m: int, n: int, k: int) -> W4A16Config:
     """Tile sizes by M, from the CUDA-graph sweeps of bench/quant.py on an H100 (bench/RESULTS.md).
 
-    M = 1: the GEMV kernel (magic-number dequant, fp32 FMAs), one warp per program, K steps of 256,
-    split-K to about 1,000 programs (enough loads in flight to stream the weights). Wide N: 64 columns
-    per program; narrow N: 32 columns and the next step prefetched (a longer K loop per program).
+    M = 1: the GEMV kernel (magic-number dequant, fp32 FMAs). Narrow N: one warp per program, 32 columns,
+    K steps of 256 with the next step prefetched, split-K to about 1,000 programs. Wide N (from 12,288
+    columns): 16 columns x K steps of 2,048 (1 KB of each row per step), 4 warps, no split: on an H200 the
+    14336 x 4096 GEMV took 13.9 us against 15.4-15.5 with the previous 64 x 256 tiles split 4 ways
+    (`bench/exp_w4a16_gemv.py --long`; long row stretches also read fastest in its `--probe`).
     M <= 16: tensor cores, split-K to about 900 programs. M <= 64: magic-number dequant, split-K only
     when N gives few programs. Above: one K pass per program (prefill sizes go to cuBLAS past MAX_M)."""
     few = _cdiv(n, 64) < 192
-    if m == 1:
-        bn = 32 if few else 64
-        split = split_for(_cdiv(n, bn), _cdiv(k, 256), 1024)
-        return W4A16Config(bm=1, bn=bn, bk=256, split_k=split, num_warps=1, num_stages=1, unpack=4, prefetch=few)
+    if m == 1 and few:
+        split = split_for(_cdiv(n, 32), _cdiv(k, 256), 1024)
+        return W4A16Config(bm=1, bn=32, bk=256, split_k=split, num_warps=1, num_stages=1, unpack=4, prefetch=True)
+    if m == 1:  # K steps of up to 2,048 (no longer than K rounded up to a power of two)
+        bk = min(2048, max(256, triton_next_pow2(k)))
+        return W4A16Config(bm=1, bn=16, bk=bk, split_k=1, num_warps=4, num_stages=1, unpack=4)
     if m <= 16:
         split = split_for(_cdiv(n, 64), _cdiv(k, 128), 900)
         return W4A16Config(bm=16, bn=64, bk=128, split_k=split, num_stages=3)
