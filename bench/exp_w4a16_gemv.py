@@ -114,13 +114,59 @@ def probe() -> None:
         torch.cuda.empty_cache()
 
 
+def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
+    """The Gluon tensor-core kernel (`kernels.w4a16_mma`) at M = 1 and 16 against bf16 and the current
+    default, checked against the fp32 reference (outputs poisoned before each checked run)."""
+    from miles_core.kernels import w4a16_mma as wm
+
+    print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k in shapes:
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(4)]
+        qs = [int4_group_quantize(w, 128) for w in ws]
+        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
+        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
+        del ws, qs
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wbs[0].float().t()
+            base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
+            cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
+            err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
+            print(f"| {n}x{k} | {m} | current default | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
+            for bn, nw, target in [(64, 4, 1024), (64, 4, 512), (64, 4, 2048), (32, 2, 1024), (32, 2, 2048),
+                                   (128, 4, 512), (128, 4, 1024), (64, 2, 1024), (128, 8, 512), (256, 8, 512),
+                                   (256, 8, 256)]:  # fmt: skip
+                try:
+                    run = [lambda p=p, sc=sc, x=x, c=(bn, nw, target): wm.w4a16_mma(x, p, sc, c[0], c[1], target=c[2])
+                           for p, sc in packed]  # fmt: skip
+                    y = run[0]()
+                    y.fill_(float("nan"))
+                    y = run[0]()
+                    err = rel(y, ref)
+                    us = bench_graph(run)
+                except Exception as exc:
+                    print(
+                        f"| {n}x{k} | {m} | mma bn {bn} warps {nw} | failed: {type(exc).__name__}: {str(exc)[:200]} |"
+                    )
+                    continue
+                print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} target {target} | {us:.1f} | {base:.1f} | "
+                      f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
+        del packed, wbs
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few tiles only")
     ap.add_argument("--occupancy", action="store_true", help="high split-K, small programs instead")
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
+    ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
     args = ap.parse_args()
+    if args.mma:
+        mma()
+        return
     if args.probe:
         probe()
     print(f"device: {torch.cuda.get_device_name()}")

@@ -1,0 +1,211 @@
+"""W4A16 at decode sizes (M <= 16) on tensor cores with the dequantized weights never leaving registers
+(Gluon, Triton's explicit-layout language). Experimental: see bench/exp_w4a16_gemv.py --mma.
+
+Why: the CUDA-core GEMV spends ~3 integer/FMA instructions per weight and the Triton tensor-core kernels
+send the dequantized tile through shared memory to reach the MMA's operand layout. Here each thread loads
+16-byte runs of packed words in a layout chosen so that, after the bf16 magic-number dequant (one LOP3
+per two weights), its values already sit where `mma.sync m16n8k16`'s B operand wants them: the K order
+inside the MMA is a permutation of the checkpoint's K order (a dot product does not care, as long as x
+is permuted the same way), and the conversion to the operand layout is a renaming of registers
+(`convert_layout(..., assert_trivial=True)` checks this when the kernel compiles).
+
+Word (kw, n) of a step holds physical K = 8 kw + i, i its nibble. A thread holds kw = 4 t + r (r its four
+registers, one 16-byte load; t = lane % 4) for column n = lane / 4 + 8 warp + ... . The MMA reads K index
+l = i0 + 2 t + 8 i1 + 16 i2 + 32 r: lanes t on K bits 1-2, as `mma.sync`'s operands have them.
+One step = one quantization group of 128 (group size 128 only), so each group's partial product is
+scaled once: acc += dot(x, q) * scale, q = u - 8 made exactly in bf16 (the magic number 128 + u, then one
+bf16x2 FMA per two weights). x is loaded as each thread's 32 contiguous K per row (16-byte loads) and
+permuted in registers to the MMA's K order, so neither operand goes through shared memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError:  # the CPU install has no triton
+    gluon = None
+
+__all__ = ["w4a16_mma", "mma_ok"]
+
+GROUP = 128
+
+
+def mma_ok(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
+    """The kernel applies: CUDA bf16, M <= 16, group 128, K a multiple of 128, sm_80 or newer."""
+    return (
+        gluon is not None
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and x.shape[0] <= 16
+        and group_size == GROUP
+        and x.shape[1] % GROUP == 0
+        and torch.cuda.get_device_capability(x.device)[0] >= 8
+    )
+
+
+if gluon is not None:
+    # q = u - 8 as bf16 pairs: (w >> 4s) & 0x000F000F | 0x43004300 holds 128 + u (exact) for nibbles s and
+    # s + 4 in its two halves, and one bf16x2 FMA (x 1 - 136, exact: small integers) makes them q
+    _Q_PAIRS = gl.constexpr("""{ .reg .b32 t, u, one, off;
+mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308;
+lop3.b32 t, $8, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t, t, one, off; mov.b32 {$0, $4}, t;
+shr.b32 u, $8, 4; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t, t, one, off; mov.b32 {$1, $5}, t;
+shr.b32 u, $8, 8; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t, t, one, off; mov.b32 {$2, $6}, t;
+shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t, t, one, off; mov.b32 {$3, $7}, t;
+}""")
+
+    @gluon.constexpr_function
+    def _x_layout(nw):
+        # [16, 128] x of one group: each thread the 32 contiguous K of its lane t (t = lane % 4) for rows g and
+        # g + 8 (g = lane / 4), every warp the same (the MMA's A operand is shared by the warps along N)
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [8, 0]],
+            lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[0, 0]] * (nw.bit_length() - 1),
+            block_bases=[],
+            shape=[16, 128],
+        )
+
+    @gluon.constexpr_function
+    def _words_layout(bn, nw):
+        # [16, BN] int32 words of one group: registers kw 0-1 (16 bytes), lanes kw 2-3 and n 0-2, warps n 3..,
+        # registers again for the columns past 8 * NW
+        reps = [[0, 8 * nw * (1 << j)] for j in range((bn // (8 * nw)).bit_length() - 1)]
+        warps = [[0, 8 * (1 << j)] for j in range(nw.bit_length() - 1)]
+        return gl.DistributedLinearLayout(
+            reg_bases=[[1, 0], [2, 0]] + reps,
+            lane_bases=[[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]],
+            warp_bases=warps,
+            block_bases=[],
+            shape=[16, bn],
+        )
+
+    @gluon.jit
+    def _planes(wp):
+        h = gl.inline_asm_elementwise(_Q_PAIRS, "=h,=h,=h,=h,=h,=h,=h,=h,r", [wp], (gl.int16,) * 8, True, 1)
+        p0 = h[0].to(gl.bfloat16, bitcast=True)
+        p1 = h[1].to(gl.bfloat16, bitcast=True)
+        p2 = h[2].to(gl.bfloat16, bitcast=True)
+        p3 = h[3].to(gl.bfloat16, bitcast=True)
+        p4 = h[4].to(gl.bfloat16, bitcast=True)
+        p5 = h[5].to(gl.bfloat16, bitcast=True)
+        p6 = h[6].to(gl.bfloat16, bitcast=True)
+        p7 = h[7].to(gl.bfloat16, bitcast=True)
+        # plane i = 4 i2 + 2 i1 + i0; join appends its new dimension last
+        lo = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [.., i0, i1]: planes 0-3
+        hi = gl.join(gl.join(p4, p5), gl.join(p6, p7))  # planes 4-7
+        return gl.join(lo, hi)  # [16(kw), BN, i0, i1, i2]
+
+    @gluon.jit
+    def w4a16_mma_kernel(
+        X,
+        W,
+        S,
+        Y,
+        P,
+        LOCKS,
+        M,
+        N,
+        K,
+        groups_per_split,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_sg,
+        stride_ym,
+        BN: gl.constexpr,
+        SPLIT_K: gl.constexpr,
+        NW: gl.constexpr,
+    ):
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        w_l: gl.constexpr = _words_layout(BN, NW)
+        x_l: gl.constexpr = _x_layout(NW)
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        g0 = pid_k * groups_per_split
+        g1 = gl.minimum(g0 + groups_per_split, K // 128)
+
+        kw = gl.arange(0, 16, layout=gl.SliceLayout(1, w_l))
+        cols_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, w_l))
+        w_ptrs = W + cols_w[None, :] * stride_wn + kw[:, None]
+        w_mask = (cols_w[None, :] < N) & (kw[:, None] >= 0)
+        rows_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_l))
+        ks = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
+        x_ptrs = X + rows_x[:, None] * stride_xm + ks[None, :]
+        x_mask = (rows_x[:, None] < M) & (ks[None, :] >= 0)
+        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+
+        acc = gl.zeros([16, BN], gl.float32, mma)
+        zero = gl.zeros([16, BN], gl.float32, mma)
+        nxt = gl.load(w_ptrs + g0 * 16, mask=w_mask & (g0 < g1), other=0)
+        for g in range(g0, g1):
+            wp = nxt
+            nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)  # the next group's words
+            xt = gl.load(x_ptrs + g * 128, mask=x_mask, other=0.0)  # [16, 128] bf16, physical K order
+            # physical k = 32 t + 8 r + 4 i2 + 2 i1 + i0 -> l = 32 r + 16 i1 + 8 i0 + 2 t + i2 (registers only)
+            xl = xt.reshape([16, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([16, 128])
+            a = gl.convert_layout(xl, a_l, assert_trivial=True)
+            w5 = _planes(wp)  # [16(kw), BN, i0, i1, i2] = q, kw = 4 t + r
+            w6 = w5.reshape([4, 4, BN, 2, 2, 2])  # [t, r, n, i0, i1, i2]
+            bl = w6.permute(1, 4, 3, 0, 5, 2).reshape([128, BN])  # [r, i1, i0, t, i2, n] -> [l, n]
+            b = gl.convert_layout(bl, b_l, assert_trivial=True)
+            part = mma_v2(a, b, zero)
+            s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0).to(gl.float32)
+            acc += part * s[None, :]
+
+        out_mask = (rows[:, None] < M) & (cols[None, :] < N)
+        y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
+        if SPLIT_K == 1:
+            gl.store(y_ptrs, acc.to(gl.bfloat16), mask=out_mask)
+        else:
+            offs = rows[:, None] * N + cols[None, :]
+            gl.store(P + pid_k * M * N + offs, acc, mask=out_mask)
+            gl.thread_barrier()
+            arrived = gl.atomic_add(LOCKS + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                tot = gl.zeros([16, BN], gl.float32, mma)
+                for i in gl.static_range(SPLIT_K):
+                    tot += gl.load(P + i * M * N + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                gl.store(y_ptrs, tot.to(gl.bfloat16), mask=out_mask)
+                gl.atomic_xchg(LOCKS + pid_n, 0)
+
+
+def w4a16_mma(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bn: int = 64,
+    num_warps: int = 4,
+    split_k: int | None = None,
+    target: int = 1024,
+) -> torch.Tensor:
+    """x2: [M <= 16, K] bf16, packed [N, K/8] int32 (compressed-tensors), scale [N, K/128] -> [M, N] bf16."""
+    from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
+
+    m, k = x2.shape
+    n = packed.shape[0]
+    groups = k // GROUP
+    if split_k is None:
+        split_k = split_for(_cdiv(n, bn), groups, target)
+    per_split = _cdiv(groups, split_k)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x2.device)
+    grid = (_cdiv(n, bn), split_k)
+    if split_k > 1:
+        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device)
+        locks = tile_locks(x2.device, grid[0])
+    else:
+        partials, locks = y, y
+    w4a16_mma_kernel[grid](
+        x2, packed, scale, y, partials, locks, m, n, k, per_split,
+        x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
+        BN=bn, SPLIT_K=split_k, NW=num_warps, num_warps=num_warps,
+    )  # fmt: skip
+    return y
