@@ -134,9 +134,8 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
             cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
             err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
             print(f"| {n}x{k} | {m} | current default | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
-            for bn, nw, target in [(64, 4, 1024), (64, 4, 512), (64, 4, 2048), (32, 2, 1024), (32, 2, 2048),
-                                   (128, 4, 512), (128, 4, 1024), (64, 2, 1024), (128, 8, 512), (256, 8, 512),
-                                   (256, 8, 256)]:  # fmt: skip
+            tiles = [(64, 4), (64, 2), (128, 4), (32, 2), (32, 1), (64, 1), (256, 4), (256, 8)]
+            for bn, nw, target in [(bn, nw, t) for bn, nw in tiles for t in (256, 512, 1024, 2048)]:
                 try:
                     run = [lambda p=p, sc=sc, x=x, c=(bn, nw, target): wm.w4a16_mma(x, p, sc, c[0], c[1], target=c[2])
                            for p, sc in packed]  # fmt: skip
@@ -150,7 +149,8 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
                         f"| {n}x{k} | {m} | mma bn {bn} warps {nw} | failed: {type(exc).__name__}: {str(exc)[:200]} |"
                     )
                     continue
-                print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} target {target} | {us:.1f} | {base:.1f} | "
+                split = split_for(_cdiv(n, bn), k // 128, target)
+                print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} split {split} | {us:.1f} | {base:.1f} | "
                       f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
         del packed, wbs
         torch.cuda.empty_cache()

@@ -145,11 +145,16 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
 
         acc = gl.zeros([16, BN], gl.float32, mma)
         zero = gl.zeros([16, BN], gl.float32, mma)
+        # group g + 1's words and x are loaded while group g is multiplied
         nxt = gl.load(w_ptrs + g0 * 16, mask=w_mask & (g0 < g1), other=0)
+        x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (g0 < g1), other=0.0)  # [16, 128] bf16, physical K
         for g in range(g0, g1):
             wp = nxt
-            nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)  # the next group's words
-            xt = gl.load(x_ptrs + g * 128, mask=x_mask, other=0.0)  # [16, 128] bf16, physical K order
+            xt = x_nxt
+            s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)  # used last
+            more = g + 1 < g1
+            nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & more, other=0)
+            x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & more, other=0.0)
             # physical k = 32 t + 8 r + 4 i2 + 2 i1 + i0 -> l = 32 r + 16 i1 + 8 i0 + 2 t + i2 (registers only)
             xl = xt.reshape([16, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([16, 128])
             a = gl.convert_layout(xl, a_l, assert_trivial=True)
@@ -158,8 +163,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             bl = w6.permute(1, 4, 3, 0, 5, 2).reshape([128, BN])  # [r, i1, i0, t, i2, n] -> [l, n]
             b = gl.convert_layout(bl, b_l, assert_trivial=True)
             part = mma_v2(a, b, zero)
-            s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0).to(gl.float32)
-            acc += part * s[None, :]
+            acc += part * s.to(gl.float32)[None, :]
 
         out_mask = (rows[:, None] < M) & (cols[None, :] < N)
         y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
