@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 from triton.testing import do_bench
 
-from miles_core.kernels import fp8_gemm, w4a16_gemm
+from miles_core.kernels import fp8_gemm, w4a16_gemm, w4a16_mma
 from miles_core.kernels.fp8_gemm import Fp8Config
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
@@ -289,16 +289,24 @@ def graph_decode(sweep: bool):
         packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
         wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
         del ws, qs
-        for m in (1, 16, 64):
+        for m in (1, 4, 16, 64) if not sweep else (1, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
             ref = x.float() @ wbs[0].float().t()
-            for c in GRAPH_SWEEP[m] if sweep else [w4a16_gemm.default_config(m, n, k)]:
+            for c in GRAPH_SWEEP[m] if sweep else [None]:  # None: what w4a16_linear picks (mma at 2-16 rows)
                 err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
                 t = bench_graph(
                     [lambda p=p, sc=sc, c=c: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
                 )
-                row("w4a16 (CUDA graph)", f"M={m} {n}x{k}", base, t, err, str(c))
+                note = f"mma {w4a16_mma.mma_config(n, k)}" if c is None and 2 <= m <= 16 else c
+                row(
+                    "w4a16 (CUDA graph)",
+                    f"M={m} {n}x{k}",
+                    base,
+                    t,
+                    err,
+                    str(note or w4a16_gemm.default_config(m, n, k)),
+                )
     g = torch.Generator().manual_seed(0)
     for name, e, n, k, rows in [
         ("Qwen3-30B gate_up, 512 rows", 128, 1536, 2048, 512),

@@ -4,7 +4,8 @@
 Why custom kernels: at decode sizes (M = 1..64) a bf16 GEMM is bound by reading the weights, so a
 kernel that reads 4-bit weights and dequantizes them in registers can approach 4x. M = 1 runs
 quant_triton.w4a16_gemv_kernel (int4 -> fp32 by magic numbers: a shift, one LOP3 and the FMA per
-weight); M > 1 runs quant_triton.w4a16_kernel on tensor cores. Both split K with a one-launch
+weight); 2-16 rows with group 128 run kernels.w4a16_mma (Gluon: the dequantized weights reach mma.sync
+without shared memory); other M > 1 run quant_triton.w4a16_kernel on tensor cores. All split K with a one-launch
 reduction (the last split of a tile sums the partials). Measured on an H100 (bench/RESULTS.md, CUDA
 graphs) against bf16 cuBLAS: see the "Quantized GEMMs" section. Above `MAX_M` rows the weights are
 dequantized into a bf16 matrix for cuBLAS instead (at M=256 the kernel is already 0.4x of bf16: for
@@ -129,6 +130,13 @@ def w4a16_linear(
     n = packed.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if config is None and 2 <= m <= 16 and _mma_ok(x2, packed, group_size):
+        from miles_core.kernels.w4a16_mma import mma_config, w4a16_mma
+
+        y = w4a16_mma(x2.contiguous(), packed, scale, **mma_config(n, k))
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], n)
     cfg = config or default_config(m, n, k)
     if group_size % cfg.bk and not _gemv_ok(cfg, group_size):
         cfg = W4A16Config(**{**cfg.__dict__, "bk": min(cfg.bk, group_size)})
@@ -141,6 +149,15 @@ def w4a16_linear(
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], n)
+
+
+def _mma_ok(x2: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
+    # the Gluon tensor-core kernel: compiled CUDA only (Gluon has no interpreter), bf16, group 128
+    if not _asm_ok(x2) or packed.dtype != torch.int32:
+        return False
+    from miles_core.kernels.w4a16_mma import mma_ok
+
+    return mma_ok(x2, packed, group_size)
 
 
 def _gemv_ok(cfg: W4A16Config, group_size: int) -> bool:

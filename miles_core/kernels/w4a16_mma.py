@@ -1,5 +1,6 @@
 """W4A16 at decode sizes (M <= 16) on tensor cores with the dequantized weights never leaving registers
-(Gluon, Triton's explicit-layout language). Experimental: see bench/exp_w4a16_gemv.py --mma.
+(Gluon, Triton's explicit-layout language). `w4a16_gemm.w4a16_linear` runs it at 2-16 rows (`mma_config`);
+tiles and timings: bench/exp_w4a16_gemv.py --mma.
 
 Why: the CUDA-core GEMV spends ~3 integer/FMA instructions per weight and the Triton tensor-core kernels
 send the dequantized tile through shared memory to reach the MMA's operand layout. Here each thread loads
@@ -29,7 +30,7 @@ try:
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["w4a16_mma", "mma_ok"]
+__all__ = ["w4a16_mma", "mma_ok", "mma_config"]
 
 GROUP = 128
 
@@ -45,6 +46,18 @@ def mma_ok(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
         and x.shape[1] % GROUP == 0
         and torch.cuda.get_device_capability(x.device)[0] >= 8
     )
+
+
+def mma_config(n: int, k: int) -> dict:
+    """Tiles for N x K at 2-16 rows, from `bench/exp_w4a16_gemv.py --mma` on an H200 (bench/RESULTS.md,
+    ninth session): 64 columns per program, one warp where N gives >= 128 column tiles (14336 x 4096 at
+    M = 16: 19.7 us, split 4) and two otherwise (4096 x 14336: 21.6 us, split 8), against bf16 31.0 / 33.0.
+    More warps per program or more programs (split-K partials cost M x N x 4 bytes each way) were slower."""
+    from miles_core.kernels.fp8_gemm import _cdiv, split_for
+
+    tiles = _cdiv(n, 64)
+    nw = 1 if tiles >= 128 else 2
+    return {"bn": 64, "num_warps": nw, "split_k": split_for(tiles, k // GROUP, 1024 if nw == 1 else 512)}
 
 
 if gluon is not None:
