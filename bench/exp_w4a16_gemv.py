@@ -155,6 +155,20 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
         torch.cuda.empty_cache()
 
 
+def profile_once() -> None:
+    """Each default kernel (M = 1 GEMV, M = 16 MMA) three times, no graphs: a target for Nsight Compute,
+    e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
+    --section WarpStateStats --section Occupancy python bench/exp_w4a16_gemv.py --profile-once`."""
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        q, sc = int4_group_quantize(torch.randn(n, k, device="cuda") * 0.02, 128)
+        p, sc = pack_int4(q), w4a16_gemm.group_major(sc)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3):
+                w4a16_gemm.w4a16_linear(x, p, sc, 128)
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few tiles only")
@@ -162,7 +176,11 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
+    ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
+    if args.profile_once:
+        profile_once()
+        return
     if args.mma:
         mma()
         return
