@@ -155,6 +155,60 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
         torch.cuda.empty_cache()
 
 
+def maxnreg() -> None:
+    """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
+    GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
+    4096 x 14336: 167 registers, ~7 warps per SM), so: do more resident warps beat the spills?"""
+    from miles_core.kernels import quant_triton
+
+    plain = quant_triton.w4a16_gemv_kernel
+
+    class Capped:
+        def __init__(self, regs):
+            self.regs = regs
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: plain[grid](*a, maxnreg=self.regs, **kw)
+
+    print("| shape | config | maxnreg | us | bf16 us | speed-up | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(4)]
+        qs = [int4_group_quantize(w, 128) for w in ws]
+        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
+        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
+        del ws, qs
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ wbs[0].float().t()
+        base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
+        cfgs = [w4a16_gemm.default_config(1, n, k)]
+        for bn, bk, warps, target in ((16, 2048, 4, 1), (16, 1024, 4, 1), (8, 2048, 4, 1), (16, 2048, 2, 1),
+                                      (32, 256, 1, 1024), (32, 256, 1, 2048), (16, 512, 1, 2048)):  # fmt: skip
+            split = split_for(_cdiv(n, bn), _cdiv(k, bk), target) if target > 1 else 1
+            cfgs.append(W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=1, unpack=4,
+                                    prefetch=bk == 256))  # fmt: skip
+        for cfg in dict.fromkeys(cfgs):
+            for regs in (None, 96, 80, 64, 48):
+                quant_triton.w4a16_gemv_kernel = plain if regs is None else Capped(regs)
+                try:
+                    run = [
+                        lambda p=p, sc=sc, c=cfg, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c)
+                        for p, sc in packed
+                    ]
+                    y = run[0]()
+                    y.fill_(float("nan"))
+                    err = rel(run[0](), ref)
+                    us = bench_graph(run)
+                    print(f"| {n}x{k} | bn {cfg.bn} bk {cfg.bk} split {cfg.split_k} warps {cfg.num_warps} | {regs} | "
+                          f"{us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
+                except Exception as exc:
+                    print(f"| {n}x{k} | {cfg} | {regs} | failed: {type(exc).__name__}: {str(exc)[:150]} |")
+                finally:
+                    quant_triton.w4a16_gemv_kernel = plain
+        del packed, wbs
+        torch.cuda.empty_cache()
+
+
 def profile_once() -> None:
     """Each default kernel (M = 1 GEMV, M = 16 MMA) three times, no graphs: a target for Nsight Compute,
     e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
@@ -176,8 +230,12 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
+    ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
+    if args.maxnreg:
+        maxnreg()
+        return
     if args.profile_once:
         profile_once()
         return
