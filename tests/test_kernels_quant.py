@@ -484,6 +484,27 @@ def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split, depth)
 
 @cuda
 @pytest.mark.gpu
+def test_gpu_w4a16_linear_picks_mma_at_2_to_16_rows_and_the_switch_turns_it_off(monkeypatch):
+    from miles_core import kernels
+    from miles_core.kernels import w4a16_mma
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(8, 2048, generator=g).bfloat16().cuda()
+    q, s = int4_group_quantize(torch.randn(1536, 2048, generator=g) * 0.05, 128)
+    p, sg = pack_int4(q).cuda(), w4a16_gemm.group_major(s).cuda()
+    ref = w4a16_gemm.w4a16_linear_reference(x.float().cpu(), p.cpu(), s, 128)
+    # the default path at 8 rows is the Gluon kernel with mma_config's tiles (same bits)
+    assert torch.equal(
+        w4a16_gemm.w4a16_linear(x, p, sg, 128), w4a16_mma.w4a16_mma(x, p, sg, **w4a16_mma.mma_config(1536, 2048))
+    )
+    monkeypatch.setattr(kernels, "W4A16_MMA", False)
+    _poison()
+    y = w4a16_gemm.w4a16_linear(x, p, sg, 128)  # the Triton tensor-core kernel
+    assert not y.isnan().any() and _rel(y.cpu(), ref) < 5e-3
+
+
+@cuda
+@pytest.mark.gpu
 def test_gpu_w4a16_mma_matches_reference():
     from miles_core.kernels import w4a16_mma
 

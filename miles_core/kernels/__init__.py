@@ -11,6 +11,11 @@ into the INT4 GEMM), and FP8 experts' rows quantized by the RMSNorm before the M
 fused layer loop (`add_norm.add_rms_norm(quant=True)`, gathered by the FP8 GEMM). These give the
 unfused launches' bits, so turning them off (`MILES_EXPERT_FUSION=0`) changes the timing only;
 `DECODE_FUSION` off also changes the GEMM kernels.
+
+`W4A16_MMA` switches INT4 dense layers at 2-16 rows onto the Gluon tensor-core kernel
+(`w4a16_mma`); `MILES_W4A16_MMA=0` keeps them on the Triton kernels. Gluon is Triton's experimental
+layer, so if the kernel does not compile on the installed Triton the first call warns, sets this
+False and falls back.
 """
 
 import contextlib
@@ -18,6 +23,7 @@ import os
 
 DECODE_FUSION = os.environ.get("MILES_DECODE_FUSION", "1") != "0"
 EXPERT_FUSION = os.environ.get("MILES_EXPERT_FUSION", "1") != "0"
+W4A16_MMA = os.environ.get("MILES_W4A16_MMA", "1") != "0"
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ definition the GPU tests hold the kernels to.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,12 +132,11 @@ def w4a16_linear(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if config is None and 2 <= m <= 16 and _mma_ok(x2, packed, group_size):
-        from miles_core.kernels.w4a16_mma import mma_config, w4a16_mma
-
-        y = w4a16_mma(x2.contiguous(), packed, scale, **mma_config(n, k))
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], n)
+        y = _w4a16_mma(x2, packed, scale, n, k)
+        if y is not None:
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*x.shape[:-1], n)
     cfg = config or default_config(m, n, k)
     if group_size % cfg.bk and not _gemv_ok(cfg, group_size):
         cfg = W4A16Config(**{**cfg.__dict__, "bk": min(cfg.bk, group_size)})
@@ -153,11 +153,30 @@ def w4a16_linear(
 
 def _mma_ok(x2: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
     # the Gluon tensor-core kernel: compiled CUDA only (Gluon has no interpreter), bf16, group 128
-    if not _asm_ok(x2) or packed.dtype != torch.int32:
+    from miles_core import kernels
+
+    if not kernels.W4A16_MMA or not _asm_ok(x2) or packed.dtype != torch.int32:
         return False
     from miles_core.kernels.w4a16_mma import mma_ok
 
     return mma_ok(x2, packed, group_size)
+
+
+def _w4a16_mma(x2, packed, scale, n: int, k: int) -> torch.Tensor | None:
+    """The Gluon kernel, or None (with one warning, and `kernels.W4A16_MMA` set False) where it fails to
+    compile: Gluon is experimental and may not build on another Triton."""
+    from miles_core import kernels
+    from miles_core.kernels.w4a16_mma import mma_config, w4a16_mma
+
+    try:
+        return w4a16_mma(x2.contiguous(), packed, scale, **mma_config(n, k))
+    except Exception as exc:  # any compile failure falls back to the Triton kernels
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        kernels.W4A16_MMA = False
+        msg = f"W4A16 Gluon kernel unavailable, using the Triton kernels: {type(exc).__name__}: {exc}"
+        warnings.warn(msg, stacklevel=3)
+        return None
 
 
 def _gemv_ok(cfg: W4A16Config, group_size: int) -> bool:
