@@ -21,6 +21,17 @@ from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import int4_group_quantize, pack_int4
 
 
+def weight_copies(n: int, k: int, copies: int = 4):
+    """`copies` random N x K weights as (packed int4, group-major scales) and their bf16 dequantization:
+    4 x 29 MB of int4 at 14336 x 4096, so the L2 never holds the next call's weights."""
+    packed, wbs = [], []
+    for _ in range(copies):
+        q, sc = int4_group_quantize(torch.randn(n, k, device="cuda") * 0.02, 128)
+        packed.append((pack_int4(q), w4a16_gemm.group_major(sc)))
+        wbs.append(w4a16_gemm.dequantize_packed(*packed[-1], k, 128, torch.bfloat16))
+    return packed, wbs
+
+
 def occupancy(n: int, k: int) -> list[W4A16Config]:
     """Many small programs (high split-K): more warps per SM to issue the dequant and FMAs."""
     out = [w4a16_gemm.default_config(1, n, k)]
@@ -122,11 +133,7 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
     print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
     for n, k in shapes:
-        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(4)]
-        qs = [int4_group_quantize(w, 128) for w in ws]
-        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
-        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
-        del ws, qs
+        packed, wbs = weight_copies(n, k)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wbs[0].float().t()
@@ -173,11 +180,7 @@ def maxnreg() -> None:
     print("| shape | config | maxnreg | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
     for n, k in [(14336, 4096), (4096, 14336)]:
-        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(4)]
-        qs = [int4_group_quantize(w, 128) for w in ws]
-        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
-        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
-        del ws, qs
+        packed, wbs = weight_copies(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ wbs[0].float().t()
         base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
@@ -248,12 +251,7 @@ def main() -> None:
     print("| shape (N x K) | config | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|")
     for n, k in [(14336, 4096), (4096, 14336)]:
-        copies = 4  # 4 x 29 MB of int4 weights: the L2 never holds the next call's weights
-        ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
-        qs = [int4_group_quantize(w, 128) for w in ws]
-        packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
-        wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
-        del ws, qs
+        packed, wbs = weight_copies(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ wbs[0].float().t()
         results = []
