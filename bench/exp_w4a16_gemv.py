@@ -142,10 +142,10 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
             err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
             print(f"| {n}x{k} | {m} | current default | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
             tiles = [(64, 4), (64, 2), (128, 4), (32, 2), (32, 1), (64, 1), (256, 4)]
-            configs = [(bn, nw, t, d) for bn, nw in tiles for t in (512, 1024, 2048) for d in (1, 2)]
-            for bn, nw, target, depth in configs:
+            configs = [(bn, nw, t) for bn, nw in tiles for t in (512, 1024, 2048)]
+            for bn, nw, target in configs:
                 try:
-                    c = dict(bn=bn, num_warps=nw, target=target, depth=depth)
+                    c = dict(bn=bn, num_warps=nw, target=target)
                     run = [lambda p=p, sc=sc, x=x, c=c: wm.w4a16_mma(x, p, sc, **c) for p, sc in packed]
                     y = run[0]()
                     y.fill_(float("nan"))
@@ -156,7 +156,7 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
                     print(f"| {n}x{k} | {m} | mma {c} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
                     continue
                 split = split_for(_cdiv(n, bn), k // 128, target)
-                print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} split {split} depth {depth} | {us:.1f} | {base:.1f} | "
+                print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} split {split} | {us:.1f} | {base:.1f} | "
                       f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
         del packed, wbs
         torch.cuda.empty_cache()

@@ -450,14 +450,14 @@ def test_gpu_quantized_experts_match_cpu_experts():
         assert not y.isnan().any() and _rel(y.cpu(), ref) < bound, (fmt, _rel(y.cpu(), ref))
 
 
-def _compile_mma(bn: int, nw: int, split: int, depth: int = 1):
+def _compile_mma(bn: int, nw: int, split: int):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from miles_core.kernels import w4a16_mma
 
     fn = w4a16_mma.w4a16_mma_kernel
-    consts = {"BN": bn, "SPLIT_K": split, "NW": nw, "DEPTH": depth}
+    consts = {"BN": bn, "SPLIT_K": split, "NW": nw}
     types = {"X": "*bf16", "W": "*i32", "S": "*bf16", "Y": "*bf16", "P": "*fp32", "LOCKS": "*i32"}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n != "M"}
@@ -465,12 +465,12 @@ def _compile_mma(bn: int, nw: int, split: int, depth: int = 1):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw, "num_stages": 1})
 
 
-@pytest.mark.parametrize("bn,nw,split,depth", [(64, 4, 4, 1), (128, 4, 1, 1), (32, 2, 8, 1), (64, 2, 4, 2)])
-def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split, depth):
+@pytest.mark.parametrize("bn,nw,split", [(64, 4, 4), (128, 4, 1), (32, 2, 8), (64, 2, 4), (64, 1, 4)])
+def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split):
     """The Gluon tensor-core W4A16 kernel compiles for sm_90 (its two `assert_trivial` layout conversions hold:
     x and the dequantized weights reach the MMA by register renaming), with mma.sync and 16-byte loads, no
     shared-memory round trip for the operands, and no spills."""
-    kernel = _compile_mma(bn, nw, split, depth)
+    kernel = _compile_mma(bn, nw, split)
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx
@@ -514,10 +514,10 @@ def test_gpu_w4a16_mma_matches_reference():
         q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, 128)
         p = pack_int4(q)
         ref = w4a16_gemm.w4a16_linear_reference(x.float(), p, s, 128)
-        for bn, nw, split, depth in [(64, 4, None, 1), (128, 4, 1, 2), (32, 2, 3, 2), (256, 8, 2, 1), (64, 2, 5, 2)]:
+        for bn, nw, split in [(64, 4, None), (128, 4, 1), (32, 2, 3), (256, 8, 2), (64, 2, 5), (64, 1, 4)]:
             _poison()
             sg = w4a16_gemm.group_major(s).cuda()
-            y = w4a16_mma.w4a16_mma(x.cuda(), p.cuda(), sg, bn, nw, split_k=split, depth=depth)
-            case = (m, n, k, bn, nw, split, depth)
+            y = w4a16_mma.w4a16_mma(x.cuda(), p.cuda(), sg, bn, nw, split_k=split)
+            case = (m, n, k, bn, nw, split)
             assert not y.isnan().any(), case
             assert _rel(y.cpu(), ref) < 5e-3, (case, _rel(y.cpu(), ref))

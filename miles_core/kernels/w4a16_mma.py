@@ -133,7 +133,6 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         BN: gl.constexpr,
         SPLIT_K: gl.constexpr,
         NW: gl.constexpr,
-        DEPTH: gl.constexpr,
     ):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -159,22 +158,15 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
 
         acc = gl.zeros([16, BN], gl.float32, mma)
         zero = gl.zeros([16, BN], gl.float32, mma)
-        # group g + 1's words and x are loaded while group g is multiplied
-        # (DEPTH 2: the words of group g + 2 as well)
+        # group g + 1's words and x are loaded while group g is multiplied (a second group of words in
+        # flight measured within noise: bench/RESULTS.md, ninth session)
         nxt = gl.load(w_ptrs + g0 * 16, mask=w_mask & (g0 < g1), other=0)
-        nxt2 = nxt
-        if DEPTH == 2:
-            nxt2 = gl.load(w_ptrs + (g0 + 1) * 16, mask=w_mask & (g0 + 1 < g1), other=0)
         x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (g0 < g1), other=0.0)  # [16, 128] bf16, physical K
         for g in range(g0, g1):
             wp = nxt
             xt = x_nxt
             s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)  # used last
-            if DEPTH == 2:
-                nxt = nxt2
-                nxt2 = gl.load(w_ptrs + (g + 2) * 16, mask=w_mask & (g + 2 < g1), other=0)
-            else:
-                nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)
+            nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)
             x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (g + 1 < g1), other=0.0)
             # physical k = 32 t + 8 r + 4 i2 + 2 i1 + i0 -> l = 32 r + 16 i1 + 8 i0 + 2 t + i2 (registers only)
             xl = xt.reshape([16, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([16, 128])
@@ -211,7 +203,6 @@ def w4a16_mma(
     num_warps: int = 4,
     split_k: int | None = None,
     target: int = 1024,
-    depth: int = 1,
 ) -> torch.Tensor:
     """x2: [M <= 16, K] bf16, packed [N, K/8] int32 (compressed-tensors), scale [N, K/128] -> [M, N] bf16."""
     from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
@@ -232,6 +223,6 @@ def w4a16_mma(
     w4a16_mma_kernel[grid](
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
-        BN=bn, SPLIT_K=split_k, NW=num_warps, DEPTH=depth, num_warps=num_warps,
+        BN=bn, SPLIT_K=split_k, NW=num_warps, num_warps=num_warps,
     )  # fmt: skip
     return y
