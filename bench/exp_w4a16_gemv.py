@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from bench.quant import bench_graph, rel
-from miles_core.kernels import w4a16_gemm
+from miles_core.kernels import w4a16_gemm, w4a16_mma
 from miles_core.kernels.fp8_gemm import _cdiv, split_for
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import int4_group_quantize, pack_int4
@@ -128,7 +128,6 @@ def probe() -> None:
 def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
     """The Gluon tensor-core kernel (`kernels.w4a16_mma`) at M = 1 and 16 against bf16 and the current
     default, checked against the fp32 reference (outputs poisoned before each checked run)."""
-    from miles_core.kernels import w4a16_mma as wm
 
     print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
@@ -146,7 +145,7 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
             for bn, nw, target in configs:
                 try:
                     c = dict(bn=bn, num_warps=nw, target=target)
-                    run = [lambda p=p, sc=sc, x=x, c=c: wm.w4a16_mma(x, p, sc, **c) for p, sc in packed]
+                    run = [lambda p=p, sc=sc, x=x, c=c: w4a16_mma.w4a16_mma(x, p, sc, **c) for p, sc in packed]
                     y = run[0]()
                     y.fill_(float("nan"))
                     y = run[0]()
@@ -158,6 +157,42 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
                 split = split_for(_cdiv(n, bn), k // 128, target)
                 print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} split {split} | {us:.1f} | {base:.1f} | "
                       f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
+        del packed, wbs
+        torch.cuda.empty_cache()
+
+
+def tma_ring(shapes=((14336, 4096), (4096, 14336))) -> None:
+    """`w4a16_mma_tma` (the words through a TMA ring of STAGES groups) at M = 1 and 16 against bf16 and what
+    `w4a16_linear` runs now, each checked against the fp32 reference with its output poisoned first."""
+
+    print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k in shapes:
+        packed, wbs = weight_copies(n, k)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wbs[0].float().t()
+            base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
+            cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
+            err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
+            print(f"| {n}x{k} | {m} | w4a16_linear now | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
+            tiles = [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
+            for (bn, nw), stages, target in [(t, st, tg) for t in tiles for st in (4, 8, 16) for tg in (512, 1024)]:
+                c = dict(bn=bn, num_warps=nw, target=target, stages=stages)
+                if bn * 64 * stages > 160 * 1024:
+                    continue
+                try:
+                    run = [lambda p=p, sc=sc, x=x, c=c: w4a16_mma.w4a16_mma_tma(x, p, sc, **c) for p, sc in packed]
+                    y = run[0]()
+                    y.fill_(float("nan"))
+                    err = rel(run[0](), ref)
+                    us = bench_graph(run)
+                except Exception as exc:
+                    print(f"| {n}x{k} | {m} | tma {c} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
+                    continue
+                split = split_for(_cdiv(n, bn), k // 128, target)
+                print(f"| {n}x{k} | {m} | tma bn {bn} warps {nw} split {split} stages {stages} | {us:.1f} | "
+                      f"{base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
         del packed, wbs
         torch.cuda.empty_cache()
 
@@ -213,7 +248,7 @@ def maxnreg() -> None:
 
 
 def profile_once() -> None:
-    """Each default kernel (M = 1 GEMV, M = 16 MMA) three times, no graphs: a target for Nsight Compute,
+    """Each default kernel (M = 1 GEMV, M = 16 MMA) and the TMA-fed MMA kernel three times, no graphs: a target for Nsight Compute,
     e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
     --section WarpStateStats --section Occupancy python bench/exp_w4a16_gemv.py --profile-once`."""
     for n, k in [(14336, 4096), (4096, 14336)]:
@@ -223,6 +258,7 @@ def profile_once() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for _ in range(3):
                 w4a16_gemm.w4a16_linear(x, p, sc, 128)
+                w4a16_mma.w4a16_mma_tma(x, p, sc)
         torch.cuda.synchronize()
 
 
@@ -233,9 +269,13 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
+    ap.add_argument("--tma", action="store_true", help="the MMA kernel fed by a TMA ring instead")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
+    if args.tma:
+        tma_ring()
+        return
     if args.maxnreg:
         maxnreg()
         return

@@ -17,6 +17,12 @@ One step = one quantization group of 128 (group size 128 only), so each group's 
 scaled once: acc += dot(x, q) * scale, q = u - 8 made exactly in bf16 (the magic number 128 + u, then one
 bf16x2 FMA per two weights). x is loaded as each thread's 32 contiguous K per row (16-byte loads) and
 permuted in registers to the MMA's K order, so neither operand goes through shared memory.
+
+`w4a16_mma_tma` is the same computation with the words streamed through a TMA ring in shared memory
+(STAGES groups in flight per program, refilled as soon as every warp has read its slot), for the M = 1
+case that Nsight Compute shows latency-bound at low occupancy when the bytes in flight must sit in
+registers. Experimental and not wired in: compile-checked for sm_90 (tests/test_kernels_quant.py), not
+yet run on a GPU when written (ninth session); `bench/exp_w4a16_gemv.py --tma` times it.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["w4a16_mma", "mma_ok", "mma_config"]
+__all__ = ["w4a16_mma", "w4a16_mma_tma", "mma_ok", "mma_config"]
 
 GROUP = 128
 
@@ -97,6 +104,19 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             shape=[16, bn],
         )
 
+    @gluon.constexpr_function
+    def _rows_layout(bn, nw):
+        # `_words_layout` transposed: the [BN, 16] word tile as it lies in shared memory (a row per column)
+        reps = [[8 * nw * (1 << j), 0] for j in range((bn // (8 * nw)).bit_length() - 1)]
+        warps = [[8 * (1 << j), 0] for j in range(nw.bit_length() - 1)]
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2]] + reps,
+            lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+            warp_bases=warps,
+            block_bases=[],
+            shape=[bn, 16],
+        )
+
     @gluon.jit
     def _planes(wp):
         h = gl.inline_asm_elementwise(_Q_PAIRS, "=h,=h,=h,=h,=h,=h,=h,=h,r", [wp], (gl.int16,) * 8, True, 1)
@@ -112,6 +132,38 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         lo = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [.., i0, i1]: planes 0-3
         hi = gl.join(gl.join(p4, p5), gl.join(p6, p7))  # planes 4-7
         return gl.join(lo, hi)  # [16(kw), BN, i0, i1, i2]
+
+    @gluon.jit
+    def _group_dot(xt, wp, zero, a_l: gl.constexpr, b_l: gl.constexpr, BN: gl.constexpr):
+        """x [16, 128] (physical K, `_x_layout`) . q [16 words, BN] (`_words_layout`) of one group, fp32."""
+        # physical k = 32 t + 8 r + 4 i2 + 2 i1 + i0 -> l = 32 r + 16 i1 + 8 i0 + 2 t + i2 (registers only)
+        xl = xt.reshape([16, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([16, 128])
+        a = gl.convert_layout(xl, a_l, assert_trivial=True)
+        w5 = _planes(wp)  # [16(kw), BN, i0, i1, i2] = q, kw = 4 t + r
+        w6 = w5.reshape([4, 4, BN, 2, 2, 2])  # [t, r, n, i0, i1, i2]
+        bl = w6.permute(1, 4, 3, 0, 5, 2).reshape([128, BN])  # [r, i1, i0, t, i2, n] -> [l, n]
+        b = gl.convert_layout(bl, b_l, assert_trivial=True)
+        return mma_v2(a, b, zero)
+
+    @gluon.jit
+    def _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma: gl.constexpr, BN: gl.constexpr,
+               SPLIT_K: gl.constexpr):  # fmt: skip
+        """y = acc (bf16); split-K: the partial to P, and the last split of the column tile sums them."""
+        out_mask = (rows[:, None] < M) & (cols[None, :] < N)
+        y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
+        if SPLIT_K == 1:
+            gl.store(y_ptrs, acc.to(gl.bfloat16), mask=out_mask)
+        else:
+            offs = rows[:, None] * N + cols[None, :]
+            gl.store(P + pid_k * M * N + offs, acc, mask=out_mask)
+            gl.thread_barrier()
+            arrived = gl.atomic_add(LOCKS + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                tot = gl.zeros([16, BN], gl.float32, mma)
+                for i in gl.static_range(SPLIT_K):
+                    tot += gl.load(P + i * M * N + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                gl.store(y_ptrs, tot.to(gl.bfloat16), mask=out_mask)
+                gl.atomic_xchg(LOCKS + pid_n, 0)
 
     @gluon.jit
     def w4a16_mma_kernel(
@@ -168,31 +220,87 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)  # used last
             nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)
             x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (g + 1 < g1), other=0.0)
-            # physical k = 32 t + 8 r + 4 i2 + 2 i1 + i0 -> l = 32 r + 16 i1 + 8 i0 + 2 t + i2 (registers only)
-            xl = xt.reshape([16, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([16, 128])
-            a = gl.convert_layout(xl, a_l, assert_trivial=True)
-            w5 = _planes(wp)  # [16(kw), BN, i0, i1, i2] = q, kw = 4 t + r
-            w6 = w5.reshape([4, 4, BN, 2, 2, 2])  # [t, r, n, i0, i1, i2]
-            bl = w6.permute(1, 4, 3, 0, 5, 2).reshape([128, BN])  # [r, i1, i0, t, i2, n] -> [l, n]
-            b = gl.convert_layout(bl, b_l, assert_trivial=True)
-            part = mma_v2(a, b, zero)
+            part = _group_dot(xt, wp, zero, a_l, b_l, BN)
             acc += part * s.to(gl.float32)[None, :]
 
-        out_mask = (rows[:, None] < M) & (cols[None, :] < N)
-        y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
-        if SPLIT_K == 1:
-            gl.store(y_ptrs, acc.to(gl.bfloat16), mask=out_mask)
-        else:
-            offs = rows[:, None] * N + cols[None, :]
-            gl.store(P + pid_k * M * N + offs, acc, mask=out_mask)
-            gl.thread_barrier()
-            arrived = gl.atomic_add(LOCKS + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                tot = gl.zeros([16, BN], gl.float32, mma)
-                for i in gl.static_range(SPLIT_K):
-                    tot += gl.load(P + i * M * N + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-                gl.store(y_ptrs, tot.to(gl.bfloat16), mask=out_mask)
-                gl.atomic_xchg(LOCKS + pid_n, 0)
+        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BN, SPLIT_K)
+
+    @gluon.jit
+    def w4a16_mma_tma_kernel(
+        W_DESC,
+        X,
+        S,
+        Y,
+        P,
+        LOCKS,
+        M,
+        N,
+        K,
+        groups_per_split,
+        stride_xm,
+        stride_sn,
+        stride_sg,
+        stride_ym,
+        BN: gl.constexpr,
+        SPLIT_K: gl.constexpr,
+        NW: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """`w4a16_mma_kernel` with the words brought in by TMA: a ring of STAGES [BN, 16]-word tiles (one
+        group each) in shared memory, refilled as soon as every warp has read its slot, so the bytes in
+        flight no longer sit in registers (Nsight Compute: the register-fed kernels run latency-bound at
+        ~6-14 resident warps per SM)."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        w_l: gl.constexpr = _words_layout(BN, NW)
+        r_l: gl.constexpr = _rows_layout(BN, NW)
+        x_l: gl.constexpr = _x_layout(NW)
+        TILE_BYTES: gl.constexpr = BN * 16 * 4
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        g0 = pid_k * groups_per_split
+        steps = gl.minimum(groups_per_split, K // 128 - g0)
+        col0 = pid_n * BN
+
+        rows_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_l))
+        ks = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
+        x_ptrs = X + rows_x[:, None] * stride_xm + ks[None, :]
+        x_mask = (rows_x[:, None] < M) & (ks[None, :] >= 0)
+        cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 16], W_DESC.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        for i in gl.static_range(STAGES):  # the first STAGES groups in flight
+            mbarrier.expect(ready.index(i), TILE_BYTES, pred=i < steps)
+            tma.async_copy_global_to_shared(W_DESC, [col0, (g0 + i) * 16], ready.index(i), ring.index(i),
+                                            pred=i < steps)  # fmt: skip
+
+        acc = gl.zeros([16, BN], gl.float32, mma)
+        zero = gl.zeros([16, BN], gl.float32, mma)
+        x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (steps > 0), other=0.0)
+        for i in range(steps):
+            g = g0 + i
+            slot = i % STAGES
+            xt = x_nxt
+            s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)
+            x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (i + 1 < steps), other=0.0)
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+            wp = gl.convert_layout(ring.index(slot).load(r_l).permute((1, 0)), w_l, assert_trivial=True)
+            gl.thread_barrier()  # every warp holds its words: the slot takes group i + STAGES
+            refill = i + STAGES < steps
+            mbarrier.expect(ready.index(slot), TILE_BYTES, pred=refill)
+            tma.async_copy_global_to_shared(W_DESC, [col0, (g + STAGES) * 16], ready.index(slot), ring.index(slot),
+                                            pred=refill)  # fmt: skip
+            part = _group_dot(xt, wp, zero, a_l, b_l, BN)
+            acc += part * s.to(gl.float32)[None, :]
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BN, SPLIT_K)
 
 
 def w4a16_mma(
@@ -224,5 +332,43 @@ def w4a16_mma(
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
         BN=bn, SPLIT_K=split_k, NW=num_warps, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+def w4a16_mma_tma(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bn: int = 64,
+    num_warps: int = 2,
+    split_k: int | None = None,
+    target: int = 1024,
+    stages: int = 8,
+) -> torch.Tensor:
+    """`w4a16_mma` with the weights streamed through a TMA ring of `stages` groups (sm_90+)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
+
+    m, k = x2.shape
+    n = packed.shape[0]
+    groups = k // GROUP
+    if split_k is None:
+        split_k = split_for(_cdiv(n, bn), groups, target)
+    per_split = _cdiv(groups, split_k)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x2.device)
+    grid = (_cdiv(n, bn), split_k)
+    if split_k > 1:
+        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device)
+        locks = tile_locks(x2.device, grid[0])
+    else:
+        partials, locks = y, y
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=32, rank=2)
+    desc = TensorDescriptor.from_tensor(packed, [bn, 16], layout)
+    w4a16_mma_tma_kernel[grid](
+        desc, x2, scale, y, partials, locks, m, n, k, per_split,
+        x2.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
+        BN=bn, SPLIT_K=split_k, NW=num_warps, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return y
