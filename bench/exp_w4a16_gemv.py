@@ -248,8 +248,8 @@ def maxnreg() -> None:
 
 
 def profile_once() -> None:
-    """Each default kernel (M = 1 GEMV, M = 16 MMA) and the TMA-fed MMA kernel three times, no graphs: a target for Nsight Compute,
-    e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
+    """Each default kernel (M = 1 GEMV, M = 16 MMA) and the TMA-fed MMA kernel three times, no graphs: a
+    target for Nsight Compute, e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
     --section WarpStateStats --section Occupancy python bench/exp_w4a16_gemv.py --profile-once`."""
     for n, k in [(14336, 4096), (4096, 14336)]:
         q, sc = int4_group_quantize(torch.randn(n, k, device="cuda") * 0.02, 128)
