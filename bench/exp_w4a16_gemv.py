@@ -177,7 +177,8 @@ def tma_ring(shapes=((14336, 4096), (4096, 14336))) -> None:
             err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
             print(f"| {n}x{k} | {m} | w4a16_linear now | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
             tiles = [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
-            for (bn, nw), stages, target in [(t, st, tg) for t in tiles for st in (4, 8, 16) for tg in (512, 1024)]:
+            sweep = [(t, st, tg) for t in tiles for st in (4, 8, 16) for tg in (256, 512, 1024)]
+            for (bn, nw), stages, target in sweep:
                 c = dict(bn=bn, num_warps=nw, target=target, stages=stages)
                 if bn * 64 * stages > 160 * 1024:
                     continue
