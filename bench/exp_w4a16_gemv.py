@@ -125,23 +125,30 @@ def probe() -> None:
         torch.cuda.empty_cache()
 
 
-def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
-    """The Gluon tensor-core kernel (`kernels.w4a16_mma`) at M = 1 and 16 against bf16 and the current
-    default, checked against the fp32 reference (outputs poisoned before each checked run)."""
+MMA_TILES = {  # (bn, warps): at 32-64 rows, 16 columns per warp keep x, the accumulators and the weights in
+    # registers (sm_90 compile: 190 registers at bn 64 / 4 warps, spills at 32 columns per warp)
+    1: [(64, 4), (64, 2), (128, 4), (32, 2), (32, 1), (64, 1), (256, 4)],
+    16: [(64, 4), (64, 2), (128, 4), (32, 2), (32, 1), (64, 1), (256, 4)],
+    32: [(64, 2), (64, 4), (128, 4), (32, 1)],
+    64: [(64, 4), (128, 8), (32, 2), (64, 2)],
+}
 
+
+def mma(shapes=((14336, 4096), (4096, 14336)), rows=(1, 16, 32, 64)) -> None:
+    """The Gluon tensor-core kernel (`kernels.w4a16_mma`) at 1-64 rows against bf16 and the current
+    default, checked against the fp32 reference (outputs poisoned before each checked run)."""
     print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
     for n, k in shapes:
         packed, wbs = weight_copies(n, k)
-        for m in (1, 16):
+        for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wbs[0].float().t()
             base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
             cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
             err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
             print(f"| {n}x{k} | {m} | current default | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
-            tiles = [(64, 4), (64, 2), (128, 4), (32, 2), (32, 1), (64, 1), (256, 4)]
-            configs = [(bn, nw, t) for bn, nw in tiles for t in (512, 1024, 2048)]
+            configs = [(bn, nw, t) for bn, nw in MMA_TILES[m] for t in (512, 1024, 2048)]
             for bn, nw, target in configs:
                 try:
                     c = dict(bn=bn, num_warps=nw, target=target)
@@ -162,21 +169,21 @@ def mma(shapes=((14336, 4096), (4096, 14336))) -> None:
 
 
 def tma_ring(shapes=((14336, 4096), (4096, 14336))) -> None:
-    """`w4a16_mma_tma` (the words through a TMA ring of STAGES groups) at M = 1 and 16 against bf16 and what
-    `w4a16_linear` runs now, each checked against the fp32 reference with its output poisoned first."""
+    """`w4a16_mma_tma` (the words through a TMA ring of STAGES groups) at 1, 16 and 64 rows against bf16 and
+    what `w4a16_linear` runs now, each checked against the fp32 reference with its output poisoned first."""
 
     print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
     for n, k in shapes:
         packed, wbs = weight_copies(n, k)
-        for m in (1, 16):
+        for m in (1, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wbs[0].float().t()
             base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
             cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
             err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
             print(f"| {n}x{k} | {m} | w4a16_linear now | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
-            tiles = [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
+            tiles = [(64, 4), (128, 8)] if m > 16 else [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
             sweep = [(t, st, tg) for t in tiles for st in (4, 8, 16) for tg in (256, 512, 1024)]
             for (bn, nw), stages, target in sweep:
                 c = dict(bn=bn, num_warps=nw, target=target, stages=stages)

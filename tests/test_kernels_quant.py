@@ -467,19 +467,22 @@ def _compile_gluon(fn, consts: dict, types: dict, nw: int):
 _MMA_TYPES = {"X": "*bf16", "W": "*i32", "S": "*bf16", "Y": "*bf16", "P": "*fp32", "LOCKS": "*i32"}
 
 
-def _compile_mma(bn: int, nw: int, split: int):
+def _compile_mma(bn: int, nw: int, split: int, bm: int = 16):
     from miles_core.kernels import w4a16_mma
 
-    consts = {"BN": bn, "SPLIT_K": split, "NW": nw}
+    consts = {"BM": bm, "BN": bn, "SPLIT_K": split, "NW": nw}
     return _compile_gluon(w4a16_mma.w4a16_mma_kernel, consts, _MMA_TYPES, nw)
 
 
-@pytest.mark.parametrize("bn,nw,split", [(64, 4, 4), (128, 4, 1), (32, 2, 8), (64, 2, 4), (64, 1, 4)])
-def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split):
+@pytest.mark.parametrize(
+    "bn,nw,split,bm", [(64, 4, 4, 16), (128, 4, 1, 16), (32, 2, 8, 16), (64, 2, 4, 16), (64, 1, 4, 16),
+                       (64, 2, 4, 32), (64, 4, 2, 64)]
+)  # fmt: skip
+def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split, bm):
     """The Gluon tensor-core W4A16 kernel compiles for sm_90 (its two `assert_trivial` layout conversions hold:
     x and the dequantized weights reach the MMA by register renaming), with mma.sync and 16-byte loads, no
-    shared-memory round trip for the operands, and no spills."""
-    kernel = _compile_mma(bn, nw, split)
+    shared-memory round trip for the operands, and no spills; also with 32 and 64 rows per program."""
+    kernel = _compile_mma(bn, nw, split, bm)
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx
@@ -491,8 +494,9 @@ def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split):
     assert "STACK:0" in res and "LOCAL:0" in res, res
 
 
-@pytest.mark.parametrize("bn,nw,split,stages", [(64, 2, 4, 8), (128, 4, 1, 4), (32, 1, 8, 12)])
-def test_w4a16_mma_tma_kernel_streams_the_words_through_a_tma_ring(bn, nw, split, stages):
+@pytest.mark.parametrize("bn,nw,split,stages,bm", [(64, 2, 4, 8, 16), (128, 4, 1, 4, 16), (32, 1, 8, 12, 16),
+                                                   (64, 4, 2, 8, 64)])  # fmt: skip
+def test_w4a16_mma_tma_kernel_streams_the_words_through_a_tma_ring(bn, nw, split, stages, bm):
     """The TMA variant compiles for sm_90: the words arrive by bulk tensor copies on mbarriers and each
     thread reads its 16-byte runs from the ring (ld.shared.v4, one per 4 words it holds), the x operand and
     the dequantized weights still reach mma.sync by register renaming, and nothing spills."""
@@ -502,7 +506,7 @@ def test_w4a16_mma_tma_kernel_streams_the_words_through_a_tma_ring(bn, nw, split
         f"tensordesc<i32[{bn}, 16],NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=32, rank=2, "
         "transposed=False, fp4_padded=False, cga_layout=[])>"
     )
-    consts = {"BN": bn, "SPLIT_K": split, "NW": nw, "STAGES": stages}
+    consts = {"BM": bm, "BN": bn, "SPLIT_K": split, "NW": nw, "STAGES": stages}
     kernel = _compile_gluon(w4a16_mma.w4a16_mma_tma_kernel, consts, {**_MMA_TYPES, "W_DESC": desc}, nw)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx and "mbarrier.try_wait" in ptx
@@ -543,7 +547,7 @@ def test_gpu_w4a16_mma_tma_matches_reference():
 
     g = torch.Generator().manual_seed(15)
     # N not a multiple of the tile (the TMA zero-fills past the last row), fewer groups than stages, split-K
-    for m, n, k in [(1, 4096, 4096), (16, 1000, 1024), (3, 14336, 512), (9, 520, 2048), (1, 300, 256)]:
+    for m, n, k in [(1, 4096, 4096), (16, 1000, 1024), (3, 14336, 512), (9, 520, 2048), (1, 300, 256), (40, 768, 512)]:
         x = torch.randn(m, k, generator=g).bfloat16()
         q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, 128)
         p = pack_int4(q)
@@ -563,7 +567,14 @@ def test_gpu_w4a16_mma_matches_reference():
     from miles_core.kernels import w4a16_mma
 
     g = torch.Generator().manual_seed(13)
-    for m, n, k in [(1, 4096, 4096), (16, 1000, 1024), (3, 14336, 512), (9, 520, 2048)]:
+    for m, n, k in [
+        (1, 4096, 4096),
+        (16, 1000, 1024),
+        (3, 14336, 512),
+        (9, 520, 2048),
+        (24, 2048, 1024),
+        (64, 520, 512),
+    ]:
         x = torch.randn(m, k, generator=g).bfloat16()
         q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, 128)
         p = pack_int4(q)

@@ -1,6 +1,8 @@
-"""W4A16 at decode sizes (M <= 16) on tensor cores with the dequantized weights never leaving registers
+"""W4A16 at decode sizes (M <= 64) on tensor cores with the dequantized weights never leaving registers
 (Gluon, Triton's explicit-layout language). `w4a16_gemm.w4a16_linear` runs it at 2-16 rows (`mma_config`);
-tiles and timings: bench/exp_w4a16_gemv.py --mma.
+tiles and timings: bench/exp_w4a16_gemv.py --mma. 17-64 rows (2 or 4 MMA row tiles per program over each
+dequantized weight tile, x then loaded in the step that uses it) compile without spills at 16 columns per
+warp but were not yet timed when written (ninth session): not wired in.
 
 Why: the CUDA-core GEMV spends ~3 integer/FMA instructions per weight and the Triton tensor-core kernels
 send the dequantized tile through shared memory to reach the MMA's operand layout. Here each thread loads
@@ -40,19 +42,26 @@ except ImportError:  # the CPU install has no triton
 __all__ = ["w4a16_mma", "w4a16_mma_tma", "mma_ok", "mma_config"]
 
 GROUP = 128
+MAX_ROWS = 64
 
 
 def mma_ok(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
-    """The kernel applies: CUDA bf16, M <= 16, group 128, K a multiple of 128, sm_80 or newer."""
+    """The kernel applies: CUDA bf16, M <= 64, group 128, K a multiple of 128, sm_80 or newer."""
     return (
         gluon is not None
         and x.is_cuda
         and x.dtype == torch.bfloat16
-        and x.shape[0] <= 16
+        and x.shape[0] <= MAX_ROWS
         and group_size == GROUP
         and x.shape[1] % GROUP == 0
         and torch.cuda.get_device_capability(x.device)[0] >= 8
     )
+
+
+def _bm(m: int) -> int:
+    # rows per program: one 16-row MMA tile, or 2-4 of them sharing each dequantized weight tile
+    assert 1 <= m <= MAX_ROWS, f"w4a16_mma takes 1-{MAX_ROWS} rows, got {m}"
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def mma_config(n: int, k: int) -> dict:
@@ -79,15 +88,17 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
 }""")
 
     @gluon.constexpr_function
-    def _x_layout(nw):
-        # [16, 128] x of one group: each thread the 32 contiguous K of its lane t (t = lane % 4) for rows g and
-        # g + 8 (g = lane / 4), every warp the same (the MMA's A operand is shared by the warps along N)
+    def _x_layout(bm, nw):
+        # [BM, 128] x of one group: each thread the 32 contiguous K of its lane t (t = lane % 4) for rows g and
+        # g + 8 (g = lane / 4) of every 16-row tile, every warp the same (the MMA's A operand is shared by the
+        # warps along N)
+        tiles = [[16 * (1 << j), 0] for j in range((bm // 16).bit_length() - 1)]
         return gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [8, 0]],
+            reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [8, 0]] + tiles,
             lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[0, 0]] * (nw.bit_length() - 1),
             block_bases=[],
-            shape=[16, 128],
+            shape=[bm, 128],
         )
 
     @gluon.constexpr_function
@@ -134,10 +145,10 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         return gl.join(lo, hi)  # [16(kw), BN, i0, i1, i2]
 
     @gluon.jit
-    def _group_dot(xt, wp, zero, a_l: gl.constexpr, b_l: gl.constexpr, BN: gl.constexpr):
-        """x [16, 128] (physical K, `_x_layout`) . q [16 words, BN] (`_words_layout`) of one group, fp32."""
+    def _group_dot(xt, wp, zero, a_l: gl.constexpr, b_l: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+        """x [BM, 128] (physical K, `_x_layout`) . q [16 words, BN] (`_words_layout`) of one group, fp32."""
         # physical k = 32 t + 8 r + 4 i2 + 2 i1 + i0 -> l = 32 r + 16 i1 + 8 i0 + 2 t + i2 (registers only)
-        xl = xt.reshape([16, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([16, 128])
+        xl = xt.reshape([BM, 4, 4, 2, 2, 2]).permute(0, 2, 4, 5, 1, 3).reshape([BM, 128])
         a = gl.convert_layout(xl, a_l, assert_trivial=True)
         w5 = _planes(wp)  # [16(kw), BN, i0, i1, i2] = q, kw = 4 t + r
         w6 = w5.reshape([4, 4, BN, 2, 2, 2])  # [t, r, n, i0, i1, i2]
@@ -146,8 +157,8 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         return mma_v2(a, b, zero)
 
     @gluon.jit
-    def _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma: gl.constexpr, BN: gl.constexpr,
-               SPLIT_K: gl.constexpr):  # fmt: skip
+    def _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma: gl.constexpr, BM: gl.constexpr,
+               BN: gl.constexpr, SPLIT_K: gl.constexpr):  # fmt: skip
         """y = acc (bf16); split-K: the partial to P, and the last split of the column tile sums them."""
         out_mask = (rows[:, None] < M) & (cols[None, :] < N)
         y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
@@ -159,7 +170,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             gl.thread_barrier()
             arrived = gl.atomic_add(LOCKS + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT_K - 1:
-                tot = gl.zeros([16, BN], gl.float32, mma)
+                tot = gl.zeros([BM, BN], gl.float32, mma)
                 for i in gl.static_range(SPLIT_K):
                     tot += gl.load(P + i * M * N + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
                 gl.store(y_ptrs, tot.to(gl.bfloat16), mask=out_mask)
@@ -182,6 +193,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         stride_sn,
         stride_sg,
         stride_ym,
+        BM: gl.constexpr,
         BN: gl.constexpr,
         SPLIT_K: gl.constexpr,
         NW: gl.constexpr,
@@ -190,7 +202,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         w_l: gl.constexpr = _words_layout(BN, NW)
-        x_l: gl.constexpr = _x_layout(NW)
+        x_l: gl.constexpr = _x_layout(BM, NW)
 
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -201,29 +213,35 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         cols_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, w_l))
         w_ptrs = W + cols_w[None, :] * stride_wn + kw[:, None]
         w_mask = (cols_w[None, :] < N) & (kw[:, None] >= 0)
-        rows_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_l))
+        rows_x = gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
         ks = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
         x_ptrs = X + rows_x[:, None] * stride_xm + ks[None, :]
         x_mask = (rows_x[:, None] < M) & (ks[None, :] >= 0)
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+        rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
 
-        acc = gl.zeros([16, BN], gl.float32, mma)
-        zero = gl.zeros([16, BN], gl.float32, mma)
-        # group g + 1's words and x are loaded while group g is multiplied (a second group of words in
-        # flight measured within noise: bench/RESULTS.md, ninth session)
+        acc = gl.zeros([BM, BN], gl.float32, mma)
+        zero = gl.zeros([BM, BN], gl.float32, mma)
+        # group g + 1's words (and at 16 rows its x) are loaded while group g is multiplied (a second group
+        # of words in flight measured within noise: bench/RESULTS.md, ninth session); at 32-64 rows x is
+        # 64-128 registers a copy, so it is loaded in the step that uses it
         nxt = gl.load(w_ptrs + g0 * 16, mask=w_mask & (g0 < g1), other=0)
-        x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (g0 < g1), other=0.0)  # [16, 128] bf16, physical K
+        if BM == 16:
+            x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (g0 < g1), other=0.0)  # [BM, 128] bf16, physical K
         for g in range(g0, g1):
             wp = nxt
-            xt = x_nxt
+            if BM == 16:
+                xt = x_nxt
+            else:
+                xt = gl.load(x_ptrs + g * 128, mask=x_mask, other=0.0)
             s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)  # used last
             nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)
-            x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (g + 1 < g1), other=0.0)
-            part = _group_dot(xt, wp, zero, a_l, b_l, BN)
+            if BM == 16:
+                x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (g + 1 < g1), other=0.0)
+            part = _group_dot(xt, wp, zero, a_l, b_l, BM, BN)
             acc += part * s.to(gl.float32)[None, :]
 
-        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BN, SPLIT_K)
+        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BM, BN, SPLIT_K)
 
     @gluon.jit
     def w4a16_mma_tma_kernel(
@@ -241,6 +259,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         stride_sn,
         stride_sg,
         stride_ym,
+        BM: gl.constexpr,
         BN: gl.constexpr,
         SPLIT_K: gl.constexpr,
         NW: gl.constexpr,
@@ -255,7 +274,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         w_l: gl.constexpr = _words_layout(BN, NW)
         r_l: gl.constexpr = _rows_layout(BN, NW)
-        x_l: gl.constexpr = _x_layout(NW)
+        x_l: gl.constexpr = _x_layout(BM, NW)
         TILE_BYTES: gl.constexpr = BN * 16 * 4
 
         pid_n = gl.program_id(0)
@@ -264,12 +283,12 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         steps = gl.minimum(groups_per_split, K // 128 - g0)
         col0 = pid_n * BN
 
-        rows_x = gl.arange(0, 16, layout=gl.SliceLayout(1, x_l))
+        rows_x = gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
         ks = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
         x_ptrs = X + rows_x[:, None] * stride_xm + ks[None, :]
         x_mask = (rows_x[:, None] < M) & (ks[None, :] >= 0)
         cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+        rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
 
         ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 16], W_DESC.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -280,15 +299,19 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             tma.async_copy_global_to_shared(W_DESC, [col0, (g0 + i) * 16], ready.index(i), ring.index(i),
                                             pred=i < steps)  # fmt: skip
 
-        acc = gl.zeros([16, BN], gl.float32, mma)
-        zero = gl.zeros([16, BN], gl.float32, mma)
-        x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (steps > 0), other=0.0)
+        acc = gl.zeros([BM, BN], gl.float32, mma)
+        zero = gl.zeros([BM, BN], gl.float32, mma)
+        if BM == 16:  # x a step ahead, as in `w4a16_mma_kernel`
+            x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (steps > 0), other=0.0)
         for i in range(steps):
             g = g0 + i
             slot = i % STAGES
-            xt = x_nxt
+            if BM == 16:
+                xt = x_nxt
+                x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (i + 1 < steps), other=0.0)
+            else:
+                xt = gl.load(x_ptrs + g * 128, mask=x_mask, other=0.0)
             s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)
-            x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (i + 1 < steps), other=0.0)
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
             wp = gl.convert_layout(ring.index(slot).load(r_l).permute((1, 0)), w_l, assert_trivial=True)
             gl.thread_barrier()  # every warp holds its words: the slot takes group i + STAGES
@@ -296,11 +319,11 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             mbarrier.expect(ready.index(slot), TILE_BYTES, pred=refill)
             tma.async_copy_global_to_shared(W_DESC, [col0, (g + STAGES) * 16], ready.index(slot), ring.index(slot),
                                             pred=refill)  # fmt: skip
-            part = _group_dot(xt, wp, zero, a_l, b_l, BN)
+            part = _group_dot(xt, wp, zero, a_l, b_l, BM, BN)
             acc += part * s.to(gl.float32)[None, :]
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
-        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BN, SPLIT_K)
+        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BM, BN, SPLIT_K)
 
 
 def w4a16_mma(
@@ -312,7 +335,8 @@ def w4a16_mma(
     split_k: int | None = None,
     target: int = 1024,
 ) -> torch.Tensor:
-    """x2: [M <= 16, K] bf16, packed [N, K/8] int32 (compressed-tensors), scale [N, K/128] -> [M, N] bf16."""
+    """x2: [M <= 64, K] bf16, packed [N, K/8] int32 (compressed-tensors), scale [N, K/128] -> [M, N] bf16.
+    Above 16 rows a program runs 2 or 4 MMA row tiles over each dequantized weight tile (`_bm`)."""
     from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
 
     m, k = x2.shape
@@ -331,7 +355,7 @@ def w4a16_mma(
     w4a16_mma_kernel[grid](
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
-        BN=bn, SPLIT_K=split_k, NW=num_warps, num_warps=num_warps,
+        BM=_bm(m), BN=bn, SPLIT_K=split_k, NW=num_warps, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -369,6 +393,6 @@ def w4a16_mma_tma(
     w4a16_mma_tma_kernel[grid](
         desc, x2, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
-        BN=bn, SPLIT_K=split_k, NW=num_warps, STAGES=stages, num_warps=num_warps,
+        BM=_bm(m), BN=bn, SPLIT_K=split_k, NW=num_warps, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return y
