@@ -134,9 +134,9 @@ MMA_TILES = {  # (bn, warps): at 32-64 rows, 16 columns per warp keep x, the acc
 }
 
 
-def mma(shapes=((14336, 4096), (4096, 14336)), rows=(1, 16, 32, 64)) -> None:
-    """The Gluon tensor-core kernel (`kernels.w4a16_mma`) at 1-64 rows against bf16 and the current
-    default, checked against the fp32 reference (outputs poisoned before each checked run)."""
+def gluon_sweep(kernel, rows, configs, shapes=((14336, 4096), (4096, 14336))) -> None:
+    """`kernel` (a `kernels.w4a16_mma` entry point) with each of `configs(m)` (keyword dicts) at each row count,
+    against bf16 and what `w4a16_linear` runs now, checked against the fp32 reference (output poisoned first)."""
     print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
     for n, k in shapes:
@@ -147,62 +147,40 @@ def mma(shapes=((14336, 4096), (4096, 14336)), rows=(1, 16, 32, 64)) -> None:
             base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
             cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
             err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
-            print(f"| {n}x{k} | {m} | current default | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
-            configs = [(bn, nw, t) for bn, nw in MMA_TILES[m] for t in (512, 1024, 2048)]
-            for bn, nw, target in configs:
-                try:
-                    c = dict(bn=bn, num_warps=nw, target=target)
-                    run = [lambda p=p, sc=sc, x=x, c=c: w4a16_mma.w4a16_mma(x, p, sc, **c) for p, sc in packed]
-                    y = run[0]()
-                    y.fill_(float("nan"))
-                    y = run[0]()
-                    err = rel(y, ref)
-                    us = bench_graph(run)
-                except Exception as exc:
-                    print(f"| {n}x{k} | {m} | mma {c} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
-                    continue
-                split = split_for(_cdiv(n, bn), k // 128, target)
-                print(f"| {n}x{k} | {m} | mma bn {bn} warps {nw} split {split} | {us:.1f} | {base:.1f} | "
-                      f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
-        del packed, wbs
-        torch.cuda.empty_cache()
-
-
-def tma_ring(shapes=((14336, 4096), (4096, 14336))) -> None:
-    """`w4a16_mma_tma` (the words through a TMA ring of STAGES groups) at 1, 16 and 64 rows against bf16 and
-    what `w4a16_linear` runs now, each checked against the fp32 reference with its output poisoned first."""
-
-    print("| shape | M | kernel | us | bf16 us | speed-up | rel err |")
-    print("|---|---|---|---|---|---|---|")
-    for n, k in shapes:
-        packed, wbs = weight_copies(n, k)
-        for m in (1, 16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.float() @ wbs[0].float().t()
-            base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
-            cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
-            err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128), ref)
             print(f"| {n}x{k} | {m} | w4a16_linear now | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | {err:.1e} |")
-            tiles = [(64, 4), (128, 8)] if m > 16 else [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
-            sweep = [(t, st, tg) for t in tiles for st in (4, 8, 16) for tg in (256, 512, 1024)]
-            for (bn, nw), stages, target in sweep:
-                c = dict(bn=bn, num_warps=nw, target=target, stages=stages)
-                if bn * 64 * stages > 160 * 1024:
-                    continue
+            for c in configs(m):
+                split = split_for(_cdiv(n, c["bn"]), k // 128, c["target"])
+                name = " ".join(f"{key} {val}" for key, val in c.items() if key != "target") + f" split {split}"
                 try:
-                    run = [lambda p=p, sc=sc, x=x, c=c: w4a16_mma.w4a16_mma_tma(x, p, sc, **c) for p, sc in packed]
+                    run = [lambda p=p, sc=sc, x=x, c=c: kernel(x, p, sc, **c) for p, sc in packed]
                     y = run[0]()
                     y.fill_(float("nan"))
                     err = rel(run[0](), ref)
                     us = bench_graph(run)
                 except Exception as exc:
-                    print(f"| {n}x{k} | {m} | tma {c} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
+                    print(f"| {n}x{k} | {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
                     continue
-                split = split_for(_cdiv(n, bn), k // 128, target)
-                print(f"| {n}x{k} | {m} | tma bn {bn} warps {nw} split {split} stages {stages} | {us:.1f} | "
-                      f"{base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
+                print(f"| {n}x{k} | {m} | {name} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
         del packed, wbs
         torch.cuda.empty_cache()
+
+
+def mma(rows=(1, 16, 32, 64)) -> None:
+    """The Gluon tensor-core kernel (`kernels.w4a16_mma`), `MMA_TILES` x split targets 512-2048."""
+    configs = lambda m: [dict(bn=bn, num_warps=nw, target=t) for bn, nw in MMA_TILES[m] for t in (512, 1024, 2048)]
+    gluon_sweep(w4a16_mma.w4a16_mma, rows, configs)
+
+
+def tma_ring() -> None:
+    """`w4a16_mma_tma` (the words through a TMA ring of `stages` groups) at 1, 16 and 64 rows: tiles x 4-16
+    stages (at most 160 KB of ring) x split targets 256-1024 (a ring needs fewer programs in flight)."""
+
+    def configs(m):
+        tiles = [(64, 4), (128, 8)] if m > 16 else [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
+        return [dict(bn=bn, num_warps=nw, stages=st, target=tg) for bn, nw in tiles for st in (4, 8, 16)
+                for tg in (256, 512, 1024) if bn * 64 * st <= 160 * 1024]  # fmt: skip
+
+    gluon_sweep(w4a16_mma.w4a16_mma_tma, (1, 16, 64), configs)
 
 
 def maxnreg() -> None:

@@ -326,6 +326,23 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BM, BN, SPLIT_K)
 
 
+def _outputs(x2: torch.Tensor, n: int, bn: int, split_k: int | None, target: int):
+    """The grid (column tiles, splits; split-K to about `target` programs unless given), groups per split,
+    y, and for split-K the fp32 partials and the column tiles' arrival counters."""
+    from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
+
+    m, k = x2.shape
+    groups = k // GROUP
+    if split_k is None:
+        split_k = split_for(_cdiv(n, bn), groups, target)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x2.device)
+    grid = (_cdiv(n, bn), split_k)
+    if split_k == 1:
+        return grid, groups, y, y, y
+    partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device)
+    return grid, _cdiv(groups, split_k), y, partials, tile_locks(x2.device, grid[0])
+
+
 def w4a16_mma(
     x2: torch.Tensor,
     packed: torch.Tensor,
@@ -337,25 +354,12 @@ def w4a16_mma(
 ) -> torch.Tensor:
     """x2: [M <= 64, K] bf16, packed [N, K/8] int32 (compressed-tensors), scale [N, K/128] -> [M, N] bf16.
     Above 16 rows a program runs 2 or 4 MMA row tiles over each dequantized weight tile (`_bm`)."""
-    from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
-
-    m, k = x2.shape
-    n = packed.shape[0]
-    groups = k // GROUP
-    if split_k is None:
-        split_k = split_for(_cdiv(n, bn), groups, target)
-    per_split = _cdiv(groups, split_k)
-    y = torch.empty(m, n, dtype=torch.bfloat16, device=x2.device)
-    grid = (_cdiv(n, bn), split_k)
-    if split_k > 1:
-        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device)
-        locks = tile_locks(x2.device, grid[0])
-    else:
-        partials, locks = y, y
+    m, k, n = *x2.shape, packed.shape[0]
+    grid, per_split, y, partials, locks = _outputs(x2, n, bn, split_k, target)
     w4a16_mma_kernel[grid](
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
-        BM=_bm(m), BN=bn, SPLIT_K=split_k, NW=num_warps, num_warps=num_warps,
+        BM=_bm(m), BN=bn, SPLIT_K=grid[1], NW=num_warps, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -373,26 +377,13 @@ def w4a16_mma_tma(
     """`w4a16_mma` with the weights streamed through a TMA ring of `stages` groups (sm_90+)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from miles_core.kernels.fp8_gemm import _cdiv, split_for, tile_locks
-
-    m, k = x2.shape
-    n = packed.shape[0]
-    groups = k // GROUP
-    if split_k is None:
-        split_k = split_for(_cdiv(n, bn), groups, target)
-    per_split = _cdiv(groups, split_k)
-    y = torch.empty(m, n, dtype=torch.bfloat16, device=x2.device)
-    grid = (_cdiv(n, bn), split_k)
-    if split_k > 1:
-        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x2.device)
-        locks = tile_locks(x2.device, grid[0])
-    else:
-        partials, locks = y, y
+    m, k, n = *x2.shape, packed.shape[0]
+    grid, per_split, y, partials, locks = _outputs(x2, n, bn, split_k, target)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=32, rank=2)
     desc = TensorDescriptor.from_tensor(packed, [bn, 16], layout)
     w4a16_mma_tma_kernel[grid](
         desc, x2, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
-        BM=_bm(m), BN=bn, SPLIT_K=split_k, NW=num_warps, STAGES=stages, num_warps=num_warps,
+        BM=_bm(m), BN=bn, SPLIT_K=grid[1], NW=num_warps, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return y
