@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from miles_core import kernels
+from miles_core.kernels import w4a16_mma
 from miles_core.kernels.fp8_gemm import (
     _cdiv,
     expert_tiles,
@@ -153,23 +155,16 @@ def w4a16_linear(
 
 def _mma_ok(x2: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
     # the Gluon tensor-core kernel: compiled CUDA only (Gluon has no interpreter), bf16, group 128
-    from miles_core import kernels
-
     if not kernels.W4A16_MMA or not _asm_ok(x2) or packed.dtype != torch.int32:
         return False
-    from miles_core.kernels.w4a16_mma import mma_ok
-
-    return mma_ok(x2, packed, group_size)
+    return w4a16_mma.mma_ok(x2, packed, group_size)
 
 
 def _w4a16_mma(x2, packed, scale, n: int, k: int) -> torch.Tensor | None:
     """The Gluon kernel, or None (with one warning, and `kernels.W4A16_MMA` set False) where it fails to
     compile: Gluon is experimental and may not build on another Triton."""
-    from miles_core import kernels
-    from miles_core.kernels.w4a16_mma import mma_config, w4a16_mma
-
     try:
-        return w4a16_mma(x2.contiguous(), packed, scale, **mma_config(n, k))
+        return w4a16_mma.w4a16_mma(x2.contiguous(), packed, scale, **w4a16_mma.mma_config(n, k))
     except Exception as exc:  # any compile failure falls back to the Triton kernels
         if torch.cuda.is_current_stream_capturing():
             raise
