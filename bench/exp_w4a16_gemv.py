@@ -183,6 +183,46 @@ def tma_ring() -> None:
     gluon_sweep(w4a16_mma.w4a16_mma_tma, (1, 16, 64), configs)
 
 
+def persistent() -> None:
+    """The M = 1 GEMV on a persistent grid (`w4a16_gemm.w4a16_gemv_persistent`): tiles x split-K x programs
+    per SM (2-16 x 132), against bf16 and the current GEMV in the same run. Nsight Compute showed the plain
+    GEMV's programs loading their whole K range and then computing in step with their wave (~20% of the
+    cycles with idle SMs); here each program streams its units' K steps with the next one in flight."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gemv = w4a16_gemm.w4a16_gemv_persistent
+    print("| shape | tile | split | programs | us | bf16 us | speed-up | rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        packed, wbs = weight_copies(n, k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ wbs[0].float().t()
+        base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
+        cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
+        print(f"| {n}x{k} | w4a16_linear now | | | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | |", flush=True)
+        for bn, bk, warps in ((16, 2048, 4), (16, 1024, 4), (8, 2048, 4), (8, 1024, 2), (16, 512, 2), (32, 256, 1),
+                              (16, 256, 1)):  # fmt: skip
+            ksteps = _cdiv(k, bk)
+            for split in (1, 2, 4, 7, 8, 14):
+                if split > ksteps or ksteps % split or (split == 1 and n < 8192):
+                    continue
+                cfg = W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, unpack=4)
+                for per_sm in (2, 3, 4, 6, 8, 12, 16):
+                    programs = per_sm * sms
+                    run = [lambda p=p, sc=sc, x=x, c=cfg, g=programs: gemv(x, p, sc, 128, c, g) for p, sc in packed]
+                    try:
+                        run[0]().fill_(float("nan"))
+                        err = rel(run[0](), ref)
+                        us = bench_graph(run)
+                    except Exception as exc:
+                        print(f"| {n}x{k} | {bn} x {bk}, {warps} warps | {split} | {programs} | failed: "
+                              f"{type(exc).__name__}: {str(exc)[:150]} |")  # fmt: skip
+                        break
+                    print(f"| {n}x{k} | {bn} x {bk}, {warps} warps | {split} | {programs} | {us:.1f} | {base:.1f} | "
+                          f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
+        del packed, wbs
+        torch.cuda.empty_cache()
+
+
 def maxnreg() -> None:
     """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
     GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
@@ -256,6 +296,8 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
     ap.add_argument("--tma", action="store_true", help="the MMA kernel fed by a TMA ring instead")
+    ap.add_argument("--persistent", action="store_true", help="the GEMV on a persistent grid instead")
+    ap.add_argument("--rows", default="1,16,32,64", help="row counts for --mma (comma-separated)")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
@@ -269,7 +311,10 @@ def main() -> None:
         profile_once()
         return
     if args.mma:
-        mma()
+        mma(tuple(int(r) for r in args.rows.split(",")))
+        return
+    if args.persistent:
+        persistent()
         return
     if args.probe:
         probe()

@@ -104,6 +104,20 @@ def interp_w4a16() -> None:
         for scales in (s, w4a16_gemm.group_major(s)):
             y = w4a16_gemm.w4a16_linear_triton(x, pack_int4(q), scales, group, cfg)
             assert _rel(y, ref) < 1e-5, (m, n, k, _rel(y, ref))
+    # the persistent GEMV: units dealt round-robin to fewer programs than units, splits past the end of K,
+    # several groups per step, a partial last tile; each program's units walked as one flat K loop
+    for n, k, group, cfg, programs in [
+        (96, 256, 64, W4A16Config(bm=1, bn=16, bk=64, split_k=2, unpack=4), 5),
+        (40, 640, 128, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=4), 3),
+        (40, 640, 32, W4A16Config(bm=1, bn=16, bk=256, num_warps=4, unpack=4), 2),
+        (48, 512, 128, W4A16Config(bm=1, bn=16, bk=128, unpack=4), 64),
+    ]:
+        x = torch.randn(1, k, generator=g)
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)
+        ref = w4a16_gemm.w4a16_linear_reference(x, pack_int4(q), s, group)
+        for scales in (s, w4a16_gemm.group_major(s)):
+            y = w4a16_gemm.w4a16_gemv_persistent(x, pack_int4(q), scales, group, cfg, programs)
+            assert _rel(y, ref) < 1e-5, (n, k, cfg, _rel(y, ref))
 
 
 def interp_grouped() -> None:
@@ -380,6 +394,11 @@ _SM90_CASES = [
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4},
      4, False),
+    # the persistent GEMV (experimental): the default wide-N tile, and a narrow-N split tile
+    ("w4a16_gemv_persistent_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BN": 16, "BK": 2048, "SPLIT_K": 1, "EVEN_K": True, "ASM": True}, (4, 1), False),
+    ("w4a16_gemv_persistent_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BN": 32, "BK": 256, "SPLIT_K": 8, "EVEN_K": True, "ASM": True}, (1, 1), False),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
       "PREP": False}, 4, False),

@@ -234,6 +234,56 @@ def w4a16_linear_triton(
     return y
 
 
+def w4a16_gemv_persistent(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    cfg: W4A16Config,
+    programs: int,
+) -> torch.Tensor:
+    """The M = 1 GEMV on a persistent grid of `programs` programs (experimental, `bench/exp_w4a16_gemv.py
+    --persistent`): units of `cfg.bn` columns x one of `cfg.split_k` K ranges, dealt round-robin, each
+    program streaming its units' K steps with the next step's words in flight. x2: [1, K] -> [1, N]."""
+    m, k = x2.shape
+    if m != 1 or not (group_size % cfg.bk == 0 or cfg.bk % group_size == 0):
+        raise ValueError(f"the persistent GEMV takes one row and K steps that fit the group, got M={m} bk={cfg.bk}")
+    n = packed.shape[0]
+    x2 = x2.contiguous()
+    y = torch.empty(1, n, dtype=x2.dtype, device=x2.device)
+    tiles = _cdiv(n, cfg.bn)
+    units = tiles * cfg.split_k
+    if cfg.split_k > 1:
+        partials = torch.empty(cfg.split_k, 1, n, dtype=torch.float32, device=x2.device)
+        locks = tile_locks(x2.device, tiles)
+    else:
+        partials, locks = y, y  # unused
+    load_triton_kernels().w4a16_gemv_persistent_kernel[(min(programs, units),)](
+        x2,
+        packed,
+        scale,
+        y,
+        partials,
+        locks,
+        n,
+        k,
+        units,
+        _cdiv(_cdiv(k, cfg.bk), cfg.split_k),
+        packed.stride(0),
+        scale.stride(0),
+        scale.stride(1),
+        GROUP=group_size,
+        BN=cfg.bn,
+        BK=cfg.bk,
+        SPLIT_K=cfg.split_k,
+        EVEN_K=k % (cfg.bk * cfg.split_k) == 0,
+        ASM=_asm_ok(x2),
+        num_warps=cfg.num_warps,
+        num_stages=1,
+    )
+    return y
+
+
 def grouped_w4a16_linear_reference(
     xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor, group_size: int
 ) -> torch.Tensor:
