@@ -171,58 +171,6 @@ def mma(rows=(1, 16, 32, 64)) -> None:
     gluon_sweep(w4a16_mma.w4a16_mma, rows, configs)
 
 
-def tma_ring() -> None:
-    """`w4a16_mma_tma` (the words through a TMA ring of `stages` groups) at 1, 16 and 64 rows: tiles x 4-16
-    stages (at most 160 KB of ring) x split targets 256-1024 (a ring needs fewer programs in flight)."""
-
-    def configs(m):
-        tiles = [(64, 4), (128, 8)] if m > 16 else [(64, 1), (64, 2), (128, 2), (128, 4), (32, 1), (256, 4)]
-        return [dict(bn=bn, num_warps=nw, stages=st, target=tg) for bn, nw in tiles for st in (4, 8, 16)
-                for tg in (256, 512, 1024) if bn * 64 * st <= 160 * 1024]  # fmt: skip
-
-    gluon_sweep(w4a16_mma.w4a16_mma_tma, (1, 16, 64), configs)
-
-
-def persistent() -> None:
-    """The M = 1 GEMV on a persistent grid (`w4a16_gemm.w4a16_gemv_persistent`): tiles x split-K x programs
-    per SM (2-16 x 132), against bf16 and the current GEMV in the same run. Nsight Compute showed the plain
-    GEMV's programs loading their whole K range and then computing in step with their wave (~20% of the
-    cycles with idle SMs); here each program streams its units' K steps with the next one in flight."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gemv = w4a16_gemm.w4a16_gemv_persistent
-    print("| shape | tile | split | programs | us | bf16 us | speed-up | rel err |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, k in [(14336, 4096), (4096, 14336)]:
-        packed, wbs = weight_copies(n, k)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ wbs[0].float().t()
-        base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
-        cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
-        print(f"| {n}x{k} | w4a16_linear now | | | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | |", flush=True)
-        for bn, bk, warps in ((16, 2048, 4), (16, 1024, 4), (8, 2048, 4), (8, 1024, 2), (16, 512, 2), (32, 256, 1),
-                              (16, 256, 1)):  # fmt: skip
-            ksteps = _cdiv(k, bk)
-            for split in (1, 2, 4, 7, 8, 14):
-                if split > ksteps or ksteps % split or (split == 1 and n < 8192):
-                    continue
-                cfg = W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, unpack=4)
-                for per_sm in (2, 3, 4, 6, 8, 12, 16):
-                    programs = per_sm * sms
-                    run = [lambda p=p, sc=sc, x=x, c=cfg, g=programs: gemv(x, p, sc, 128, c, g) for p, sc in packed]
-                    try:
-                        run[0]().fill_(float("nan"))
-                        err = rel(run[0](), ref)
-                        us = bench_graph(run)
-                    except Exception as exc:
-                        print(f"| {n}x{k} | {bn} x {bk}, {warps} warps | {split} | {programs} | failed: "
-                              f"{type(exc).__name__}: {str(exc)[:150]} |")  # fmt: skip
-                        break
-                    print(f"| {n}x{k} | {bn} x {bk}, {warps} warps | {split} | {programs} | {us:.1f} | {base:.1f} | "
-                          f"{base / us:.2f}x | {err:.1e} |", flush=True)  # fmt: skip
-        del packed, wbs
-        torch.cuda.empty_cache()
-
-
 def maxnreg() -> None:
     """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
     GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
@@ -274,7 +222,7 @@ def maxnreg() -> None:
 
 
 def profile_once() -> None:
-    """Each default kernel (M = 1 GEMV, M = 16 MMA) and the TMA-fed MMA kernel three times, no graphs: a
+    """Each default kernel (M = 1 GEMV, M = 16 MMA) three times, no graphs: a
     target for Nsight Compute, e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
     --section WarpStateStats --section Occupancy python bench/exp_w4a16_gemv.py --profile-once`."""
     for n, k in [(14336, 4096), (4096, 14336)]:
@@ -284,7 +232,6 @@ def profile_once() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for _ in range(3):
                 w4a16_gemm.w4a16_linear(x, p, sc, 128)
-                w4a16_mma.w4a16_mma_tma(x, p, sc)
         torch.cuda.synchronize()
 
 
@@ -295,15 +242,9 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
-    ap.add_argument("--tma", action="store_true", help="the MMA kernel fed by a TMA ring instead")
-    ap.add_argument("--persistent", action="store_true", help="the GEMV on a persistent grid instead")
-    ap.add_argument("--rows", default="1,16,32,64", help="row counts for --mma (comma-separated)")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
-    if args.tma:
-        tma_ring()
-        return
     if args.maxnreg:
         maxnreg()
         return
@@ -311,10 +252,7 @@ def main() -> None:
         profile_once()
         return
     if args.mma:
-        mma(tuple(int(r) for r in args.rows.split(",")))
-        return
-    if args.persistent:
-        persistent()
+        mma()
         return
     if args.probe:
         probe()

@@ -281,7 +281,7 @@ GRAPH_SWEEP = {
 
 
 def graph_decode(sweep: bool):
-    """W4A16 at M = 1, 16, 64 and grouped decode, timed in CUDA graphs against bf16 in CUDA graphs."""
+    """W4A16 at M = 1, 4, 16, 32, 64 and grouped decode, timed in CUDA graphs against bf16 in CUDA graphs."""
     for n, k in [(14336, 4096), (4096, 14336)]:
         copies = 4  # 4 x 29 MB of int4 weights, so that L2 never holds the next call's weights
         ws = [torch.randn(n, k, device="cuda") * 0.02 for _ in range(copies)]
@@ -289,7 +289,7 @@ def graph_decode(sweep: bool):
         packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
         wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
         del ws, qs
-        for m in (1, 4, 16, 64) if not sweep else (1, 16, 64):
+        for m in (1, 4, 16, 32, 64) if not sweep else (1, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
             ref = x.float() @ wbs[0].float().t()

@@ -12,7 +12,7 @@ fused layer loop (`add_norm.add_rms_norm(quant=True)`, gathered by the FP8 GEMM)
 unfused launches' bits, so turning them off (`MILES_EXPERT_FUSION=0`) changes the timing only;
 `DECODE_FUSION` off also changes the GEMM kernels.
 
-`W4A16_MMA` switches INT4 dense layers at 2-16 rows onto the Gluon tensor-core kernel
+`W4A16_MMA` switches INT4 dense layers at 2-32 rows onto the Gluon tensor-core kernel
 (`w4a16_mma`); `MILES_W4A16_MMA=0` keeps them on the Triton kernels. Gluon is Triton's experimental
 layer, so if the kernel does not compile on the installed Triton the first call warns, sets this
 False and falls back.

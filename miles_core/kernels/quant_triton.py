@@ -239,14 +239,7 @@ def w4a16_kernel(
 
 @triton.jit
 def _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K: tl.constexpr):
-    # acc [BM, BN] fp32: this program's sum over its K range (split program_id(2)); see _store_split_at.
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    _store_split_at(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K, tl.program_id(2), tile)
-
-
-@triton.jit
-def _store_split_at(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K: tl.constexpr, split, tile):
-    # acc [BM, BN] fp32: the sum over K range `split` of output tile `tile`.
+    # acc [BM, BN] fp32: this program's sum over its K range (split program_id(2)).
     # SPLIT_K > 1: each split writes its partial to P [SPLIT_K, M, N] fp32 and counts itself in LOCKS
     # (one int32 per output tile, zero between calls); the last split to arrive sums the partials in
     # split order (deterministic), stores Y and resets the counter. One launch: no zero fill, no cast.
@@ -256,8 +249,9 @@ def _store_split_at(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K: tl.c
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
     else:
         offs = rows[:, None] * N + cols[None, :]
-        tl.store(P + split * M * N + offs, acc, mask=mask)
+        tl.store(P + tl.program_id(2) * M * N + offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the (releasing) count below
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         arrived = tl.atomic_add(LOCKS + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             tot = tl.zeros_like(acc)
@@ -351,26 +345,6 @@ def _magic_join(wp, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(acc, cur, X, S, cols, k0, N, K, stride_sn, stride_sg, GROUP: tl.constexpr, BK: tl.constexpr,
-               EVEN_K: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    # acc [BN] fp32 += the K step at k0 of the GEMV: cur [BN, BK/8] words, X the row of x, S the scales.
-    ks = k0 + tl.arange(0, BK)
-    x = tl.load(X + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)  # [BK]
-    w = _magic_join(cur, False, ASM)  # [BN, BK] fp32, 136 + q
-    if BK <= GROUP:
-        s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
-        acc += (tl.sum(w * x[None, :], axis=1) - 136.0 * tl.sum(x)) * s.to(tl.float32)
-    else:
-        g = k0 // GROUP + tl.arange(0, BK // GROUP)
-        smask = (cols[:, None] < N) & (g[None, :] * GROUP < K)
-        s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=smask, other=0.0)  # [BN, NG]
-        part = tl.sum(tl.reshape(w * x[None, :], (cols.shape[0], BK // GROUP, GROUP)), axis=2)  # [BN, NG]
-        xs = tl.sum(tl.reshape(x, (BK // GROUP, GROUP)), axis=1)  # [NG]
-        acc += tl.sum((part - 136.0 * xs[None, :]) * s.to(tl.float32), axis=1)
-    return acc
-
-
-@triton.jit
 def w4a16_gemv_kernel(
     X,
     W,
@@ -417,62 +391,21 @@ def w4a16_gemv_kernel(
             wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split)
         else:
             cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K)
-        acc = _gemv_step(acc, cur, X + pid_m * stride_xm, S, cols, k0, N, K, stride_sn, stride_sg, GROUP, BK,
-                         EVEN_K, ASM)  # fmt: skip
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(X + pid_m * stride_xm + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)  # [BK]
+        w = _magic_join(cur, False, ASM)  # [BN, BK] fp32, 136 + q
+        if BK <= GROUP:
+            s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
+            acc += (tl.sum(w * x[None, :], axis=1) - 136.0 * tl.sum(x)) * s.to(tl.float32)
+        else:
+            g = k0 // GROUP + tl.arange(0, BK // GROUP)
+            smask = (cols[:, None] < N) & (g[None, :] * GROUP < K)
+            s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=smask, other=0.0)  # [BN, NG]
+            part = tl.sum(tl.reshape(w * x[None, :], (BN, BK // GROUP, GROUP)), axis=2)  # [BN, NG]
+            xs = tl.sum(tl.reshape(x, (BK // GROUP, GROUP)), axis=1)  # [NG]
+            acc += tl.sum((part - 136.0 * xs[None, :]) * s.to(tl.float32), axis=1)
     rows = pid_m + tl.arange(0, 1)
     _store_split(acc[None, :], Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)
-
-
-@triton.jit
-def w4a16_gemv_persistent_kernel(
-    X,
-    W,
-    S,
-    Y,
-    P,
-    LOCKS,
-    N,
-    K,
-    units,
-    kb_per_split,
-    stride_wn,
-    stride_sn,
-    stride_sg,
-    GROUP: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    ASM: tl.constexpr,
-):
-    # The M = 1 GEMV as a persistent grid (experimental): program p takes work units p, p + G, p + 2G, ...
-    # (G programs; a unit is BN columns x one split's K range, unit u = tile u // SPLIT_K, split u % SPLIT_K)
-    # and walks their K steps as one flat loop, loading step i + 1's words while step i is multiplied, also
-    # across unit boundaries. The plain GEMV's programs load their whole K range and then compute in step
-    # with the rest of their wave; here every program streams, so loads and math overlap all the way.
-    pid, G = tl.program_id(0), tl.num_programs(0)
-    k_words = (K + 7) // 8
-    steps = tl.cdiv(units - pid, G) * kb_per_split
-    u = pid
-    wp = _load_words(W, (u // SPLIT_K) * BN + tl.arange(0, BN), stride_wn, (u % SPLIT_K) * kb_per_split * BK, N,
-                     k_words, BK, EVEN_K, steps > 0)  # fmt: skip
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for i in range(0, steps):
-        u = pid + (i // kb_per_split) * G
-        s = i % kb_per_split
-        tile, split = u // SPLIT_K, u % SPLIT_K
-        cols = tile * BN + tl.arange(0, BN)
-        k0 = (split * kb_per_split + s) * BK
-        cur = wp
-        u1 = pid + ((i + 1) // kb_per_split) * G
-        k1 = ((u1 % SPLIT_K) * kb_per_split + (i + 1) % kb_per_split) * BK
-        wp = _load_words(
-            W, (u1 // SPLIT_K) * BN + tl.arange(0, BN), stride_wn, k1, N, k_words, BK, EVEN_K, i + 1 < steps
-        )
-        acc = _gemv_step(acc, cur, X, S, cols, k0, N, K, stride_sn, stride_sg, GROUP, BK, EVEN_K, ASM)
-        if s == kb_per_split - 1:
-            _store_split_at(acc[None, :], Y, P, LOCKS, tl.arange(0, 1), cols, 1, N, N, SPLIT_K, split, tile)
-            acc = tl.zeros((BN,), dtype=tl.float32)
 
 
 @triton.jit

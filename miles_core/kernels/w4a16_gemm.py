@@ -4,9 +4,9 @@
 Why custom kernels: at decode sizes (M = 1..64) a bf16 GEMM is bound by reading the weights, so a
 kernel that reads 4-bit weights and dequantizes them in registers can approach 4x. M = 1 runs
 quant_triton.w4a16_gemv_kernel (int4 -> fp32 by magic numbers: a shift, one LOP3 and the FMA per
-weight); 2-16 rows with group 128 run kernels.w4a16_mma (Gluon: the dequantized weights reach mma.sync
-without shared memory); other M > 1 run quant_triton.w4a16_kernel on tensor cores. All split K with a one-launch
-reduction (the last split of a tile sums the partials). Measured on an H100 (bench/RESULTS.md, CUDA
+weight); 2-32 rows (`MMA_MAX_ROWS`) with group 128 run kernels.w4a16_mma (Gluon: the dequantized weights
+reach mma.sync without shared memory); other M > 1 run quant_triton.w4a16_kernel on tensor cores. All split
+K with a one-launch reduction (the last split of a tile sums the partials). Measured on an H100 (bench/RESULTS.md, CUDA
 graphs) against bf16 cuBLAS: see the "Quantized GEMMs" section. Above `MAX_M` rows the weights are
 dequantized into a bf16 matrix for cuBLAS instead (at M=256 the kernel is already 0.4x of bf16: for
 prefill, dequantize once and keep the bf16 copy).
@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 MAX_M = 256  # the Triton kernel's range; beyond it, dequantize + cuBLAS
+MMA_MAX_ROWS = 32  # the Gluon kernel's range in w4a16_linear (at 64 rows the Triton kernel is faster)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def w4a16_linear(
     n = packed.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if config is None and 2 <= m <= 16 and _mma_ok(x2, packed, group_size):
+    if config is None and 2 <= m <= MMA_MAX_ROWS and _mma_ok(x2, packed, group_size):
         y = _w4a16_mma(x2, packed, scale, n, k)
         if y is not None:
             if bias is not None:
@@ -164,7 +165,7 @@ def _w4a16_mma(x2, packed, scale, n: int, k: int) -> torch.Tensor | None:
     """The Gluon kernel, or None (with one warning, and `kernels.W4A16_MMA` set False) where it fails to
     compile: Gluon is experimental and may not build on another Triton."""
     try:
-        return w4a16_mma.w4a16_mma(x2.contiguous(), packed, scale, **w4a16_mma.mma_config(n, k))
+        return w4a16_mma.w4a16_mma(x2.contiguous(), packed, scale, **w4a16_mma.mma_config(n, k, x2.shape[0]))
     except Exception as exc:  # any compile failure falls back to the Triton kernels
         if torch.cuda.is_current_stream_capturing():
             raise
@@ -230,56 +231,6 @@ def w4a16_linear_triton(
         ASM=_asm_ok(x2),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-    )
-    return y
-
-
-def w4a16_gemv_persistent(
-    x2: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    group_size: int,
-    cfg: W4A16Config,
-    programs: int,
-) -> torch.Tensor:
-    """The M = 1 GEMV on a persistent grid of `programs` programs (experimental, `bench/exp_w4a16_gemv.py
-    --persistent`): units of `cfg.bn` columns x one of `cfg.split_k` K ranges, dealt round-robin, each
-    program streaming its units' K steps with the next step's words in flight. x2: [1, K] -> [1, N]."""
-    m, k = x2.shape
-    if m != 1 or not (group_size % cfg.bk == 0 or cfg.bk % group_size == 0):
-        raise ValueError(f"the persistent GEMV takes one row and K steps that fit the group, got M={m} bk={cfg.bk}")
-    n = packed.shape[0]
-    x2 = x2.contiguous()
-    y = torch.empty(1, n, dtype=x2.dtype, device=x2.device)
-    tiles = _cdiv(n, cfg.bn)
-    units = tiles * cfg.split_k
-    if cfg.split_k > 1:
-        partials = torch.empty(cfg.split_k, 1, n, dtype=torch.float32, device=x2.device)
-        locks = tile_locks(x2.device, tiles)
-    else:
-        partials, locks = y, y  # unused
-    load_triton_kernels().w4a16_gemv_persistent_kernel[(min(programs, units),)](
-        x2,
-        packed,
-        scale,
-        y,
-        partials,
-        locks,
-        n,
-        k,
-        units,
-        _cdiv(_cdiv(k, cfg.bk), cfg.split_k),
-        packed.stride(0),
-        scale.stride(0),
-        scale.stride(1),
-        GROUP=group_size,
-        BN=cfg.bn,
-        BK=cfg.bk,
-        SPLIT_K=cfg.split_k,
-        EVEN_K=k % (cfg.bk * cfg.split_k) == 0,
-        ASM=_asm_ok(x2),
-        num_warps=cfg.num_warps,
-        num_stages=1,
     )
     return y
 

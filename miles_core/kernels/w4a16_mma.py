@@ -1,8 +1,8 @@
 """W4A16 at decode sizes (M <= 64) on tensor cores with the dequantized weights never leaving registers
-(Gluon, Triton's explicit-layout language). `w4a16_gemm.w4a16_linear` runs it at 2-16 rows (`mma_config`);
-tiles and timings: bench/exp_w4a16_gemv.py --mma. 17-64 rows (2 or 4 MMA row tiles per program over each
-dequantized weight tile, x then loaded in the step that uses it) compile without spills at 16 columns per
-warp but were not yet timed when written (ninth session): not wired in.
+(Gluon, Triton's explicit-layout language). `w4a16_gemm.w4a16_linear` runs it at 2-32 rows (`mma_config`);
+tiles and timings: bench/exp_w4a16_gemv.py --mma. At 17-32 rows a program runs two MMA row tiles over each
+dequantized weight tile (x then loaded in the step that uses it); 64 rows per program (four row tiles)
+compile and are tested but were slower than the Triton kernel at M = 64 (tenth session): not used there.
 
 Why: the CUDA-core GEMV spends ~3 integer/FMA instructions per weight and the Triton tensor-core kernels
 send the dequantized tile through shared memory to reach the MMA's operand layout. Here each thread loads
@@ -20,11 +20,9 @@ scaled once: acc += dot(x, q) * scale, q = u - 8 made exactly in bf16 (the magic
 bf16x2 FMA per two weights). x is loaded as each thread's 32 contiguous K per row (16-byte loads) and
 permuted in registers to the MMA's K order, so neither operand goes through shared memory.
 
-`w4a16_mma_tma` is the same computation with the words streamed through a TMA ring in shared memory
-(STAGES groups in flight per program, refilled as soon as every warp has read its slot), for the M = 1
-case that Nsight Compute shows latency-bound at low occupancy when the bytes in flight must sit in
-registers. Experimental and not wired in: compile-checked for sm_90 (tests/test_kernels_quant.py), not
-yet run on a GPU when written (ninth session); `bench/exp_w4a16_gemv.py --tma` times it.
+A variant that streamed the words through a TMA ring in shared memory (4-16 groups in flight per program)
+was slower at every size (tenth session, bench/RESULTS.md: M = 1 best 17.1 us against the GEMV's 14.0) and
+was removed; it is in git history at e2f453b (`w4a16_mma_tma`).
 """
 
 from __future__ import annotations
@@ -35,11 +33,10 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["w4a16_mma", "w4a16_mma_tma", "mma_ok", "mma_config"]
+__all__ = ["w4a16_mma", "mma_ok", "mma_config"]
 
 GROUP = 128
 MAX_ROWS = 64
@@ -64,15 +61,17 @@ def _bm(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def mma_config(n: int, k: int) -> dict:
-    """Tiles for N x K at 2-16 rows, from `bench/exp_w4a16_gemv.py --mma` on an H200 (bench/RESULTS.md,
-    ninth session): 64 columns per program, one warp where N gives >= 128 column tiles (14336 x 4096 at
-    M = 16: 19.7 us, split 4) and two otherwise (4096 x 14336: 21.6 us, split 8), against bf16 31.0 / 33.0.
-    More warps per program or more programs (split-K partials cost M x N x 4 bytes each way) were slower."""
+def mma_config(n: int, k: int, m: int = 16) -> dict:
+    """Tiles for N x K at M rows (2-32), from `bench/exp_w4a16_gemv.py --mma` on an H200 (bench/RESULTS.md).
+    2-16 rows (ninth session): 64 columns per program, one warp where N gives >= 128 column tiles (14336 x 4096
+    at M = 16: 19.7 us, split 4) and two otherwise (4096 x 14336: 21.6 us, split 8), against bf16 31.0 / 33.0.
+    17-32 rows (tenth session): 64 columns and two warps, split-K to about 512 programs (M = 32: 34.4 / 32.8 us
+    against the Triton kernel's 41.6 / 41.0). More warps per program or more programs (split-K partials cost
+    M x N x 4 bytes each way) were slower."""
     from miles_core.kernels.fp8_gemm import _cdiv, split_for
 
     tiles = _cdiv(n, 64)
-    nw = 1 if tiles >= 128 else 2
+    nw = 1 if tiles >= 128 and m <= 16 else 2
     return {"bn": 64, "num_warps": nw, "split_k": split_for(tiles, k // GROUP, 1024 if nw == 1 else 512)}
 
 
@@ -113,19 +112,6 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             warp_bases=warps,
             block_bases=[],
             shape=[16, bn],
-        )
-
-    @gluon.constexpr_function
-    def _rows_layout(bn, nw):
-        # `_words_layout` transposed: the [BN, 16] word tile as it lies in shared memory (a row per column)
-        reps = [[8 * nw * (1 << j), 0] for j in range((bn // (8 * nw)).bit_length() - 1)]
-        warps = [[8 * (1 << j), 0] for j in range(nw.bit_length() - 1)]
-        return gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2]] + reps,
-            lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
-            warp_bases=warps,
-            block_bases=[],
-            shape=[bn, 16],
         )
 
     @gluon.jit
@@ -243,88 +229,6 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
 
         _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BM, BN, SPLIT_K)
 
-    @gluon.jit
-    def w4a16_mma_tma_kernel(
-        W_DESC,
-        X,
-        S,
-        Y,
-        P,
-        LOCKS,
-        M,
-        N,
-        K,
-        groups_per_split,
-        stride_xm,
-        stride_sn,
-        stride_sg,
-        stride_ym,
-        BM: gl.constexpr,
-        BN: gl.constexpr,
-        SPLIT_K: gl.constexpr,
-        NW: gl.constexpr,
-        STAGES: gl.constexpr,
-    ):
-        """`w4a16_mma_kernel` with the words brought in by TMA: a ring of STAGES [BN, 16]-word tiles (one
-        group each) in shared memory, refilled as soon as every warp has read its slot, so the bytes in
-        flight no longer sit in registers (Nsight Compute: the register-fed kernels run latency-bound at
-        ~6-14 resident warps per SM)."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
-        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        w_l: gl.constexpr = _words_layout(BN, NW)
-        r_l: gl.constexpr = _rows_layout(BN, NW)
-        x_l: gl.constexpr = _x_layout(BM, NW)
-        TILE_BYTES: gl.constexpr = BN * 16 * 4
-
-        pid_n = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        g0 = pid_k * groups_per_split
-        steps = gl.minimum(groups_per_split, K // 128 - g0)
-        col0 = pid_n * BN
-
-        rows_x = gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
-        ks = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
-        x_ptrs = X + rows_x[:, None] * stride_xm + ks[None, :]
-        x_mask = (rows_x[:, None] < M) & (ks[None, :] >= 0)
-        cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 16], W_DESC.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        for i in gl.static_range(STAGES):  # the first STAGES groups in flight
-            mbarrier.expect(ready.index(i), TILE_BYTES, pred=i < steps)
-            tma.async_copy_global_to_shared(W_DESC, [col0, (g0 + i) * 16], ready.index(i), ring.index(i),
-                                            pred=i < steps)  # fmt: skip
-
-        acc = gl.zeros([BM, BN], gl.float32, mma)
-        zero = gl.zeros([BM, BN], gl.float32, mma)
-        if BM == 16:  # x a step ahead, as in `w4a16_mma_kernel`
-            x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (steps > 0), other=0.0)
-        for i in range(steps):
-            g = g0 + i
-            slot = i % STAGES
-            if BM == 16:
-                xt = x_nxt
-                x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (i + 1 < steps), other=0.0)
-            else:
-                xt = gl.load(x_ptrs + g * 128, mask=x_mask, other=0.0)
-            s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)
-            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-            wp = gl.convert_layout(ring.index(slot).load(r_l).permute((1, 0)), w_l, assert_trivial=True)
-            gl.thread_barrier()  # every warp holds its words: the slot takes group i + STAGES
-            refill = i + STAGES < steps
-            mbarrier.expect(ready.index(slot), TILE_BYTES, pred=refill)
-            tma.async_copy_global_to_shared(W_DESC, [col0, (g + STAGES) * 16], ready.index(slot), ring.index(slot),
-                                            pred=refill)  # fmt: skip
-            part = _group_dot(xt, wp, zero, a_l, b_l, BM, BN)
-            acc += part * s.to(gl.float32)[None, :]
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-        _store(acc, Y, P, LOCKS, M, N, stride_ym, pid_n, pid_k, rows, cols, mma, BM, BN, SPLIT_K)
-
 
 def _outputs(x2: torch.Tensor, n: int, bn: int, split_k: int | None, target: int):
     """The grid (column tiles, splits; split-K to about `target` programs unless given), groups per split,
@@ -360,30 +264,5 @@ def w4a16_mma(
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
         x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
         BM=_bm(m), BN=bn, SPLIT_K=grid[1], NW=num_warps, num_warps=num_warps,
-    )  # fmt: skip
-    return y
-
-
-def w4a16_mma_tma(
-    x2: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    bn: int = 64,
-    num_warps: int = 2,
-    split_k: int | None = None,
-    target: int = 1024,
-    stages: int = 8,
-) -> torch.Tensor:
-    """`w4a16_mma` with the weights streamed through a TMA ring of `stages` groups (sm_90+)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    m, k, n = *x2.shape, packed.shape[0]
-    grid, per_split, y, partials, locks = _outputs(x2, n, bn, split_k, target)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=32, rank=2)
-    desc = TensorDescriptor.from_tensor(packed, [bn, 16], layout)
-    w4a16_mma_tma_kernel[grid](
-        desc, x2, scale, y, partials, locks, m, n, k, per_split,
-        x2.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
-        BM=_bm(m), BN=bn, SPLIT_K=grid[1], NW=num_warps, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return y
