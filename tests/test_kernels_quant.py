@@ -200,7 +200,7 @@ def test_gpu_fp8_act_quant_bit_exact():
 @pytest.mark.gpu
 def test_gpu_fp8_linear_matches_reference():
     g = torch.Generator().manual_seed(11)
-    for m, n, k in [(1, 256, 128), (5, 384, 512), (128, 1024, 896), (300, 2048, 4096), (1000, 4096, 2048)]:
+    for m, n, k in [(1, 256, 128), (5, 384, 512), (128, 1024, 896), (300, 2048, 4096), (1100, 4096, 2048)]:
         x = torch.randn(m, k, generator=g).bfloat16()
         wq, ws = fp8_block_quantize(torch.randn(n, k, generator=g) * 0.05)
         ref = fp8_gemm.fp8_linear_reference(x.float(), wq, ws)
@@ -209,6 +209,30 @@ def test_gpu_fp8_linear_matches_reference():
             y = fp8_gemm.fp8_linear(x.cuda(), wq.cuda(), ws.cuda(), backend=backend)
             assert y.shape == (m, n) and not y.isnan().any()
             assert _rel(y.cpu(), ref) < 5e-3, (backend, m, n, k, _rel(y.cpu(), ref))
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_fp8_linear_takes_the_gluon_gemm_from_1024_rows_and_the_switch_turns_it_off(monkeypatch):
+    from miles_core import kernels
+    from miles_core.kernels import fp8_wgmma
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon FP8 GEMM is sm_90 only")
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(1500, 1024, generator=g).bfloat16().cuda()
+    wq, ws = (t.cuda() for t in fp8_block_quantize(torch.randn(768, 1024, generator=g) * 0.05))
+    a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)
+    want = fp8_wgmma.fp8_block_gemm(a, sa, wq, ws)[:1500]
+    assert torch.equal(fp8_gemm.fp8_linear(x, wq, ws), want)  # 'auto' at 1,500 rows: act-quant + the Gluon GEMM
+    monkeypatch.setattr(kernels, "FP8_GLUON", False)
+    _poison()
+    y = fp8_gemm.fp8_linear(x, wq, ws)  # cuBLAS
+    assert torch.equal(y, fp8_gemm.fp8_linear(x, wq, ws, backend="cublas"))
+    assert (
+        _rel(y, want) < 5e-3
+        and _rel(want.cpu(), fp8_gemm.fp8_linear_reference(x.float().cpu(), wq.cpu(), ws.cpu())) < 5e-3
+    )
 
 
 @cuda

@@ -16,6 +16,10 @@ unfused launches' bits, so turning them off (`MILES_EXPERT_FUSION=0`) changes th
 (`w4a16_mma`); `MILES_W4A16_MMA=0` keeps them on the Triton kernels. Gluon is Triton's experimental
 layer, so if the kernel does not compile on the installed Triton the first call warns, sets this
 False and falls back.
+
+`FP8_GLUON` runs large FP8 linears (from `fp8_gemm.GLUON_MIN_M` rows, on sm_90) on the Gluon block-scaled
+GEMM (`fp8_wgmma`) instead of cuBLAS's: the same bits on the H200 (bench/RESULTS.md, tenth session), 2-4%
+faster; `MILES_FP8_GLUON=0` keeps cuBLAS. A compile failure warns once, sets it False and falls back.
 """
 
 import contextlib
@@ -24,6 +28,7 @@ import os
 DECODE_FUSION = os.environ.get("MILES_DECODE_FUSION", "1") != "0"
 EXPERT_FUSION = os.environ.get("MILES_EXPERT_FUSION", "1") != "0"
 W4A16_MMA = os.environ.get("MILES_W4A16_MMA", "1") != "0"
+FP8_GLUON = os.environ.get("MILES_FP8_GLUON", "1") != "0"
 
 
 @contextlib.contextmanager

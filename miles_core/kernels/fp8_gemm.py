@@ -30,6 +30,7 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -222,7 +223,8 @@ def fp8_linear(
     """y = x @ W^T (+ bias) with FP8 block-scaled W. `scale_b`: prepare_weight_scale(scale_inv), cached.
 
     backend 'auto' (default): the fused dense Triton kernel for M <= DENSE_TRITON_MAX_M, act-quant +
-    cuBLAS above; 'cublas': cuBLAS at every M; 'triton': Triton at every M (above the threshold,
+    cuBLAS above (the Gluon GEMM from GLUON_MIN_M rows on sm_90, `kernels.FP8_GLUON`); 'cublas': cuBLAS at
+    every M; 'triton': Triton at every M (above the threshold,
     act-quant + the dense kernel on fp8 rows). Triton also wherever cuBLAS's recipe does not apply
     (N or K not a multiple of 128, before sm_90)."""
     if backend not in ("auto", "cublas", "triton"):
@@ -233,7 +235,7 @@ def fp8_linear(
     m, (n, k) = x2.shape[0], w.shape
     small = m <= DENSE_TRITON_MAX_M and _decode_fusion()
     if _scaled_mm_ok(x, w) and (backend == "cublas" or (backend == "auto" and not small)):
-        y = _fp8_linear_cublas(x2, w, scale_inv, scale_b)
+        y = _fp8_linear_cublas(x2, w, scale_inv, scale_b, gluon=backend == "auto")
     else:
         y = fp8_dense_triton(x2, w, scale_inv, dense_fp8_config(m, n, k) if small else Fp8Config())
     if bias is not None:
@@ -241,13 +243,45 @@ def fp8_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def _fp8_linear_cublas(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, scale_b=None) -> torch.Tensor:
-    """x2: [M, K] -> [M, N]: the Triton act-quant kernel, then cuBLAS's block-scaled GEMM."""
+def _fp8_linear_cublas(
+    x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, scale_b=None, gluon: bool = False
+) -> torch.Tensor:
+    """x2: [M, K] -> [M, N]: the Triton act-quant kernel, then cuBLAS's block-scaled GEMM (or with `gluon`, from
+    GLUON_MIN_M rows in bf16 on sm_90, `fp8_wgmma.fp8_block_gemm` on the same operands: the same recipe)."""
     m = x2.shape[0]
     a, sa = fp8_act_quant(x2, pad_rows_to=4, col_major_scale=True)  # [M4, K], [M4, KB] strides (1, M4)
-    sb = scale_b if scale_b is not None else prepare_weight_scale(scale_inv)
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    if gluon and m >= GLUON_MIN_M and out_dtype == torch.bfloat16 and _gluon_ok(x2):
+        y = _fp8_gluon(a, sa, w, scale_inv)
+        if y is not None:
+            return y[:m]
+    sb = scale_b if scale_b is not None else prepare_weight_scale(scale_inv)
     return _scaled_mm(a, w.t(), sa, sb, out_dtype)[:m]  # w.t(): [K, N] column-major, as cuBLAS wants
+
+
+GLUON_MIN_M = 1024  # rows from which large FP8 linears take the Gluon GEMM (measured from 4,096 rows)
+
+
+def _gluon_ok(x2: torch.Tensor) -> bool:
+    from miles_core import kernels
+
+    return kernels.FP8_GLUON and torch.cuda.get_device_capability(x2.device) == (9, 0)
+
+
+def _fp8_gluon(a, sa, w, scale_inv) -> torch.Tensor | None:
+    """`fp8_wgmma.fp8_block_gemm`, or None (with one warning, and `kernels.FP8_GLUON` set False) where it does
+    not compile: Gluon is experimental and may not build on another Triton."""
+    from miles_core import kernels
+    from miles_core.kernels import fp8_wgmma
+
+    try:
+        return fp8_wgmma.fp8_block_gemm(a, sa, w, scale_inv)
+    except Exception as exc:  # a compile failure falls back to cuBLAS
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        kernels.FP8_GLUON = False
+        warnings.warn(f"FP8 Gluon GEMM unavailable, using cuBLAS: {type(exc).__name__}: {exc}", stacklevel=4)
+        return None
 
 
 def _decode_fusion() -> bool:
