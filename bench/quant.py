@@ -36,6 +36,7 @@ from dataclasses import replace
 import torch
 from triton.testing import do_bench
 
+from miles_core import kernels
 from miles_core.kernels import fp8_gemm, w4a16_gemm, w4a16_mma
 from miles_core.kernels.fp8_gemm import Fp8Config
 from miles_core.kernels.w4a16_gemm import W4A16Config
@@ -293,12 +294,13 @@ def graph_decode(sweep: bool):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
             ref = x.float() @ wbs[0].float().t()
-            for c in GRAPH_SWEEP[m] if sweep else [None]:  # None: what w4a16_linear picks (mma at 2-16 rows)
+            for c in GRAPH_SWEEP[m] if sweep else [None]:  # None: what w4a16_linear picks (mma at 2-32 rows)
                 err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
                 t = bench_graph(
                     [lambda p=p, sc=sc, c=c: w4a16_gemm.w4a16_linear(x, p, sc, 128, config=c) for p, sc in packed]
                 )
-                note = f"mma {w4a16_mma.mma_config(n, k)}" if c is None and 2 <= m <= 16 else c
+                mma = c is None and 2 <= m <= w4a16_gemm.MMA_MAX_ROWS and kernels.W4A16_MMA
+                note = f"mma {w4a16_mma.mma_config(n, k, m)}" if mma else c
                 row(
                     "w4a16 (CUDA graph)",
                     f"M={m} {n}x{k}",

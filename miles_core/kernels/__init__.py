@@ -18,8 +18,9 @@ layer, so if the kernel does not compile on the installed Triton the first call 
 False and falls back.
 
 `FP8_GLUON` runs large FP8 linears (from `fp8_gemm.GLUON_MIN_M` rows, on sm_90) on the Gluon block-scaled
-GEMM (`fp8_wgmma`) instead of cuBLAS's: the same bits on the H200 (bench/RESULTS.md, tenth session), 2-4%
-faster; `MILES_FP8_GLUON=0` keeps cuBLAS. A compile failure warns once, sets it False and falls back.
+GEMM (`fp8_wgmma`) instead of cuBLAS's: the same bits on the H200 and 0.98-1.05x of cuBLAS's speed over
+two runs of four shapes, seven of the eight faster (bench/RESULTS.md, tenth session). `MILES_FP8_GLUON=0`
+keeps cuBLAS. A compile failure warns once, sets it False and falls back.
 """
 
 import contextlib

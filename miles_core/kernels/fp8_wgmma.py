@@ -123,8 +123,9 @@ def configs() -> list[GemmConfig]:
 
 def default_config(m: int, n: int, k: int) -> GemmConfig:
     """128 x 256 tiles, 3 stages, groups of 8 row tiles: the fastest candidate on all four large shapes of
-    `bench/exp_fp8_wgmma.py` on an H200 (tenth session: 952-455 us, 1.02-1.04x of cuBLAS's block-scaled call,
-    1,058-1,155 TFLOP/s; bench/RESULTS.md)."""
+    `bench/exp_fp8_wgmma.py` on an H200 in its first run (tenth session: 1.02-1.04x of cuBLAS's block-scaled
+    call, 1,058-1,155 TFLOP/s); in a second run 0.98-1.05x, where variants without the release fence or with
+    groups of 16 led on some shapes by 1-4%, within the runs' spread (bench/RESULTS.md)."""
     return GemmConfig(128, 256, 3, 8)
 
 
