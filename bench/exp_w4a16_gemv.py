@@ -32,6 +32,15 @@ def weight_copies(n: int, k: int, copies: int = 4):
     return packed, wbs
 
 
+def gemv_setup(n: int, k: int):
+    """`weight_copies`, one row of x, its fp32 reference output and bf16 `x @ w.t()`'s time in CUDA graphs."""
+    packed, wbs = weight_copies(n, k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ wbs[0].float().t()
+    base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
+    return packed, wbs, x, ref, base
+
+
 def occupancy(n: int, k: int) -> list[W4A16Config]:
     """Many small programs (high split-K): more warps per SM to issue the dequant and FMAs."""
     out = [w4a16_gemm.default_config(1, n, k)]
@@ -189,10 +198,7 @@ def maxnreg() -> None:
     print("| shape | config | maxnreg | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|---|")
     for n, k in [(14336, 4096), (4096, 14336)]:
-        packed, wbs = weight_copies(n, k)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ wbs[0].float().t()
-        base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
+        packed, wbs, x, ref, base = gemv_setup(n, k)
         cfgs = [w4a16_gemm.default_config(1, n, k)]
         for bn, bk, warps, target in ((16, 2048, 4, 1), (16, 1024, 4, 1), (8, 2048, 4, 1), (16, 2048, 2, 1),
                                       (32, 256, 1, 1024), (32, 256, 1, 2048), (16, 512, 1, 2048)):  # fmt: skip
@@ -260,11 +266,8 @@ def main() -> None:
     print("| shape (N x K) | config | us | bf16 us | speed-up | rel err |")
     print("|---|---|---|---|---|---|")
     for n, k in [(14336, 4096), (4096, 14336)]:
-        packed, wbs = weight_copies(n, k)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ wbs[0].float().t()
+        packed, wbs, x, ref, base = gemv_setup(n, k)
         results = []
-        base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
         configs = occupancy(n, k) if args.occupancy else long_rows(n, k) if args.long else candidates(n, k, args.quick)
         for c in configs:
             try:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from miles_core.kernels import fp8_wgmma
 from miles_core.quant.fp8 import (
     ACT_EPS,
     BLOCK,
@@ -272,7 +273,6 @@ def _fp8_gluon(a, sa, w, scale_inv) -> torch.Tensor | None:
     """`fp8_wgmma.fp8_block_gemm`, or None (with one warning, and `kernels.FP8_GLUON` set False) where it does
     not compile: Gluon is experimental and may not build on another Triton."""
     from miles_core import kernels
-    from miles_core.kernels import fp8_wgmma
 
     try:
         return fp8_wgmma.fp8_block_gemm(a, sa, w, scale_inv)

@@ -51,6 +51,7 @@ try:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # the CPU install has no triton
     gluon = None
 
@@ -387,8 +388,6 @@ def fp8_block_gemm(
     w = w if w.stride(1) == 1 and w.stride(0) % 16 == 0 else w.contiguous()
     sa = _scale_rows(a_scale, m, kb)  # [KB, M4]
     ws = w_scale.float()  # [NB, >= KB]
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     blocks = descriptor_blocks(cfg)
     descs = [
         TensorDescriptor.from_tensor(t, *blocks[name])
