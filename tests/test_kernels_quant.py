@@ -213,18 +213,19 @@ def test_gpu_fp8_linear_matches_reference():
 
 @cuda
 @pytest.mark.gpu
-def test_gpu_fp8_linear_takes_the_gluon_gemm_from_1024_rows_and_the_switch_turns_it_off(monkeypatch):
+def test_gpu_fp8_linear_takes_the_gluon_gemm_on_large_gemms_and_the_switch_turns_it_off(monkeypatch):
     from miles_core import kernels
     from miles_core.kernels import fp8_wgmma
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon FP8 GEMM is sm_90 only")
     g = torch.Generator().manual_seed(16)
-    x = torch.randn(1500, 1024, generator=g).bfloat16().cuda()
-    wq, ws = (t.cuda() for t in fp8_block_quantize(torch.randn(768, 1024, generator=g) * 0.05))
+    m = 4100  # 33 x 16 = 528 output tiles of 128 x 256: the Gluon GEMM's range (GLUON_MIN_TILES)
+    x = torch.randn(m, 256, generator=g).bfloat16().cuda()
+    wq, ws = (t.cuda() for t in fp8_block_quantize(torch.randn(4096, 256, generator=g) * 0.05))
     a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)
-    want = fp8_wgmma.fp8_block_gemm(a, sa, wq, ws)[:1500]
-    assert torch.equal(fp8_gemm.fp8_linear(x, wq, ws), want)  # 'auto' at 1,500 rows: act-quant + the Gluon GEMM
+    want = fp8_wgmma.fp8_block_gemm(a, sa, wq, ws)[:m]
+    assert torch.equal(fp8_gemm.fp8_linear(x, wq, ws), want)  # 'auto': act-quant + the Gluon GEMM
     monkeypatch.setattr(kernels, "FP8_GLUON", False)
     _poison()
     y = fp8_gemm.fp8_linear(x, wq, ws)  # cuBLAS

@@ -17,7 +17,7 @@ unfused launches' bits, so turning them off (`MILES_EXPERT_FUSION=0`) changes th
 layer, so if the kernel does not compile on the installed Triton the first call warns, sets this
 False and falls back.
 
-`FP8_GLUON` runs large FP8 linears (from `fp8_gemm.GLUON_MIN_M` rows, on sm_90) on the Gluon block-scaled
+`FP8_GLUON` runs large FP8 linears (`fp8_gemm.GLUON_MIN_TILES` output tiles and up, on sm_90) on the Gluon block-scaled
 GEMM (`fp8_wgmma`) instead of cuBLAS's: the same bits on the H200 and 0.98-1.05x of cuBLAS's speed over
 two runs of four shapes, seven of the eight faster (bench/RESULTS.md, tenth session). `MILES_FP8_GLUON=0`
 keeps cuBLAS. A compile failure warns once, sets it False and falls back.

@@ -224,7 +224,7 @@ def fp8_linear(
     """y = x @ W^T (+ bias) with FP8 block-scaled W. `scale_b`: prepare_weight_scale(scale_inv), cached.
 
     backend 'auto' (default): the fused dense Triton kernel for M <= DENSE_TRITON_MAX_M, act-quant +
-    cuBLAS above (the Gluon GEMM from GLUON_MIN_M rows on sm_90, `kernels.FP8_GLUON`); 'cublas': cuBLAS at
+    cuBLAS above (the Gluon GEMM from GLUON_MIN_TILES output tiles on sm_90, `kernels.FP8_GLUON`); 'cublas': cuBLAS at
     every M; 'triton': Triton at every M (above the threshold,
     act-quant + the dense kernel on fp8 rows). Triton also wherever cuBLAS's recipe does not apply
     (N or K not a multiple of 128, before sm_90)."""
@@ -248,11 +248,13 @@ def _fp8_linear_cublas(
     x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, scale_b=None, gluon: bool = False
 ) -> torch.Tensor:
     """x2: [M, K] -> [M, N]: the Triton act-quant kernel, then cuBLAS's block-scaled GEMM (or with `gluon`, from
-    GLUON_MIN_M rows in bf16 on sm_90, `fp8_wgmma.fp8_block_gemm` on the same operands: the same recipe)."""
+    GLUON_MIN_TILES 128 x 256 output tiles in bf16 on sm_90, `fp8_wgmma.fp8_block_gemm` on the same operands:
+    the same recipe)."""
     m = x2.shape[0]
     a, sa = fp8_act_quant(x2, pad_rows_to=4, col_major_scale=True)  # [M4, K], [M4, KB] strides (1, M4)
     out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    if gluon and m >= GLUON_MIN_M and out_dtype == torch.bfloat16 and _gluon_ok(x2):
+    tiles = _cdiv(m, 128) * _cdiv(w.shape[0], 256)
+    if gluon and tiles >= GLUON_MIN_TILES and out_dtype == torch.bfloat16 and _gluon_ok(x2):
         y = _fp8_gluon(a, sa, w, scale_inv)
         if y is not None:
             return y[:m]
@@ -260,7 +262,9 @@ def _fp8_linear_cublas(
     return _scaled_mm(a, w.t(), sa, sb, out_dtype)[:m]  # w.t(): [K, N] column-major, as cuBLAS wants
 
 
-GLUON_MIN_M = 1024  # rows from which large FP8 linears take the Gluon GEMM (measured from 4,096 rows)
+# output tiles (128 x 256) from which FP8 linears take the Gluon GEMM: its persistent grid is measured from 512
+# tiles (4096 x 4096) up; below a few waves of 132 SMs cuBLAS's tile choices were not compared
+GLUON_MIN_TILES = 512
 
 
 def _gluon_ok(x2: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ Structure (warp-specialized with `gl.warp_specialize`, persistent):
 `fp8_block_gemm_reference` is the pure-torch definition (dequantize both operands in fp32, then matmul).
 Compile-checked for sm_90 on the CPU (tests/test_kernels_fp8_wgmma.py: wgmma e4m3, TMA, mbarriers, no spills)
 and tested on an H200 against the fp32 reference; there its outputs equalled cuBLAS's bit for bit on the four
-large benchmark shapes. `fp8_gemm.fp8_linear` runs it from `fp8_gemm.GLUON_MIN_M` rows on sm_90
+large benchmark shapes. `fp8_gemm.fp8_linear` runs it from `fp8_gemm.GLUON_MIN_TILES` output tiles on sm_90
 (`kernels.FP8_GLUON`). Timings and the config sweep: bench/exp_fp8_wgmma.py.
 """
 
