@@ -4,6 +4,7 @@
     PYTHONPATH=. python bench/exp_fp8_wgmma.py            # the four large shapes, every config (~1-2 minutes)
     PYTHONPATH=. python bench/exp_fp8_wgmma.py --quick    # 8192 x 8192 x 8192 only
     PYTHONPATH=. python bench/exp_fp8_wgmma.py --configs 128x128s5g8,128x256s3g8
+    PYTHONPATH=. python bench/exp_fp8_wgmma.py --grouped  # MoE experts: the grouped kernel (~1-2 minutes)
 
 For each shape (M x N x K) the operands come from the real quantizers (the Triton act-quant kernel with
 cuBLAS's scale layout, `fp8_block_quantize` for the weight), and in the same run: bf16 `x @ w.t()`, cuBLAS's
@@ -12,6 +13,12 @@ block-scaled `scaled_mm` on the same FP8 operands (what `fp8_linear` runs today)
 a row, not the end of the sweep), and the whole linear (act-quant + the fastest config) against bf16, the
 number the goal is stated in (>= 1.6x bf16). Times: median of `triton.testing.do_bench` (L2 flushed before
 each repetition), via bench/quant.py's helpers.
+
+`--grouped`: Qwen3-30B-A3B's experts (E = 128; gate_up 1536 x 2048, down 2048 x 768) at 4,096 / 16,384 /
+32,768 rows routed uniformly at random (counts on the GPU), bf16 `torch._grouped_mm` against the Triton
+grouped FP8 GEMM (`grouped_fp8_linear_triton` with its prefill tiles, `grouped_fp8_config`) and each config of
+`fp8_wgmma_grouped.grouped_configs()` on the same quantized operands (the act-quant's output; the GEMM alone); rel err
+against the fp32 reference on those operands (`grouped_fp8_block_gemm_reference`).
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import sys
 import torch
 
 from bench.quant import bench, rel
-from miles_core.kernels import fp8_gemm, fp8_wgmma
+from miles_core.kernels import fp8_gemm, fp8_wgmma, fp8_wgmma_grouped
 from miles_core.kernels.fp8_wgmma import GemmConfig
+from miles_core.kernels.fp8_wgmma_grouped import GroupedConfig
 from miles_core.quant import fp8_block_quantize
 
 SHAPES = [(8192, 8192, 8192), (4096, 14336, 4096), (4096, 4096, 14336), (16384, 7168, 2048)]
@@ -90,11 +98,91 @@ def sweep(m: int, n: int, k: int, cfgs: list[GemmConfig]) -> None:
         row(shape, f"linear: act-quant + {label(cfg)}", us, flop, base, cublas, rel(y, y_cublas))
 
 
+GROUPED_SHAPES = [("gate_up", 1536, 2048), ("down", 2048, 768)]  # Qwen3-30B-A3B experts: (case, N, K)
+GROUPED_ROWS = [4096, 16384, 32768]
+GROUPED_EXPERTS = 128
+
+
+def glabel(c: GroupedConfig) -> str:
+    return f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_m}{'' if c.fence else 'nf'}{'c' if c.coalesce else ''}"
+
+
+def grouped_row(case: str, rows: int, what: str, us: float | None, base: float, triton: float, err) -> None:
+    if us is None:
+        line = f"| {case} | {rows} | {what} | - | - | - | FAILED: {str(err)[:160]} |"
+    else:
+        err_s = err if isinstance(err, str) else f"{err:.1e}"
+        line = f"| {case} | {rows} | {what} | {us:.1f} | {base / us:.2f}x | {triton / us:.2f}x | {err_s} |"
+    ROWS.append(line)
+    print(line, flush=True)
+
+
+def grouped_case(case: str, wb: torch.Tensor, wq, ws, rows: int, cfgs: list[GroupedConfig]) -> None:
+    """One expert GEMM at `rows` rows: bf16 `_grouped_mm`, the Triton grouped FP8 kernel and each Gluon config."""
+    e, n, k = wq.shape
+    counts = torch.bincount(torch.randint(0, e, (rows,), device="cuda"), minlength=e)  # [E] int64, on the GPU
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)  # [M, K], rows sorted by expert
+    a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)  # [M, K] e4m3, [M, K/128] column-major
+    sa_rows = sa.contiguous()  # [M, K/128] row-major: the layout the Triton kernel indexes
+    ref = fp8_wgmma_grouped.grouped_fp8_block_gemm_reference(a, sa, wq, ws, counts, torch.float32)  # [M, N] fp32
+    base = bench(lambda: torch._grouped_mm(x, wb.transpose(-2, -1), offs=offs))
+    t = fp8_gemm.grouped_fp8_config(rows, e)
+    tiles = dict(bm=t.bm, bn=t.bn, num_warps=t.num_warps, num_stages=t.num_stages, swap=t.swap, nfast=t.nfast)
+    triton_fn = lambda: fp8_gemm.grouped_fp8_linear_triton(
+        a, wq, ws, counts, x_scale=sa_rows, out_dtype=torch.bfloat16, **tiles
+    )
+    try:
+        triton_err, triton_us = rel(triton_fn(), ref), bench(triton_fn)
+    except Exception as ex:  # its row says why; the Gluon rows still run
+        triton_err, triton_us = f"{type(ex).__name__}: {ex}".replace("\n", " "), None
+    grouped_row(case, rows, "bf16 torch._grouped_mm", base, base, triton_us or float("nan"), "-")
+    grouped_row(case, rows, f"Triton FP8 {t.bm}x{t.bn}", triton_us, base, triton_us or float("nan"), triton_err)
+    triton_us = triton_us or float("nan")
+    for cfg in cfgs:
+        fn = lambda: fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, wq, ws, counts, config=cfg)
+        try:
+            err = rel(fn(), ref)
+            if not err < MAX_ERR:  # NaN included
+                grouped_row(case, rows, glabel(cfg), None, base, triton_us, f"wrong result, rel err {err:.2e}")
+                continue
+            grouped_row(case, rows, glabel(cfg), bench(fn), base, triton_us, err)
+        except Exception as ex:  # a config that does not compile or launch is a row of the table
+            grouped_row(case, rows, glabel(cfg), None, base, triton_us, f"{type(ex).__name__}: {ex}".replace("\n", " "))
+
+
+def grouped_main(cfgs: list[GroupedConfig]) -> None:
+    head = "| case | rows | kernel | us | vs bf16 | vs Triton FP8 | rel err |\n|---|---|---|---|---|---|---|"
+    print(head)
+    for case, n, k in GROUPED_SHAPES:
+        w = torch.randn(GROUPED_EXPERTS, n, k, device="cuda") * 0.02  # [E, N, K]
+        wq, ws = fp8_block_quantize(w)  # [E, N, K] e4m3, [E, N/128, K/128]
+        wb = w.bfloat16()
+        del w
+        for rows in GROUPED_ROWS:
+            try:
+                grouped_case(case, wb, wq, ws, rows, cfgs)
+            except Exception as ex:  # keep the other cases; the failure is printed
+                grouped_row(case, rows, "setup", None, 0.0, 0.0, f"{type(ex).__name__}: {ex}")
+            torch.cuda.empty_cache()
+        del wb, wq, ws
+    print("\n" + head)
+    print("\n".join(ROWS), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8192 x 8192 x 8192 only")
     ap.add_argument("--configs", default="", help="comma-separated labels (e.g. 128x128s5g8); default: all")
+    ap.add_argument("--grouped", action="store_true", help="the grouped (MoE experts) kernel instead")
     args = ap.parse_args()
+    if args.grouped:
+        gcfgs = fp8_wgmma_grouped.grouped_configs()
+        gcfgs = [c for c in gcfgs if not args.configs or glabel(c) in args.configs.split(",")]
+        torch.manual_seed(0)
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {[glabel(c) for c in gcfgs]}", flush=True)
+        grouped_main(gcfgs)
+        return 0
     cfgs = fp8_wgmma.configs()
     if args.configs:
         cfgs = [c for c in cfgs if label(c) in args.configs.split(",")]

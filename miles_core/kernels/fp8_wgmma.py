@@ -33,6 +33,8 @@ Compile-checked for sm_90 on the CPU (tests/test_kernels_fp8_wgmma.py: wgmma e4m
 and tested on an H200 against the fp32 reference; there its outputs equalled cuBLAS's bit for bit on the four
 large benchmark shapes. `fp8_gemm.fp8_linear` runs it from `fp8_gemm.GLUON_MIN_TILES` output tiles on sm_90
 (`kernels.FP8_GLUON`). Timings and the config sweep: bench/exp_fp8_wgmma.py.
+
+The grouped (MoE experts) version is in `fp8_wgmma_grouped`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,14 @@ try:
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["GemmConfig", "configs", "default_config", "descriptor_blocks", "fp8_block_gemm", "fp8_block_gemm_reference"]
+__all__ = [
+    "GemmConfig",
+    "configs",
+    "default_config",
+    "descriptor_blocks",
+    "fp8_block_gemm",
+    "fp8_block_gemm_reference",
+]
 
 BK = 128  # one scale block of K per pipeline stage
 WG_ROWS = 64  # rows per consumer warpgroup (one m64 wgmma)
@@ -155,9 +164,32 @@ if gluon is not None:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @gluon.jit
+    def _load_kblock(descs, ring, step, m0, w_row0, pid_n, kb, sa_stride):
+        """The TMA loads of one K block into ring slot `step % STAGES`, once the consumers have released it: the A
+        rows [m0, m0 + BM) and their scales (one 64-row box per consumer, slot `stage * CONSUMERS + consumer` of
+        a_ring / sa_ring) and the W rows from w_row0 + pid_n * BN (slot `stage` of w_ring), on its ready barrier."""
+        a_desc, w_desc, sa_desc = descs
+        a_ring, w_ring, sa_ring, ready, empty = ring
+        STAGES: gl.constexpr = w_ring.shape[0]
+        CONSUMERS: gl.constexpr = a_ring.shape[0] // STAGES
+        BM: gl.constexpr = CONSUMERS * _ROWS
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        NBYTES: gl.constexpr = BM * _BK + BN * _BK + BM * 4
+        slot = step % STAGES
+        # a fresh mbarrier counts as having completed the phase before phase 0: the first pass is free
+        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, NBYTES)
+        for i in gl.static_range(CONSUMERS):
+            row = m0 + i * _ROWS
+            tma.async_copy_global_to_shared(a_desc, [row, kb * _BK], bar, a_ring.index(slot * CONSUMERS + i))
+            tma.async_copy_global_to_shared(sa_desc, [kb * sa_stride + row], bar,
+                                            sa_ring.index(slot * CONSUMERS + i))  # fmt: skip
+        tma.async_copy_global_to_shared(w_desc, [w_row0 + pid_n * BN, kb * _BK], bar, w_ring.index(slot))
+
+    @gluon.jit
     def _producer(descs, smem, shape, sa_stride, GROUP_M: gl.constexpr):
-        """One warp: TMA loads of each K block's A rows and their scales (one 64-row box per consumer, slot
-        `stage * CONSUMERS + consumer` of a_ring / sa_ring) and W tile (slot `stage` of w_ring) into the ring."""
+        """One warp: the TMA loads of each tile's K blocks into the ring (`_load_kblock`)."""
         a_desc, w_desc, sa_desc, c_desc = descs
         a_ring, w_ring, sa_ring, c_smem, ready, empty = smem
         M, N, K = shape
@@ -165,7 +197,7 @@ if gluon is not None:
         CONSUMERS: gl.constexpr = a_ring.shape[0] // STAGES
         BM: gl.constexpr = CONSUMERS * _ROWS
         BN: gl.constexpr = w_desc.block_type.shape[0]
-        NBYTES: gl.constexpr = BM * _BK + BN * _BK + BM * 4
+        ring = (a_ring, w_ring, sa_ring, ready, empty)
         num_m = gl.cdiv(M, BM)
         num_n = gl.cdiv(N, BN)
         kbs = K // _BK
@@ -173,17 +205,7 @@ if gluon is not None:
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
             for kb in range(kbs):
-                slot = step % STAGES
-                # a fresh mbarrier counts as having completed the phase before phase 0: the first pass is free
-                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-                bar = ready.index(slot)
-                mbarrier.expect(bar, NBYTES)
-                for i in gl.static_range(CONSUMERS):
-                    row = pid_m * BM + i * _ROWS
-                    tma.async_copy_global_to_shared(a_desc, [row, kb * _BK], bar, a_ring.index(slot * CONSUMERS + i))
-                    tma.async_copy_global_to_shared(sa_desc, [kb * sa_stride + row], bar,
-                                                    sa_ring.index(slot * CONSUMERS + i))  # fmt: skip
-                tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kb * _BK], bar, w_ring.index(slot))
+                _load_kblock((a_desc, w_desc, sa_desc), ring, step, pid_m * BM, 0, pid_n, kb, sa_stride)
                 step += 1
 
     @gluon.jit
@@ -200,6 +222,48 @@ if gluon is not None:
         mbarrier.arrive(bar)
 
     @gluon.jit
+    def _kblock(ring, slot, step, WG: gl.constexpr, acc, sb, sb_rows, nxt, zero, K, FENCE: gl.constexpr):
+        """One K block of one consumer: wait for the slot, wgmma its A rows against each 128-column half of the W
+        tile, release the slot, promote into the accumulators; the next K block's weight scales (sb_rows + nxt)
+        are loaded on the way. -> (acc0, acc1, sb0, sb1)."""
+        a_ring, w_ring, sa_ring, ready, empty = ring
+        acc0, acc1 = acc
+        sb0, sb1 = sb
+        sb_row0, sb_row1 = sb_rows
+        STAGES: gl.constexpr = w_ring.shape[0]
+        CONSUMERS: gl.constexpr = a_ring.shape[0] // STAGES
+        HALVES: gl.constexpr = w_ring.shape[1] // 128
+        row_l: gl.constexpr = gl.SliceLayout(1, zero.type.layout)
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        a = a_ring.index(slot * CONSUMERS + WG)  # [64, 128] e4m3, K-major
+        w = w_ring.index(slot)  # [BN, 128] e4m3, K-major
+        sa = sa_ring.index(slot * CONSUMERS + WG).load(row_l)  # [64] fp32
+        part0 = _mma(a, w.slice(0, 128).permute((1, 0)), zero)
+        if HALVES == 1:
+            # the slot is free once the wgmma reading it is done; the next scales are loaded after the
+            # release's fence (which waits for this thread's outstanding loads) and land during the next wait
+            _release(empty.index(slot), FENCE)
+            sb0_next = gl.load(sb_row0 + nxt)
+            acc0 += part0 * (sa * sb0)[:, None]
+            sb0 = sb0_next
+        else:
+            acc0 += part0 * (sa * sb0)[:, None]
+            # Only one 64 x 128 partial may be live (64 x 256 accumulator + 2 partials > 255 registers), but
+            # ptxas hoists the second wgmma above acc0's FMAs when it writes fresh registers. So: acc0 is
+            # pinned before it (an empty wgmma wait taking acc0), and the second wgmma accumulates in place
+            # on part0's registers under a predicate ptxas cannot prove false (K < 0), which orders it
+            # after the FMAs that read them.
+            acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
+            part1 = _mma(a, w.slice(128, 128).permute((1, 0)), part0, K < 0)
+            _release(empty.index(slot), FENCE)
+            sb0_next = gl.load(sb_row0 + nxt)
+            sb1_next = gl.load(sb_row1 + nxt)
+            acc1 += part1 * (sa * sb1)[:, None]
+            sb0 = sb0_next
+            sb1 = sb1_next
+        return acc0, acc1, sb0, sb1
+
+    @gluon.jit
     def _consumer(descs, smem, shape, w_scales, WG: gl.constexpr, BM: gl.constexpr, GROUP_M: gl.constexpr,
                   FENCE: gl.constexpr):  # fmt: skip
         """One warpgroup: rows [64 WG, 64 WG + 64) of each tile; BN / 128 column halves, each its own scale."""
@@ -209,12 +273,11 @@ if gluon is not None:
         SB, stride_sbn, stride_sbk = w_scales  # [ceil(N/128), >= K/128] fp32
         BN: gl.constexpr = w_desc.block_type.shape[0]
         STAGES: gl.constexpr = w_ring.shape[0]
-        CONSUMERS: gl.constexpr = a_ring.shape[0] // STAGES
         HALVES: gl.constexpr = BN // 128
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
         zero = gl.zeros([_ROWS, 128], gl.float32, mma)
         my_c = c_smem.index(WG)  # [64, BN] bf16, or [64, 128] (one half at a time)
+        ring = (a_ring, w_ring, sa_ring, ready, empty)
         EPI_N: gl.constexpr = c_desc.block_type.shape[1]
         num_m = gl.cdiv(M, BM)
         num_n = gl.cdiv(N, BN)
@@ -232,33 +295,8 @@ if gluon is not None:
             for kb in range(kbs):
                 slot = step % STAGES
                 nxt = gl.minimum(kb + 1, kbs - 1) * stride_sbk  # the next K block's weight scales
-                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-                a = a_ring.index(slot * CONSUMERS + WG)  # [64, 128] e4m3, K-major
-                w = w_ring.index(slot)  # [BN, 128] e4m3, K-major
-                sa = sa_ring.index(slot * CONSUMERS + WG).load(row_l)  # [64] fp32
-                part0 = _mma(a, w.slice(0, 128).permute((1, 0)), zero)
-                if HALVES == 1:
-                    # the slot is free once the wgmma reading it is done; the next scales are loaded after the
-                    # release's fence (which waits for this thread's outstanding loads) and land during the next wait
-                    _release(empty.index(slot), FENCE)
-                    sb0_next = gl.load(sb_row0 + nxt)
-                    acc0 += part0 * (sa * sb0)[:, None]
-                    sb0 = sb0_next
-                else:
-                    acc0 += part0 * (sa * sb0)[:, None]
-                    # Only one 64 x 128 partial may be live (64 x 256 accumulator + 2 partials > 255 registers), but
-                    # ptxas hoists the second wgmma above acc0's FMAs when it writes fresh registers. So: acc0 is
-                    # pinned before it (an empty wgmma wait taking acc0), and the second wgmma accumulates in place
-                    # on part0's registers under a predicate ptxas cannot prove false (K < 0), which orders it
-                    # after the FMAs that read them.
-                    acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
-                    part1 = _mma(a, w.slice(128, 128).permute((1, 0)), part0, K < 0)
-                    _release(empty.index(slot), FENCE)
-                    sb0_next = gl.load(sb_row0 + nxt)
-                    sb1_next = gl.load(sb_row1 + nxt)
-                    acc1 += part1 * (sa * sb1)[:, None]
-                    sb0 = sb0_next
-                    sb1 = sb1_next
+                acc0, acc1, sb0, sb1 = _kblock(ring, slot, step, WG, (acc0, acc1), (sb0, sb1), (sb_row0, sb_row1), nxt,
+                                               zero, K, FENCE)  # fmt: skip
                 step += 1
             c_row = pid_m * BM + WG * _ROWS
             tma.store_wait(0)  # the previous tile's store has read my_c
