@@ -27,16 +27,10 @@ import torch
 from miles_core.kernels import fp8_gemm, fp8_wgmma, fp8_wgmma_grouped
 from miles_core.kernels.fp8_wgmma_grouped import GroupedConfig
 from miles_core.quant import fp8_act_quantize_reference, fp8_block_quantize
+from tests.test_kernels_fp8_wgmma import BOUND, _rel, cuda  # the dense kernel's bound, error and GPU marker
 from tests.test_kernels_quant import _poison, _resources  # NaN-filled free memory; cuobjdump's resource report
 
 triton = pytest.importorskip("triton")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-BOUND = 5e-3
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 # ---- CPU ----------------------------------------------------------------------------------------------------
