@@ -24,11 +24,16 @@ import re
 import pytest
 import torch
 
-from miles_core.kernels import fp8_gemm, fp8_wgmma, fp8_wgmma_grouped
+from miles_core.kernels import fp8_gemm, fp8_wgmma_grouped
 from miles_core.kernels.fp8_wgmma_grouped import GroupedConfig
 from miles_core.quant import fp8_act_quantize_reference, fp8_block_quantize
-from tests.test_kernels_fp8_wgmma import BOUND, _rel, cuda  # the dense kernel's bound, error and GPU marker
-from tests.test_kernels_quant import _poison, _resources  # NaN-filled free memory; cuobjdump's resource report
+from tests.test_kernels_fp8_wgmma import (  # the dense kernel's bound, error and GPU marker
+    BOUND,
+    _rel,
+    assert_pipeline,
+    cuda,
+)
+from tests.test_kernels_quant import _poison  # NaN-filled free memory; cuobjdump's resource report
 
 triton = pytest.importorskip("triton")
 
@@ -123,20 +128,11 @@ def test_grouped_kernel_compiles_for_hopper_with_wgmma_tma_masked_stores_and_no_
     with E up to 256, and the shared memory `smem_bytes` budgets."""
     kernel = _compile(cfg, e_p2, counts)
     ptx = kernel.asm["ptx"]
-    wgmma = ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3")
-    assert wgmma == 4 * (cfg.block_n // 128) * cfg.consumers, wgmma
-    assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx
-    assert "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx
+    assert_pipeline(kernel, cfg)
     assert "cp.async.bulk.tensor.2d.global.shared::cta" not in ptx  # no TMA store
     store = r"@%p\d+ st\.global\.v4\.b32" if cfg.coalesce else r"@%p\d+ st\.global\.b32"  # 16 B rows / 4 B pairs
     stores = len(re.findall(store, ptx))
     assert stores == cfg.consumers * (cfg.block_n // 128) * (8 if cfg.coalesce else 32), stores  # all predicated
-    assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive.expect_tx" in ptx
-    regs = {int(r) for r in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx)}
-    assert 40 in regs and (cfg.consumers == 1 or cfg.registers()[1] in regs), regs  # producer, worker consumers
-    res = _resources(kernel)
-    assert "STACK:0" in res and "LOCAL:0" in res, res  # no register spills
-    assert kernel.metadata.shared <= cfg.smem_bytes() <= fp8_wgmma.SMEM_BYTES
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------
