@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from bench.quant import bench_graph, rel
-from miles_core.kernels import quant_triton, w4a16_gemm, w4a16_mma
+from miles_core.kernels import w4a16_gemm, w4a16_mma
 from miles_core.kernels.fp8_gemm import _cdiv, split_for
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import int4_group_quantize, pack_int4
@@ -184,6 +184,7 @@ def maxnreg() -> None:
     """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
     GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
     4096 x 14336: 167 registers, ~7 warps per SM), so: do more resident warps beat the spills?"""
+    from miles_core.kernels import quant_triton
 
     plain = quant_triton.w4a16_gemv_kernel
 
@@ -240,91 +241,6 @@ def profile_once() -> None:
         torch.cuda.synchronize()
 
 
-def planes_kernel():
-    """The deferred-reduction GEMV (`--planes`): each thread keeps one fp32 accumulator per packed word it
-    holds and reduces across threads once, at the end (no per-step `tl.sum` over a [BN, BK] fp32 tile, no
-    join into K order). Per word: the 8 nibble planes (`quant_triton._nibbles`, 128 + u) against x read as 8
-    strided planes x[8 kw + i] (shared by the rows a thread holds), minus 136 x the word's x sum, times the
-    row's group scale (gathered per word from the group-major scales). Low register use: does higher occupancy
-    and a one-pass grid close the gap to the read-only probe?"""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemv_planes(X, W, S, Y, N, KW, stride_wn, stride_sg, BN: tl.constexpr, BKW: tl.constexpr,
-                    PREFETCH: tl.constexpr, ASM: tl.constexpr = True):  # fmt: skip
-        cols = tl.program_id(0) * BN + tl.arange(0, BN)
-        acc = tl.zeros((BN, BKW), dtype=tl.float32)
-        base = W + cols[:, None] * stride_wn
-        if PREFETCH:
-            nxt = tl.load(base + tl.arange(0, BKW)[None, :])
-        for at in range(0, KW, BKW):
-            words = at + tl.arange(0, BKW)
-            if PREFETCH:
-                wp = nxt
-                nxt = tl.load(base + (words + BKW)[None, :], mask=(words[None, :] + BKW) < KW, other=0)
-            else:
-                wp = tl.load(base + words[None, :])
-            s = tl.load(S + (words // 16)[None, :] * stride_sg + cols[:, None]).to(tl.float32)
-            p = quant_triton._nibbles(wp, False, ASM)
-            x0 = tl.load(X + words * 8).to(tl.float32)
-            x1 = tl.load(X + words * 8 + 1).to(tl.float32)
-            x2 = tl.load(X + words * 8 + 2).to(tl.float32)
-            x3 = tl.load(X + words * 8 + 3).to(tl.float32)
-            x4 = tl.load(X + words * 8 + 4).to(tl.float32)
-            x5 = tl.load(X + words * 8 + 5).to(tl.float32)
-            x6 = tl.load(X + words * 8 + 6).to(tl.float32)
-            x7 = tl.load(X + words * 8 + 7).to(tl.float32)
-            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-            d = p[0] * x0[None, :] + p[1] * x1[None, :]
-            d += p[2] * x2[None, :] + p[3] * x3[None, :]
-            d += p[4] * x4[None, :] + p[5] * x5[None, :]
-            d += p[6] * x6[None, :] + p[7] * x7[None, :]
-            acc += (d - 136.0 * xs[None, :]) * s
-        tl.store(Y + cols, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=cols < N)
-
-    return gemv_planes
-
-
-def planes_call(kernel, x, p, sc, y, bn: int, bkw: int, warps: int, prefetch: bool):
-    n, kw = p.shape
-    grid = (n // bn,)
-    return lambda: kernel[grid](x, p, sc, y, n, kw, p.stride(0), sc.stride(1), BN=bn, BKW=bkw, PREFETCH=prefetch,
-                                num_warps=warps)  # fmt: skip
-
-
-def planes() -> None:
-    """`planes_kernel` over tiles (rows per program x words per step x warps, prefetch or not), N a multiple
-    of the rows and K of 8 x the words (the experiment's shapes), against bf16 and `w4a16_linear` now."""
-    kernel = planes_kernel()
-    print("| shape | kernel | us | bf16 us | speed-up | rel err |")
-    print("|---|---|---|---|---|---|")
-    tiles = [(1, 128, 1), (2, 64, 1), (2, 128, 1), (1, 256, 1), (4, 128, 1), (8, 128, 1), (2, 256, 1), (4, 256, 1),
-             (8, 128, 2), (16, 128, 4), (8, 256, 2), (4, 128, 4), (4, 64, 2), (16, 64, 1)]  # fmt: skip
-    for n, k in [(14336, 4096), (4096, 14336)]:
-        packed, wbs, x, ref, base = gemv_setup(n, k)
-        cur = bench_graph([lambda p=p, sc=sc, x=x: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
-        print(f"| {n}x{k} | w4a16_linear now | {cur:.1f} | {base:.1f} | {base / cur:.2f}x | - |", flush=True)
-        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        for bn, bkw, warps in tiles:
-            for pre in (False, True):
-                if (k // 8) % bkw or n % bn:
-                    continue
-                run = [planes_call(kernel, x, p, sc, y, bn, bkw, warps, pre) for p, sc in packed]
-                name = f"planes {bn} rows x {bkw} words, {warps} warps{' prefetch' if pre else ''}"
-                try:
-                    y.fill_(float("nan"))
-                    run[0]()
-                    err = rel(y, ref)
-                    us = bench_graph(run)
-                except Exception as exc:
-                    print(f"| {n}x{k} | {name} | failed: {type(exc).__name__}: {str(exc)[:150]} |", flush=True)
-                    continue
-                print(f"| {n}x{k} | {name} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
-        del packed, wbs
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few tiles only")
@@ -334,11 +250,7 @@ def main() -> None:
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
-    ap.add_argument("--planes", action="store_true", help="the deferred-reduction GEMV experiment instead")
     args = ap.parse_args()
-    if args.planes:
-        planes()
-        return
     if args.maxnreg:
         maxnreg()
         return
