@@ -112,15 +112,16 @@ def test_kernel_compiles_for_hopper_with_wgmma_tma_and_no_spills(cfg):
     assert fences == stores + (cfg.consumers if cfg.fence else 0), (fences, stores)
 
 
-def assert_pipeline(kernel, cfg) -> None:
+def assert_pipeline(kernel, cfg, sa_tma: bool = True) -> None:
     """What the dense and grouped kernels share: e4m3 wgmma m64n128k32 (4 per K block and column half in each
-    consumer partition), A / W by 2-D TMA and the activation scales by 1-D TMA on mbarriers, setmaxnreg budgets
-    (40 for the producer, `registers()` for worker consumers), no spills, shared memory within `smem_bytes`."""
+    consumer partition), A / W by 2-D TMA on mbarriers, setmaxnreg budgets (40 for the producer, `registers()`
+    for worker consumers), no spills, shared memory within `smem_bytes`; the activation scales by 1-D TMA if
+    `sa_tma` (the dense kernel), else by no 1-D TMA at all (the grouped kernel's consumers load them)."""
     ptx = kernel.asm["ptx"]
     wgmma = ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3")
     assert wgmma == 4 * (cfg.block_n // 128) * cfg.consumers, wgmma
     assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx
-    assert "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx
+    assert ("cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx) == sa_tma
     assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive.expect_tx" in ptx
     regs = {int(r) for r in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx)}
     assert 40 in regs and (cfg.consumers == 1 or cfg.registers()[1] in regs), regs  # producer, worker consumers

@@ -96,13 +96,13 @@ def _compile(cfg: GroupedConfig, e_p2: int, counts: str = "*i32"):
     dtypes = {"a_desc": "fp8e4nv", "w_desc": "fp8e4nv", "sa_desc": "fp32"}
     blocks = fp8_wgmma_grouped.grouped_descriptor_blocks(cfg)
     types = {name: f"tensordesc<{dtypes[name]}{list(block)},{layout!r}>" for name, (block, layout) in blocks.items()}
-    types |= {"Y": "*bf16", "SB": "*fp32", "COUNTS": counts}
+    types |= {"SA": "*fp32", "Y": "*bf16", "SB": "*fp32", "COUNTS": counts}
     maxnreg, consumer, producer = cfg.registers()
     consts = {"BM": cfg.block_m, "STAGES": cfg.stages, "GROUP_M": cfg.group_m, "E_P2": e_p2, "FENCE": cfg.fence}
     consts |= {"COALESCE": cfg.coalesce, "CONSUMER_REGS": consumer, "PRODUCER_REGS": producer}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     # what the launcher specializes for the Qwen3-30B-A3B shapes (pointers and sizes divisible by 16)
-    aligned = ("Y", "SB", "COUNTS", "stride_ym", "stride_se", "stride_sbn", "M", "N", "K", "E", "sa_stride")
+    aligned = ("SA", "Y", "SB", "COUNTS", "stride_ym", "stride_se", "stride_sbn", "M", "N", "K", "E", "sa_stride")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": 4, "num_stages": 1, "maxnreg": maxnreg}
@@ -128,7 +128,7 @@ def test_grouped_kernel_compiles_for_hopper_with_wgmma_tma_masked_stores_and_no_
     with E up to 256, and the shared memory `smem_bytes` budgets."""
     kernel = _compile(cfg, e_p2, counts)
     ptx = kernel.asm["ptx"]
-    assert_pipeline(kernel, cfg)
+    assert_pipeline(kernel, cfg, sa_tma=False)
     assert "cp.async.bulk.tensor.2d.global.shared::cta" not in ptx  # no TMA store
     store = r"@%p\d+ st\.global\.v4\.b32" if cfg.coalesce else r"@%p\d+ st\.global\.b32"  # 16 B rows / 4 B pairs
     stores = len(re.findall(store, ptx))
@@ -240,3 +240,38 @@ def test_gpu_grouped_in_a_cuda_graph_follows_the_device_counts_between_replays()
         torch.cuda.synchronize()
         ref = _reference(a, sa, w, ws, c)
         assert not y.isnan().any() and _rel(y, ref) < BOUND, (counts, _rel(y, ref))
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_fp8_experts_take_the_grouped_gluon_gemm_at_prefill_sizes_and_agree_with_triton(monkeypatch):
+    """`fp8_gemm.grouped_fp8_experts` from GLUON_GROUPED_MIN_M rows runs both GEMMs on the grouped Gluon kernel
+    (1,024 tokens x top-8 of Qwen3-30B-A3B's 128 experts, one expert empty): as close to the fp32 reference
+    chain as the Triton path it replaces (the switch off), and the norm's quantized token rows, gathered, give
+    the same bits as quantizing the gathered rows."""
+    from miles_core import kernels
+    from miles_core.kernels import swiglu
+    from tests.test_kernels_expert_fusion import _decode_plan
+
+    g = torch.Generator().manual_seed(6)
+    src, _, counts = _decode_plan(1024, g)  # 8,192 rows
+    assert src.shape[0] >= fp8_gemm.GLUON_GROUPED_MIN_M
+    x = (torch.randn(1024, 2048, generator=g) * 3).bfloat16().cuda()
+    w1, s1 = fp8_block_quantize(torch.randn(128, 1536, 2048, device="cuda") * 0.05)  # gate_up [E, 2I, H]
+    w2, s2 = fp8_block_quantize(torch.randn(128, 2048, 768, device="cuda") * 0.05)  # down [E, H, I]
+    calls = []
+    real = fp8_wgmma_grouped.grouped_fp8_block_gemm
+    monkeypatch.setattr(fp8_wgmma_grouped, "grouped_fp8_block_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.inference_mode():
+        _poison()
+        y = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)
+        assert len(calls) == 2 and not fp8_gemm._GLUON_GROUPED_FAILED and not y.isnan().any()
+        pre = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=fp8_gemm.fp8_act_quant(x))
+        assert len(calls) == 4 and torch.equal(pre, y)
+        monkeypatch.setattr(kernels, "FP8_GLUON", False)
+        triton_y = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)
+        assert len(calls) == 4
+        h = fp8_gemm.grouped_fp8_linear_reference(x.index_select(0, src).float(), w1, s1, counts)
+        ref = fp8_gemm.grouped_fp8_linear_reference(swiglu.torch_swiglu(h), w2, s2, counts)
+    err, triton_err = _rel(y, ref), _rel(triton_y, ref)
+    assert err < 2e-2 and err < 1.5 * triton_err + 2e-3, (err, triton_err)

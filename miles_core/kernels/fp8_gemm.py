@@ -64,6 +64,7 @@ __all__ = [
     "swiglu_fp8_quant_triton",
     "grouped_fp8_experts",
     "experts_fusion_ok",
+    "GLUON_GROUPED_MIN_M",
 ]
 
 
@@ -285,6 +286,38 @@ def _fp8_gluon(a, sa, w, scale_inv) -> torch.Tensor | None:
             raise
         kernels.FP8_GLUON = False
         warnings.warn(f"FP8 Gluon GEMM unavailable, using cuBLAS: {type(exc).__name__}: {exc}", stacklevel=4)
+        return None
+
+
+# rows from which `grouped_fp8_experts` runs its two GEMMs on `fp8_wgmma_grouped` (sm_90, `kernels.FP8_GLUON`): the
+# prefill sizes, where the Triton grouped kernel runs at 0.74-1.29x of bf16
+GLUON_GROUPED_MIN_M = 4096
+_GLUON_GROUPED_FAILED = False
+
+
+def _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq) -> torch.Tensor | None:
+    """`grouped_fp8_experts` over m rows with both GEMMs on the Gluon grouped kernel: the rows gathered and
+    quantized first (TMA reads contiguous rows, so the GEMM cannot gather them), bf16 gate_up, SwiGLU +
+    act-quant, down. None (with one warning, never trying again) where the kernel does not compile or take the
+    shapes."""
+    global _GLUON_GROUPED_FAILED
+    from miles_core.kernels import fp8_wgmma_grouped
+
+    try:
+        if xq is not None and src is not None:  # token rows quantized by the norm: gather them (bytes, not values)
+            a, sa = xq[0].view(torch.uint8).index_select(0, src).view(FP8_DTYPE), xq[1].index_select(0, src)
+        elif xq is not None:
+            a, sa = xq
+        else:
+            a, sa = fp8_act_quant_triton(x, pad_rows_to=4, col_major_scale=True, src=src)
+        y = fp8_wgmma_grouped.grouped_fp8_block_gemm(a[:m], sa, w1, s1, counts)  # [M, 2I] bf16
+        a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
+        return fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, w2, s2, counts)  # [M, H] bf16
+    except Exception as exc:
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        _GLUON_GROUPED_FAILED = True
+        warnings.warn(f"FP8 Gluon grouped GEMM unavailable, using Triton: {type(exc).__name__}: {exc}", stacklevel=3)
         return None
 
 
@@ -520,6 +553,10 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
     same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
     m = x.shape[0] if src is None else src.shape[0]
+    if m >= GLUON_GROUPED_MIN_M and x.dtype == torch.bfloat16 and not _GLUON_GROUPED_FAILED and _gluon_ok(x):
+        y = _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq)
+        if y is not None:
+            return y
     cfg = grouped_fp8_config(m, w1.shape[0])
     tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap, ku=cfg.ku)
     if xq is not None and src is not None:  # token rows quantized already: the GEMM gathers them

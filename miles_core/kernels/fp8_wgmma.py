@@ -164,7 +164,7 @@ if gluon is not None:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @gluon.jit
-    def _load_kblock(descs, ring, step, m0, w_row0, pid_n, kb, sa_stride):
+    def _load_kblock(descs, ring, step, m0, w_row0, pid_n, kb, sa_stride, SA_TMA: gl.constexpr = True):
         """The TMA loads of one K block into ring slot `step % STAGES`, once the consumers have released it: the A
         rows [m0, m0 + BM) and their scales (one 64-row box per consumer, slot `stage * CONSUMERS + consumer` of
         a_ring / sa_ring) and the W rows from w_row0 + pid_n * BN (slot `stage` of w_ring), on its ready barrier."""
@@ -174,7 +174,7 @@ if gluon is not None:
         CONSUMERS: gl.constexpr = a_ring.shape[0] // STAGES
         BM: gl.constexpr = CONSUMERS * _ROWS
         BN: gl.constexpr = w_desc.block_type.shape[0]
-        NBYTES: gl.constexpr = BM * _BK + BN * _BK + BM * 4
+        NBYTES: gl.constexpr = BM * _BK + BN * _BK + (BM * 4 if SA_TMA else 0)
         slot = step % STAGES
         # a fresh mbarrier counts as having completed the phase before phase 0: the first pass is free
         mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
@@ -183,8 +183,9 @@ if gluon is not None:
         for i in gl.static_range(CONSUMERS):
             row = m0 + i * _ROWS
             tma.async_copy_global_to_shared(a_desc, [row, kb * _BK], bar, a_ring.index(slot * CONSUMERS + i))
-            tma.async_copy_global_to_shared(sa_desc, [kb * sa_stride + row], bar,
-                                            sa_ring.index(slot * CONSUMERS + i))  # fmt: skip
+            if SA_TMA:
+                tma.async_copy_global_to_shared(sa_desc, [kb * sa_stride + row], bar,
+                                                sa_ring.index(slot * CONSUMERS + i))  # fmt: skip
         tma.async_copy_global_to_shared(w_desc, [w_row0 + pid_n * BN, kb * _BK], bar, w_ring.index(slot))
 
     @gluon.jit
@@ -222,10 +223,12 @@ if gluon is not None:
         mbarrier.arrive(bar)
 
     @gluon.jit
-    def _kblock(ring, slot, step, WG: gl.constexpr, acc, sb, sb_rows, nxt, zero, K, FENCE: gl.constexpr):
+    def _kblock(ring, slot, step, WG: gl.constexpr, acc, sb, sb_rows, nxt, zero, K, FENCE: gl.constexpr, sa_regs=None,
+                SA_TMA: gl.constexpr = True):  # fmt: skip
         """One K block of one consumer: wait for the slot, wgmma its A rows against each 128-column half of the W
         tile, release the slot, promote into the accumulators; the next K block's weight scales (sb_rows + nxt)
-        are loaded on the way. -> (acc0, acc1, sb0, sb1)."""
+        are loaded on the way. SA_TMA False: the A rows' scales are `sa_regs` ([64] fp32 in the accumulator's
+        row layout), not the ring's. -> (acc0, acc1, sb0, sb1)."""
         a_ring, w_ring, sa_ring, ready, empty = ring
         acc0, acc1 = acc
         sb0, sb1 = sb
@@ -237,7 +240,10 @@ if gluon is not None:
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
         a = a_ring.index(slot * CONSUMERS + WG)  # [64, 128] e4m3, K-major
         w = w_ring.index(slot)  # [BN, 128] e4m3, K-major
-        sa = sa_ring.index(slot * CONSUMERS + WG).load(row_l)  # [64] fp32
+        if SA_TMA:
+            sa = sa_ring.index(slot * CONSUMERS + WG).load(row_l)  # [64] fp32
+        else:
+            sa = sa_regs
         part0 = _mma(a, w.slice(0, 128).permute((1, 0)), zero)
         if HALVES == 1:
             # the slot is free once the wgmma reading it is done; the next scales are loaded after the

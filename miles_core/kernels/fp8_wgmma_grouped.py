@@ -145,12 +145,15 @@ if gluon is not None:
 
     @gluon.jit
     def _grouped_tile(sched, tile, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                      WARPS: gl.constexpr):  # fmt: skip
+                      WARPS: gl.constexpr, DEBUG: gl.constexpr = 0):  # fmt: skip
         """Output tile `tile` of the grouped GEMM -> (expert e, first row m0, the expert's row end, column tile).
         Tiles go expert by expert, ceil(count / BM) row tiles x ceil(N / BN) column tiles each, in GROUP_M order
         within the expert; every program scans the E counts (a few hundred bytes, from L1 after the first tile)
         instead of reading a table that a launch before it made. The producer and the consumers call this."""
         COUNTS, E, M, N = sched
+        if DEBUG & 2:  # dense schedule over all M rows as one expert
+            pm, pn = _tile_coords(tile, gl.cdiv(M, BM), gl.cdiv(N, BN), GROUP_M)
+            return tile * 0, pm * BM, M, pn
         es, c, tiles = _expert_tiles(sched, BM, BN, E_P2, WARPS)
         ends = gl.associative_scan(tiles, 0, _add)  # [E_P2] inclusive
         e = gl.sum((ends <= tile).to(gl.int32), 0)  # experts whose tiles end at or before this one
@@ -162,7 +165,8 @@ if gluon is not None:
         return e, row0 + pid_m * BM, gl.minimum(row0 + count, M), pid_n
 
     @gluon.jit
-    def _grouped_producer(descs, ring, sched, K, sa_stride, GROUP_M: gl.constexpr, E_P2: gl.constexpr):
+    def _grouped_producer(descs, ring, sched, K, sa_stride, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
+                          DEBUG: gl.constexpr):  # fmt: skip
         """One warp: each tile's K blocks into the ring (`_load_kblock`): A from the tile's first row (rows past
         the expert's end are loaded and multiplied, never stored), W from row e * N + the tile's columns of w
         viewed as [E * N, K]."""
@@ -173,12 +177,15 @@ if gluon is not None:
         BM: gl.constexpr = a_ring.shape[0] // STAGES * _ROWS
         BN: gl.constexpr = w_desc.block_type.shape[0]
         kbs = K // _BK
-        total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, 1)[2], 0)
+        if DEBUG & 2:
+            total = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        else:
+            total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, 1)[2], 0)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 1)
+            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 1, DEBUG)
             for kb in range(kbs):
-                _load_kblock(descs, ring, step, m0, e * N, pid_n, kb, sa_stride)
+                _load_kblock(descs, ring, step, m0, e * N, pid_n, kb, sa_stride, False)
                 step += 1
 
     @gluon.jit
@@ -199,11 +206,11 @@ if gluon is not None:
 
     @gluon.jit
     def _grouped_consumer(common, WG: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr, FENCE: gl.constexpr,
-                          COALESCE: gl.constexpr):  # fmt: skip
+                          COALESCE: gl.constexpr, DEBUG: gl.constexpr):  # fmt: skip
         """One warpgroup: rows [64 WG, 64 WG + 64) of each tile, as the dense `_consumer`, with the expert's
         weight scales and a masked store of the rows before the expert's end. Where all its 64 rows lie past
         the end (the last row tile of an expert) it skips the wgmma and only releases the slots."""
-        ring, sched, out, w_scales, K = common
+        ring, sched, out, w_scales, K, SA, sa_stride = common
         a_ring, w_ring, sa_ring, ready, empty = ring
         COUNTS, E, M, N = sched
         Y, stride_ym = out
@@ -215,25 +222,39 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
         zero = gl.zeros([_ROWS, 128], gl.float32, mma)
         kbs = K // _BK
-        total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, 4)[2], 0)
+        if DEBUG & 2:
+            total = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        else:
+            total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, 4)[2], 0)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 4)
+            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 4, DEBUG)
             r0 = m0 + WG * _ROWS
-            if r0 < row_end:
+            live = r0 < row_end
+            if DEBUG & 1:
+                live = r0 >= 0
+            if live:
                 # the expert's weight scale rows of the tile's column halves (a half past N reads the last row)
                 sb_e = SB + e.to(gl.int64) * stride_se
                 sb_row0 = sb_e + pid_n * HALVES * stride_sbn
                 sb_row1 = sb_e + gl.minimum(pid_n * HALVES + 1, gl.cdiv(N, 128) - 1) * stride_sbn
                 sb0 = gl.load(sb_row0)
                 sb1 = gl.load(sb_row1)
+                # the rows' activation scales ([KB, M4] fp32), loaded a K block ahead: rows past the expert's end
+                # (or the scales' row) are multiplied, never stored
+                sa_rows = r0 + gl.arange(0, _ROWS, gl.SliceLayout(1, mma))
+                sa_ptrs = SA + sa_rows
+                sa_ok = sa_rows < sa_stride
+                sa_cur = gl.load(sa_ptrs, mask=sa_ok, other=0.0)
                 acc0 = gl.zeros([_ROWS, 128], gl.float32, mma)
                 acc1 = gl.zeros([_ROWS, 128], gl.float32, mma)
                 for kb in range(kbs):
                     slot = (step + kb) % STAGES
                     nxt = gl.minimum(kb + 1, kbs - 1) * stride_sbk  # the next K block's weight scales
+                    sa_next = gl.load(sa_ptrs + gl.minimum(kb + 1, kbs - 1) * sa_stride, mask=sa_ok, other=0.0)
                     acc0, acc1, sb0, sb1 = _kblock(ring, slot, step + kb, WG, (acc0, acc1), (sb0, sb1),
-                                                   (sb_row0, sb_row1), nxt, zero, K, FENCE)  # fmt: skip
+                                                   (sb_row0, sb_row1), nxt, zero, K, FENCE, sa_cur, False)  # fmt: skip
+                    sa_cur = sa_next
                 n0 = pid_n * BN
                 _store_rows(Y, stride_ym, acc0, r0, row_end, n0, N, COALESCE)
                 if HALVES == 2:
@@ -246,11 +267,11 @@ if gluon is not None:
             step += kbs
 
     @gluon.jit
-    def fp8_wgmma_grouped_kernel(a_desc, w_desc, sa_desc, Y, SB, COUNTS, stride_ym, stride_se, stride_sbn, stride_sbk,
+    def fp8_wgmma_grouped_kernel(a_desc, w_desc, sa_desc, SA, Y, SB, COUNTS, stride_ym, stride_se, stride_sbn, stride_sbk,
                                  M, N, K, E, sa_stride, BM: gl.constexpr, STAGES: gl.constexpr,
                                  GROUP_M: gl.constexpr, E_P2: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                  PRODUCER_REGS: gl.constexpr, FENCE: gl.constexpr = True,
-                                 COALESCE: gl.constexpr = False):  # fmt: skip
+                                 COALESCE: gl.constexpr = False, DEBUG: gl.constexpr = 0):  # fmt: skip
         """y[rows of expert e] = (A * sa)[those rows] @ (W[e] * sw[e])^T over a persistent grid of BM x BN tiles,
         scheduled from the device's counts (`_grouped_tile`); the ring and partitions of `fp8_wgmma_kernel`."""
         BN: gl.constexpr = w_desc.block_type.shape[0]
@@ -268,15 +289,15 @@ if gluon is not None:
         out = (Y, stride_ym)
         w_scales = (SB, stride_se, stride_sbn, stride_sbk)
         descs = (a_desc, w_desc, sa_desc)
-        common = (ring, sched, out, w_scales, K)
+        common = (ring, sched, out, w_scales, K, SA, sa_stride)
         # consumer 0 is the default partition (the kernel's num_warps = 4); the others and the producer are workers
         if CONSUMERS == 3:
             gl.warp_specialize(
                 [
-                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_consumer, (common, 2, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
+                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
+                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
+                    (_grouped_consumer, (common, 2, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, DEBUG)),
                 ],
                 [4, 4, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -284,9 +305,9 @@ if gluon is not None:
         elif CONSUMERS == 2:
             gl.warp_specialize(
                 [
-                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
+                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
+                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, DEBUG)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -294,8 +315,8 @@ if gluon is not None:
         else:
             gl.warp_specialize(
                 [
-                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
+                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, DEBUG)),
                 ],
                 [1],
                 [PRODUCER_REGS],
@@ -315,6 +336,7 @@ def grouped_fp8_block_gemm(
     w_scale: torch.Tensor,
     counts: torch.Tensor,
     config: GroupedConfig | None = None,
+    debug: int = 0,
 ) -> torch.Tensor:
     """y [M, N] bf16: expert e's rows of a (rows sorted by expert, counts [E] rows each) times w[e]^T, both
     block-scaled as in `fp8_block_gemm`, on sm_90.
@@ -359,9 +381,9 @@ def grouped_fp8_block_gemm(
     grid = (min(bound, torch.cuda.get_device_properties(a.device).multi_processor_count),)
     maxnreg, consumer, producer = cfg.registers()
     fp8_wgmma_grouped_kernel[grid](
-        *descs, y, ws, counts, y.stride(0), ws.stride(0), ws.stride(1), ws.stride(2), m, n, k, e, sa.stride(0),
+        *descs, sa, y, ws, counts, y.stride(0), ws.stride(0), ws.stride(1), ws.stride(2), m, n, k, e, sa.stride(0),
         BM=cfg.block_m, STAGES=cfg.stages, GROUP_M=cfg.group_m, E_P2=max(32, 1 << (e - 1).bit_length()),
-        CONSUMER_REGS=consumer, PRODUCER_REGS=producer, FENCE=cfg.fence, COALESCE=cfg.coalesce,
+        CONSUMER_REGS=consumer, PRODUCER_REGS=producer, FENCE=cfg.fence, COALESCE=cfg.coalesce, DEBUG=debug,
         num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return y
