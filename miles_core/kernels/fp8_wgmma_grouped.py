@@ -144,6 +144,17 @@ if gluon is not None:
         return es, c, (c + BM - 1) // BM * gl.cdiv(N, BN)
 
     @gluon.jit
+    def _total_tiles(sched, BM: gl.constexpr, BN: gl.constexpr, E_P2: gl.constexpr, WARPS: gl.constexpr,
+                     DEBUG: gl.constexpr):  # fmt: skip
+        """The output tiles of all experts (DEBUG & 2: of M rows as one expert, the bisect's dense schedule)."""
+        COUNTS, E, M, N = sched
+        if DEBUG & 2:
+            total = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        else:
+            total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, WARPS)[2], 0)
+        return total
+
+    @gluon.jit
     def _grouped_tile(sched, tile, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
                       WARPS: gl.constexpr, DEBUG: gl.constexpr = 0):  # fmt: skip
         """Output tile `tile` of the grouped GEMM -> (expert e, first row m0, the expert's row end, column tile).
@@ -177,10 +188,7 @@ if gluon is not None:
         BM: gl.constexpr = a_ring.shape[0] // STAGES * _ROWS
         BN: gl.constexpr = w_desc.block_type.shape[0]
         kbs = K // _BK
-        if DEBUG & 2:
-            total = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-        else:
-            total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, 1)[2], 0)
+        total = _total_tiles(sched, BM, BN, E_P2, 1, DEBUG)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
             e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 1, DEBUG)
@@ -222,10 +230,7 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
         zero = gl.zeros([_ROWS, 128], gl.float32, mma)
         kbs = K // _BK
-        if DEBUG & 2:
-            total = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-        else:
-            total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, 4)[2], 0)
+        total = _total_tiles(sched, BM, BN, E_P2, 4, DEBUG)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
             e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 4, DEBUG)
@@ -267,8 +272,8 @@ if gluon is not None:
             step += kbs
 
     @gluon.jit
-    def fp8_wgmma_grouped_kernel(a_desc, w_desc, sa_desc, SA, Y, SB, COUNTS, stride_ym, stride_se, stride_sbn, stride_sbk,
-                                 M, N, K, E, sa_stride, BM: gl.constexpr, STAGES: gl.constexpr,
+    def fp8_wgmma_grouped_kernel(a_desc, w_desc, sa_desc, SA, Y, SB, COUNTS, stride_ym, stride_se, stride_sbn,
+                                 stride_sbk, M, N, K, E, sa_stride, BM: gl.constexpr, STAGES: gl.constexpr,
                                  GROUP_M: gl.constexpr, E_P2: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                  PRODUCER_REGS: gl.constexpr, FENCE: gl.constexpr = True,
                                  COALESCE: gl.constexpr = False, DEBUG: gl.constexpr = 0):  # fmt: skip
