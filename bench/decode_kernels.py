@@ -16,11 +16,15 @@ batches of 64 and 256 tokens. Each variant is captured in a CUDA graph of 20 cal
   (`moe_combine.combine`, `x + c`, F.rms_norm) vs `add_norm.add_rms_norm` / `combine_add_rms_norm`.
 - experts: the MoE experts' launch fusions (row gather, SwiGLU) vs the launches they replace
   (bench/decode_experts.py).
+- rope: `rope_cache.rope_norm_cache` (q/k norm + rope + KV-cache write, 32 q / 4 KV heads of 128) at the
+  decode batches and at a prefill chunk of 32,768 rows, by heads per program (bits compared with one
+  head per program), against the bytes it moves at the measured copy rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 
@@ -330,11 +334,40 @@ def _addnorm_cases(n: int, h: int) -> list:
     ]
 
 
+def rope(batches, bw: float) -> None:
+    from miles_core.kernels import rope_cache as rc
+
+    hq, hkv, d = 32, 4, 128
+    print("\n| rows | heads per program | us | x copy floor | same bits as 1 |\n|---|---|---|---|---|")
+    for rows in [*batches, 32768]:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        q, k, v = (torch.randn(rows, h * d, generator=g, **bf) for h in (hq, hkv, hkv))
+        w = torch.rand(d, generator=g, **bf) + 0.5
+        ang = torch.rand(rows, d, generator=g, device="cuda") * 7
+        cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+        ck, cv = torch.zeros(rows + 1, 1, hkv, d, **bf), torch.zeros(rows + 1, 1, hkv, d, **bf)  # a slot per row
+        slot, pos = torch.arange(rows, device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda")
+        k_out = torch.empty(rows, hkv, d, **bf) if rows > 256 else None
+        moved = 2 * (q.numel() + k.numel() + v.numel()) * 2 + (k.numel() * 2 if k_out is not None else 0)
+        floor_us = moved / bw * 1e6  # bw counts bytes read + written, as `moved` does
+        first = None
+        for hpp in (1, 2, 4, 6, 9, 12):
+            fn = functools.partial(rc.rope_norm_cache, q, k, v, w, w, 1e-6, cos, sin, ck, cv, slot, pos, k_out, hpp=hpp)
+            out = fn().clone()
+            bits = (out.clone(), ck.clone(), k_out.clone() if k_out is not None else None)
+            first = first or bits
+            same = all(a is None or torch.equal(a, b) for a, b in zip(first, bits, strict=True))
+            us = graph_us(fn, calls=5 if rows > 256 else 20)
+            print(f"| {rows} | {hpp}{' (default)' if hpp == rc.heads_per_program(rows, hq + hkv) else ''} | "
+                  f"{us:.1f} | {us / floor_us:.2f} | {same} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    parts = ["routing", "grouped", "flash", "fp8", "sampling", "addnorm", "experts"]
+    parts = ["routing", "grouped", "flash", "fp8", "sampling", "addnorm", "experts", "rope"]
     ap.add_argument("--only", choices=parts, default=None)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -358,6 +391,9 @@ def main() -> None:
         from bench.decode_experts import experts
 
         experts(args.batch, args.sweep)
+    if args.only in (None, "rope"):
+        with torch.inference_mode():
+            rope(args.batch, bw)
 
 
 if __name__ == "__main__":

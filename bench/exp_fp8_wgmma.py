@@ -14,11 +14,12 @@ a row, not the end of the sweep), and the whole linear (act-quant + the fastest 
 number the goal is stated in (>= 1.6x bf16). Times: median of `triton.testing.do_bench` (L2 flushed before
 each repetition), via bench/quant.py's helpers.
 
-`--grouped`: Qwen3-30B-A3B's experts (E = 128; gate_up 1536 x 2048, down 2048 x 768) at 4,096 / 16,384 /
-32,768 rows routed uniformly at random (counts on the GPU), bf16 `torch._grouped_mm` against the Triton
-grouped FP8 GEMM (`grouped_fp8_linear_triton` with its prefill tiles, `grouped_fp8_config`) and each config of
-`fp8_wgmma_grouped.grouped_configs()` on the same quantized operands (the act-quant's output; the GEMM alone); rel err
-against the fp32 reference on those operands (`grouped_fp8_block_gemm_reference`).
+`--grouped`: Qwen3-30B-A3B's experts (E = 128; gate_up 1536 x 2048, down 2048 x 768) at 4,096 / 32,768 /
+262,144 rows (or `--rows`; 262,144 is bench/rollout.py's prefill chunk) routed uniformly at random (counts on
+the GPU), bf16 `torch._grouped_mm` against the Triton grouped FP8 GEMM (`grouped_fp8_linear_triton` with its
+prefill tiles, `grouped_fp8_config`) and each config of `fp8_wgmma_grouped.grouped_configs()` on the same
+quantized operands (the act-quant's output; the GEMM alone); rel err against the fp32 reference on those
+operands (`grouped_fp8_block_gemm_reference`). `--repeat N` times each config N times (their spread).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def sweep(m: int, n: int, k: int, cfgs: list[GemmConfig]) -> None:
 
 
 GROUPED_SHAPES = [("gate_up", 1536, 2048), ("down", 2048, 768)]  # Qwen3-30B-A3B experts: (case, N, K)
-GROUPED_ROWS = [4096, 16384, 32768]
+GROUPED_ROWS = [4096, 32768, 262144]  # 262,144: the rollout's prefill chunk (32,768 tokens x top-8)
 GROUPED_EXPERTS = 128
 
 
@@ -151,7 +152,7 @@ def grouped_case(case: str, wb: torch.Tensor, wq, ws, rows: int, cfgs: list[Grou
             grouped_row(case, rows, glabel(cfg), None, base, triton_us, f"{type(ex).__name__}: {ex}".replace("\n", " "))
 
 
-def grouped_main(cfgs: list[GroupedConfig]) -> None:
+def grouped_main(cfgs: list[GroupedConfig], rows_list: list[int], repeat: int = 1) -> None:
     head = "| case | rows | kernel | us | vs bf16 | vs Triton FP8 | rel err |\n|---|---|---|---|---|---|---|"
     print(head)
     for case, n, k in GROUPED_SHAPES:
@@ -159,9 +160,9 @@ def grouped_main(cfgs: list[GroupedConfig]) -> None:
         wq, ws = fp8_block_quantize(w)  # [E, N, K] e4m3, [E, N/128, K/128]
         wb = w.bfloat16()
         del w
-        for rows in GROUPED_ROWS:
+        for rows in rows_list:
             try:
-                grouped_case(case, wb, wq, ws, rows, cfgs)
+                grouped_case(case, wb, wq, ws, rows, cfgs * repeat)
             except Exception as ex:  # keep the other cases; the failure is printed
                 grouped_row(case, rows, "setup", None, 0.0, 0.0, f"{type(ex).__name__}: {ex}")
             torch.cuda.empty_cache()
@@ -175,13 +176,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="8192 x 8192 x 8192 only")
     ap.add_argument("--configs", default="", help="comma-separated labels (e.g. 128x128s5g8); default: all")
     ap.add_argument("--grouped", action="store_true", help="the grouped (MoE experts) kernel instead")
+    ap.add_argument("--rows", default=",".join(map(str, GROUPED_ROWS)), help="--grouped: comma-separated row counts")
+    ap.add_argument("--repeat", type=int, default=1, help="--grouped: time each config this many times (spread)")
     args = ap.parse_args()
     if args.grouped:
         gcfgs = fp8_wgmma_grouped.grouped_configs()
         gcfgs = [c for c in gcfgs if not args.configs or glabel(c) in args.configs.split(",")]
         torch.manual_seed(0)
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {[glabel(c) for c in gcfgs]}", flush=True)
-        grouped_main(gcfgs)
+        grouped_main(gcfgs, [int(r) for r in args.rows.split(",")], args.repeat)
         return 0
     cfgs = fp8_wgmma.configs()
     if args.configs:

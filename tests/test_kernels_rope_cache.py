@@ -24,6 +24,7 @@ of a few normed values, carried through two layers; a wrong slot, position or ro
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -131,6 +132,21 @@ def interp_rope_cache(dtype: str) -> None:
         _check_kernel(shape, getattr(torch, dtype), "cpu", seed=i)
 
 
+def interp_heads_per_program() -> None:
+    """Several heads per program (a prefill's rows), including counts that do not divide Hq + Hkv: the same
+    bits as one head per program, q, cache and k_out."""
+    for i, (b, hq, hkv, d) in enumerate([(5, 8, 2, 16), (3, 32, 4, 64)]):
+        case = _case(b, hq, hkv, d, torch.float32, "cpu", norm=True, seed=40 + i)
+        outs = []
+        for hpp in (1, 3, 4, hq + hkv):
+            k_out = torch.full((b, hkv, d), float("nan"))
+            outs.append((*_run(functools.partial(rc.rope_norm_cache, hpp=hpp), {**case, "k_out": k_out}), k_out))
+        assert not outs[0][3].isnan().any()
+        for other in outs[1:]:
+            assert all(_same_bits(x, y) for x, y in zip(outs[0], other, strict=True))
+    assert rc.heads_per_program(64, 36) == 1 and rc.heads_per_program(32768, 36) == rc.HEADS_PER_PROGRAM
+
+
 def _interpreted(call: str) -> None:
     """Run `call` of this module in a subprocess with the Triton interpreter on (CPU tensors)."""
     code = (
@@ -146,6 +162,10 @@ def _interpreted(call: str) -> None:
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("float16", marks=pytest.mark.slow)])
 def test_kernel_equals_eager_norm_rope_and_cache_write_in_interpreter(dtype):
     _interpreted(f"interp_rope_cache({dtype!r})")
+
+
+def test_heads_per_program_changes_no_bit_in_interpreter():
+    _interpreted("interp_heads_per_program()")
 
 
 def test_reference_equals_the_model_cores_qkv_and_cache_write():
@@ -187,13 +207,13 @@ def test_kernel_is_off_on_cpu_and_when_switched_off(monkeypatch):
 # ---- ahead-of-time compile for Hopper (CPU; no GPU needed) ----------------------------------------
 
 
-@pytest.mark.parametrize("has_norm", [True, False])
-def test_kernel_compiles_for_hopper_without_fma_and_with_ieee_division(has_norm):
+@pytest.mark.parametrize("has_norm,hpp", [(True, 1), (False, 1), (True, 4)])
+def test_kernel_compiles_for_hopper_without_fma_and_with_ieee_division(has_norm, hpp):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = rc._rope_cache_kernel
-    consts = {"HQ": 32, "D": 128, "BLOCK_D": 128, "HAS_NORM": has_norm}
+    consts = {"HQ": 32, "D": 128, "BLOCK_D": 128, "HAS_NORM": has_norm, "HPP": hpp}
     types = {n: "*bf16" for n in fn.arg_names if n.endswith("_ptr")} | {"slot_ptr": "*i64", "pos_ptr": "*i64"}
     sig = {n: "constexpr" if n in consts else types.get(n, "fp32" if n == "eps" else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}

@@ -289,9 +289,10 @@ def _fp8_gluon(a, sa, w, scale_inv) -> torch.Tensor | None:
         return None
 
 
-# rows from which `grouped_fp8_experts` runs its two GEMMs on `fp8_wgmma_grouped` (sm_90, `kernels.FP8_GLUON`): the
-# prefill sizes, where the Triton grouped kernel runs at 0.74-1.29x of bf16
-GLUON_GROUPED_MIN_M = 4096
+# rows from which `grouped_fp8_experts` runs its two GEMMs on `fp8_wgmma_grouped` (sm_90, `kernels.FP8_GLUON`): on
+# an H200 (Qwen3-30B-A3B experts, bench/RESULTS.md, twelfth session) it beat the Triton grouped kernel by 1.21-1.43x
+# at 32k and 262k rows and tied or lost at 4,096 (down: 88 against 74 us)
+GLUON_GROUPED_MIN_M = 32768
 _GLUON_GROUPED_FAILED = False
 
 

@@ -11,7 +11,8 @@ sorted by expert, w [E, N, K], counts [E] on the GPU, never read on the host, so
 - the epilogue stores from registers with row and column masks (a TMA store would write the next expert's
   rows); a consumer whose 64 rows all lie past its expert's end skips the wgmma and only releases the slots,
   so an expert's last row tile costs 64-row granularity.
-Compile-checked for sm_90 (tests/test_kernels_fp8_wgmma_grouped.py); not yet run on a GPU.
+GPU-tested on an H200 against the fp32 reference (tests/test_kernels_fp8_wgmma_grouped.py) and measured by
+`bench/exp_fp8_wgmma.py --grouped` (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -52,17 +53,18 @@ MAX_EXPERTS = 256  # each partition holds the E counts in registers per tile: 51
 
 @dataclass(frozen=True)
 class GroupedConfig:
-    """Tiles of `grouped_fp8_block_gemm`, as in GemmConfig. Its epilogue stores from registers (no bf16 tile in
-    shared memory), so a 128 x 256 tile fits 4 stages. coalesce: the bf16 tile is re-laid out through shared
-    memory (`gl.convert_layout`) into row-contiguous 16-byte stores; else each thread stores its wgmma
-    fragment as 4-byte column pairs."""
+    """Tiles of `grouped_fp8_block_gemm`, as in GemmConfig. Its epilogue stores from registers (masked rows; no
+    bf16 tile waits in shared memory for a TMA store), so a 128 x 256 tile fits 4 stages. coalesce (default): the
+    bf16 tile is re-laid out through a small shared scratch (`gl.convert_layout`) into row-contiguous 16-byte
+    stores; else each thread stores its wgmma fragment as 4-byte column pairs, 1.15-1.40x slower on an H200
+    (bench/RESULTS.md)."""
 
     block_m: int = 128
     block_n: int = 256
     stages: int = 4
     group_m: int = 8
     fence: bool = True
-    coalesce: bool = False
+    coalesce: bool = True
 
     @property
     def consumers(self) -> int:
@@ -86,23 +88,24 @@ class GroupedConfig:
 
 
 def grouped_configs() -> list[GroupedConfig]:
-    """The candidates `bench/exp_fp8_wgmma.py --grouped` sweeps (not yet timed on a GPU): the dense kernel's
-    best tile (128 x 256) at 3 and 4 stages and with either epilogue, 64-row tiles (a 32-row expert wastes
-    half as much), and 192 x 128 / 128 x 128."""
+    """The candidates `bench/exp_fp8_wgmma.py --grouped` sweeps: the dense kernel's best tile (128 x 256) at 3
+    and 4 stages, with either epilogue and without the wgmma fence, 64-row tiles (a 32-row expert wastes half as
+    much), and 192 x 128 / 128 x 128."""
     return [
         GroupedConfig(128, 256, 4, 8),
         GroupedConfig(128, 256, 3, 8),
-        GroupedConfig(128, 256, 4, 8, coalesce=True),
+        GroupedConfig(128, 256, 4, 8, coalesce=False),
         GroupedConfig(128, 256, 4, 8, fence=False),
         GroupedConfig(64, 256, 5, 8),
-        GroupedConfig(192, 128, 5, 8),
+        GroupedConfig(192, 128, 4, 8),
         GroupedConfig(128, 128, 6, 8),
     ]
 
 
 def grouped_default_config(m: int, n: int, k: int, e: int) -> GroupedConfig:
-    """128 x 256 tiles, 4 stages: the dense kernel's fastest tile with the stage its TMA-store epilogue tile
-    leaves free (a guess until the grouped sweep has run on an H200)."""
+    """128 x 256 tiles, 4 stages, coalesced stores: the fastest of `grouped_configs()` on an H200 at every size
+    from 32k rows (Qwen3-30B-A3B experts, 262,144 rows: gate_up 1.60-1.67x of bf16 `_grouped_mm`, down
+    1.48-1.53x; the next config 1.43x / 1.13x; bench/RESULTS.md, twelfth session)."""
     return GroupedConfig()
 
 
@@ -144,27 +147,18 @@ if gluon is not None:
         return es, c, (c + BM - 1) // BM * gl.cdiv(N, BN)
 
     @gluon.jit
-    def _total_tiles(sched, BM: gl.constexpr, BN: gl.constexpr, E_P2: gl.constexpr, WARPS: gl.constexpr,
-                     DEBUG: gl.constexpr):  # fmt: skip
-        """The output tiles of all experts (DEBUG & 2: of M rows as one expert, the bisect's dense schedule)."""
-        COUNTS, E, M, N = sched
-        if DEBUG & 2:
-            total = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-        else:
-            total = gl.sum(_expert_tiles(sched, BM, BN, E_P2, WARPS)[2], 0)
-        return total
+    def _total_tiles(sched, BM: gl.constexpr, BN: gl.constexpr, E_P2: gl.constexpr, WARPS: gl.constexpr):
+        """The output tiles of all experts."""
+        return gl.sum(_expert_tiles(sched, BM, BN, E_P2, WARPS)[2], 0)
 
     @gluon.jit
     def _grouped_tile(sched, tile, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                      WARPS: gl.constexpr, DEBUG: gl.constexpr = 0):  # fmt: skip
+                      WARPS: gl.constexpr):  # fmt: skip
         """Output tile `tile` of the grouped GEMM -> (expert e, first row m0, the expert's row end, column tile).
         Tiles go expert by expert, ceil(count / BM) row tiles x ceil(N / BN) column tiles each, in GROUP_M order
         within the expert; every program scans the E counts (a few hundred bytes, from L1 after the first tile)
         instead of reading a table that a launch before it made. The producer and the consumers call this."""
         COUNTS, E, M, N = sched
-        if DEBUG & 2:  # dense schedule over all M rows as one expert
-            pm, pn = _tile_coords(tile, gl.cdiv(M, BM), gl.cdiv(N, BN), GROUP_M)
-            return tile * 0, pm * BM, M, pn
         es, c, tiles = _expert_tiles(sched, BM, BN, E_P2, WARPS)
         ends = gl.associative_scan(tiles, 0, _add)  # [E_P2] inclusive
         e = gl.sum((ends <= tile).to(gl.int32), 0)  # experts whose tiles end at or before this one
@@ -176,8 +170,7 @@ if gluon is not None:
         return e, row0 + pid_m * BM, gl.minimum(row0 + count, M), pid_n
 
     @gluon.jit
-    def _grouped_producer(descs, ring, sched, K, sa_stride, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                          DEBUG: gl.constexpr):  # fmt: skip
+    def _grouped_producer(descs, ring, sched, K, sa_stride, GROUP_M: gl.constexpr, E_P2: gl.constexpr):
         """One warp: each tile's K blocks into the ring (`_load_kblock`): A from the tile's first row (rows past
         the expert's end are loaded and multiplied, never stored), W from row e * N + the tile's columns of w
         viewed as [E * N, K]."""
@@ -188,10 +181,10 @@ if gluon is not None:
         BM: gl.constexpr = a_ring.shape[0] // STAGES * _ROWS
         BN: gl.constexpr = w_desc.block_type.shape[0]
         kbs = K // _BK
-        total = _total_tiles(sched, BM, BN, E_P2, 1, DEBUG)
+        total = _total_tiles(sched, BM, BN, E_P2, 1)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 1, DEBUG)
+            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 1)
             for kb in range(kbs):
                 _load_kblock(descs, ring, step, m0, e * N, pid_n, kb, sa_stride, False)
                 step += 1
@@ -214,7 +207,7 @@ if gluon is not None:
 
     @gluon.jit
     def _grouped_consumer(common, WG: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr, FENCE: gl.constexpr,
-                          COALESCE: gl.constexpr, DEBUG: gl.constexpr):  # fmt: skip
+                          COALESCE: gl.constexpr):  # fmt: skip
         """One warpgroup: rows [64 WG, 64 WG + 64) of each tile, as the dense `_consumer`, with the expert's
         weight scales and a masked store of the rows before the expert's end. Where all its 64 rows lie past
         the end (the last row tile of an expert) it skips the wgmma and only releases the slots."""
@@ -230,15 +223,12 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
         zero = gl.zeros([_ROWS, 128], gl.float32, mma)
         kbs = K // _BK
-        total = _total_tiles(sched, BM, BN, E_P2, 4, DEBUG)
+        total = _total_tiles(sched, BM, BN, E_P2, 4)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 4, DEBUG)
+            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 4)
             r0 = m0 + WG * _ROWS
-            live = r0 < row_end
-            if DEBUG & 1:
-                live = r0 >= 0
-            if live:
+            if r0 < row_end:
                 # the expert's weight scale rows of the tile's column halves (a half past N reads the last row)
                 sb_e = SB + e.to(gl.int64) * stride_se
                 sb_row0 = sb_e + pid_n * HALVES * stride_sbn
@@ -276,7 +266,7 @@ if gluon is not None:
                                  stride_sbk, M, N, K, E, sa_stride, BM: gl.constexpr, STAGES: gl.constexpr,
                                  GROUP_M: gl.constexpr, E_P2: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                  PRODUCER_REGS: gl.constexpr, FENCE: gl.constexpr = True,
-                                 COALESCE: gl.constexpr = False, DEBUG: gl.constexpr = 0):  # fmt: skip
+                                 COALESCE: gl.constexpr = False):  # fmt: skip
         """y[rows of expert e] = (A * sa)[those rows] @ (W[e] * sw[e])^T over a persistent grid of BM x BN tiles,
         scheduled from the device's counts (`_grouped_tile`); the ring and partitions of `fp8_wgmma_kernel`."""
         BN: gl.constexpr = w_desc.block_type.shape[0]
@@ -299,10 +289,10 @@ if gluon is not None:
         if CONSUMERS == 3:
             gl.warp_specialize(
                 [
-                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
-                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
-                    (_grouped_consumer, (common, 2, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, DEBUG)),
+                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
+                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE)),
+                    (_grouped_consumer, (common, 2, GROUP_M, E_P2, FENCE, COALESCE)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
                 ],
                 [4, 4, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -310,9 +300,9 @@ if gluon is not None:
         elif CONSUMERS == 2:
             gl.warp_specialize(
                 [
-                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
-                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, DEBUG)),
+                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
+                    (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -320,8 +310,8 @@ if gluon is not None:
         else:
             gl.warp_specialize(
                 [
-                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE, DEBUG)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, DEBUG)),
+                    (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
                 ],
                 [1],
                 [PRODUCER_REGS],
@@ -341,7 +331,6 @@ def grouped_fp8_block_gemm(
     w_scale: torch.Tensor,
     counts: torch.Tensor,
     config: GroupedConfig | None = None,
-    debug: int = 0,
 ) -> torch.Tensor:
     """y [M, N] bf16: expert e's rows of a (rows sorted by expert, counts [E] rows each) times w[e]^T, both
     block-scaled as in `fp8_block_gemm`, on sm_90.
@@ -388,7 +377,7 @@ def grouped_fp8_block_gemm(
     fp8_wgmma_grouped_kernel[grid](
         *descs, sa, y, ws, counts, y.stride(0), ws.stride(0), ws.stride(1), ws.stride(2), m, n, k, e, sa.stride(0),
         BM=cfg.block_m, STAGES=cfg.stages, GROUP_M=cfg.group_m, E_P2=max(32, 1 << (e - 1).bit_length()),
-        CONSUMER_REGS=consumer, PRODUCER_REGS=producer, FENCE=cfg.fence, COALESCE=cfg.coalesce, DEBUG=debug,
+        CONSUMER_REGS=consumer, PRODUCER_REGS=producer, FENCE=cfg.fence, COALESCE=cfg.coalesce,
         num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return y

@@ -46,7 +46,14 @@ try:
 except ImportError:  # the CPU install has no triton: the eager ops are used
     triton = None
 
-__all__ = ["enabled", "launch_options", "rope_cache_ok", "rope_norm_cache", "rope_norm_cache_reference"]
+__all__ = [
+    "enabled",
+    "heads_per_program",
+    "launch_options",
+    "rope_cache_ok",
+    "rope_norm_cache",
+    "rope_norm_cache_reference",
+]
 
 
 def enabled() -> bool:
@@ -109,26 +116,40 @@ if triton is not None:
         eps, stride_q, stride_k, stride_v, stride_cs, stride_sn,
         stride_slot, stride_pos, stride_head,
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
-        K_OUT: tl.constexpr,
+        K_OUT: tl.constexpr, HPP: tl.constexpr,
     ):  # fmt: skip
+        # program (row b, heads [HPP * g, HPP * g + HPP)): the q heads first, then the KV heads; each head
+        # through the same one-head code (so the same bits whatever HPP), unrolled so their loads overlap
         b = tl.program_id(0).to(tl.int64)  # row
-        h = tl.program_id(1)  # q head h, or KV head h - HQ
         offs = tl.arange(0, BLOCK_D)
         inside = offs < D
         cos = tl.load(cos_ptr + b * stride_cs + offs, mask=inside, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + b * stride_sn + offs, mask=inside, other=0.0).to(tl.float32)
-        if h < HQ:
-            y = _norm_rope(q_ptr + b * stride_q + h * D, qw_ptr, cos, sin, eps, D, BLOCK_D, HAS_NORM)
-            tl.store(out_ptr + (b * HQ + h) * D + offs, y, mask=inside)
-        else:
-            j = h - HQ
-            y = _norm_rope(k_ptr + b * stride_k + j * D, kw_ptr, cos, sin, eps, D, BLOCK_D, HAS_NORM)
-            dst = tl.load(slot_ptr + b) * stride_slot + tl.load(pos_ptr + b) * stride_pos + j * stride_head + offs
-            tl.store(ck_ptr + dst, y.to(ck_ptr.dtype.element_ty), mask=inside)
-            if K_OUT:  # the normed + roped k also as a [rows, Hkv, D] tensor (a prefill attends to it)
-                tl.store(kout_ptr + (b * HKV + j) * D + offs, y, mask=inside)
-            v = tl.load(v_ptr + b * stride_v + j * D + offs, mask=inside, other=0.0)
-            tl.store(cv_ptr + dst, v.to(cv_ptr.dtype.element_ty), mask=inside)
+        for i in tl.static_range(HPP):
+            h = tl.program_id(1) * HPP + i  # q head h, or KV head h - HQ
+            if h < HQ:
+                y = _norm_rope(q_ptr + b * stride_q + h * D, qw_ptr, cos, sin, eps, D, BLOCK_D, HAS_NORM)
+                tl.store(out_ptr + (b * HQ + h) * D + offs, y, mask=inside)
+            elif h < HQ + HKV:
+                j = h - HQ
+                y = _norm_rope(k_ptr + b * stride_k + j * D, kw_ptr, cos, sin, eps, D, BLOCK_D, HAS_NORM)
+                dst = tl.load(slot_ptr + b) * stride_slot + tl.load(pos_ptr + b) * stride_pos + j * stride_head + offs
+                tl.store(ck_ptr + dst, y.to(ck_ptr.dtype.element_ty), mask=inside)
+                if K_OUT:  # the normed + roped k also as a [rows, Hkv, D] tensor (a prefill attends to it)
+                    tl.store(kout_ptr + (b * HKV + j) * D + offs, y, mask=inside)
+                v = tl.load(v_ptr + b * stride_v + j * D + offs, mask=inside, other=0.0)
+                tl.store(cv_ptr + dst, v.to(cv_ptr.dtype.element_ty), mask=inside)
+
+
+PROGRAMS_ONE_HEAD = 1 << 16  # up to this many (row, head) programs, one head each
+HEADS_PER_PROGRAM = 4  # beyond it
+
+
+def heads_per_program(rows: int, heads: int) -> int:
+    """Heads one program takes: 1 at decode sizes (rows x heads programs fill the GPU), more for a prefill's
+    rows, where a one-warp program per head made ~1.2M tiny programs for 64 x 512 tokens of Qwen3-30B-A3B
+    (713 us per layer on an H200, ~4x its bytes at the memory's rate; bench/RESULTS.md)."""
+    return 1 if rows * heads <= PROGRAMS_ONE_HEAD else HEADS_PER_PROGRAM
 
 
 def _rows(x: Tensor, b: int) -> Tensor:
@@ -140,7 +161,7 @@ def _rows(x: Tensor, b: int) -> Tensor:
 def rope_norm_cache(
     q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None, k_weight: Tensor | None, eps: float,
     cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, slot: Tensor, pos: Tensor,
-    k_out: Tensor | None = None,
+    k_out: Tensor | None = None, hpp: int | None = None,
 ) -> Tensor:  # fmt: skip
     """q [B, Hq*D] (or [B, (1,) Hq, D]), k, v [B, Hkv*D] (or [B, (1,) Hkv, D]), 16-bit; q_weight,
     k_weight: RMSNorm weights [D] or None (no qk-norm); cos, sin [B, (1,) D]; cache_k, cache_v
@@ -149,7 +170,8 @@ def rope_norm_cache(
 
     Writes the normed + roped k and the raw v at cache[slot[b], pos[b]] -> q normed + roped
     [B, 1, Hq, D]; `k_out` ([B * Hkv * D] elements, contiguous, q's dtype) also receives the normed +
-    roped k. One launch, a static grid for a given B (CUDA-graph capturable), no host sync.
+    roped k. One launch, a static grid for a given B (CUDA-graph capturable), no host sync. `hpp`: heads
+    per program (default `heads_per_program`; the bits do not depend on it).
     """
     assert cache_v.stride() == cache_k.stride() and (q_weight is None) == (k_weight is None)
     b, hkv, d = slot.shape[0], cache_k.shape[2], cache_k.shape[3]
@@ -160,14 +182,15 @@ def rope_norm_cache(
     has_norm = q_weight is not None
     if k_out is not None:
         assert k_out.is_contiguous() and k_out.numel() == b * hkv * d and k_out.dtype == q.dtype
-    _rope_cache_kernel[(b, hq + hkv)](
+    hpp = hpp or heads_per_program(b, hq + hkv)
+    _rope_cache_kernel[(b, triton.cdiv(hq + hkv, hpp))](
         q2, k2, v2, q_weight if has_norm else q2, k_weight if has_norm else k2, cos2, sin2,
         cache_k, cache_v, slot.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), out,
         k_out if k_out is not None else out,
         float(eps), q2.stride(0), k2.stride(0), v2.stride(0), cos2.stride(0), sin2.stride(0),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         HQ=hq, HKV=hkv, D=d, BLOCK_D=triton.next_power_of_2(d), HAS_NORM=has_norm, K_OUT=k_out is not None,
-        **launch_options(d),
+        HPP=hpp, **launch_options(d),
     )  # fmt: skip
     return out
 
