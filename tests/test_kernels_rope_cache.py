@@ -144,7 +144,7 @@ def interp_heads_per_program() -> None:
         assert not outs[0][3].isnan().any()
         for other in outs[1:]:
             assert all(_same_bits(x, y) for x, y in zip(outs[0], other, strict=True))
-    assert rc.heads_per_program(64, 36) == 1 and rc.heads_per_program(32768, 36) == rc.HEADS_PER_PROGRAM
+    assert [rc.heads_per_program(r, 36) for r in (64, 256, 32768)] == [2, 4, 12] and rc.heads_per_program(9, 1) == 1
 
 
 def _interpreted(call: str) -> None:

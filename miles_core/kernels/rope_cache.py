@@ -5,7 +5,8 @@ At decode (one new token per row) everything a GQA layer does between its q/k/v 
 on q and on k (x * cos, rotate_half's chunk / neg / cat, * sin, +), then two `index_put` writes of
 K and V into the slot cache: about 14 launches per layer per step that move a few KB each, so at
 batch 64 the step pays launch latency, not bandwidth. `rope_norm_cache` does all of it in one
-launch: one program per (row, head), the q heads first, then the KV heads (which also copy v).
+launch: one program per (row, a few heads: `heads_per_program`), the q heads first, then the KV heads
+(which also copy v).
 A prefill passes every token as a row (`k_out` also returns the roped k for the step's own
 attention): there the same ops are passes over [B, T, H, D] tensors, several of them strided or
 unvectorized (rotate_half's cat, the index writes), ~2.9 ms per layer for 64 x 512 tokens of
@@ -141,15 +142,15 @@ if triton is not None:
                 tl.store(cv_ptr + dst, v.to(cv_ptr.dtype.element_ty), mask=inside)
 
 
-PROGRAMS_ONE_HEAD = 1 << 16  # up to this many (row, head) programs, one head each
-HEADS_PER_PROGRAM = 4  # beyond it
-
-
 def heads_per_program(rows: int, heads: int) -> int:
-    """Heads one program takes: 1 at decode sizes (rows x heads programs fill the GPU), more for a prefill's
-    rows, where a one-warp program per head made ~1.2M tiny programs for 64 x 512 tokens of Qwen3-30B-A3B
-    (713 us per layer on an H200, ~4x its bytes at the memory's rate; bench/RESULTS.md)."""
-    return 1 if rows * heads <= PROGRAMS_ONE_HEAD else HEADS_PER_PROGRAM
+    """Heads one program takes, by rows (the bits do not depend on it). One warp per (row, head) made ~1.2M
+    tiny programs for a 64 x 512-token prefill of Qwen3-30B-A3B (32 + 4 heads of 128). On an H200
+    (`bench/decode_kernels.py --only rope`, CUDA graphs; 1 / 2 / 4 / 6 / 9 / 12 heads per program):
+    64 rows 3.2 / **2.9** / 3.9 / 4.4 / 5.6 / 6.6 us; 256 rows 7.6 / 5.1 / **4.3** / 4.9 / 5.8 / 6.9 us;
+    32,768 rows 715.4 / 383.7 / 293.1 / 265.7 / 257.6 / **255.2** us (1.54x the bytes at the copy rate)."""
+    if rows <= 128:
+        return min(2, heads)
+    return min(4 if rows <= 4096 else 12, heads)
 
 
 def _rows(x: Tensor, b: int) -> Tensor:
