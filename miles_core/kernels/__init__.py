@@ -19,8 +19,11 @@ False and falls back.
 
 `FP8_GLUON` runs large FP8 linears (`fp8_gemm.GLUON_MIN_TILES` output tiles and up, on sm_90) on the Gluon block-scaled
 GEMM (`fp8_wgmma`) instead of cuBLAS's: the same bits on the H200 and 0.98-1.05x of cuBLAS's speed over
-two runs of four shapes, seven of the eight faster (bench/RESULTS.md, tenth session). `MILES_FP8_GLUON=0`
-keeps cuBLAS. A compile failure warns once, sets it False and falls back.
+two runs of four shapes, seven of the eight faster (bench/RESULTS.md, tenth session), and the FP8 MoE
+experts from `fp8_gemm.GLUON_GROUPED_MIN_M` rows on its grouped form (`fp8_wgmma_grouped`) instead of the
+Triton grouped kernel (1.35-1.42x faster at a prefill chunk's 262k rows; twelfth session). `MILES_FP8_GLUON=0`
+keeps cuBLAS and Triton. A compile failure warns once and falls back for the rest of the process (the dense
+kernel sets `FP8_GLUON` False, the grouped one its own flag).
 """
 
 import contextlib
