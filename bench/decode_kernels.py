@@ -354,8 +354,7 @@ def rope(batches, bw: float) -> None:
         first = None
         for hpp in (1, 2, 4, 6, 9, 12):
             fn = functools.partial(rc.rope_norm_cache, q, k, v, w, w, 1e-6, cos, sin, ck, cv, slot, pos, k_out, hpp=hpp)
-            out = fn().clone()
-            bits = (out.clone(), ck.clone(), k_out.clone() if k_out is not None else None)
+            bits = (fn().clone(), ck.clone(), k_out.clone() if k_out is not None else None)
             first = first or bits
             same = all(a is None or torch.equal(a, b) for a, b in zip(first, bits, strict=True))
             us = graph_us(fn, calls=5 if rows > 256 else 20)

@@ -123,9 +123,9 @@ COMPILED = [
 @pytest.mark.parametrize("cfg,e_p2,counts", COMPILED, ids=[f"{_label(c)}-E{e}-{t[1:]}" for c, e, t in COMPILED])
 def test_grouped_kernel_compiles_for_hopper_with_wgmma_tma_masked_stores_and_no_spills(cfg, e_p2, counts):
     """e4m3 wgmma (m64n128k32, 4 per K block and column half in each consumer, whose copy for a dead 64-row half
-    has none), A / W by 2-D TMA and the activation scales by 1-D TMA on mbarriers, the output by predicated
-    register stores and never by a TMA store, the partitions' register budgets set by setmaxnreg, no spills
-    with E up to 256, and the shared memory `smem_bytes` budgets."""
+    has none), A / W by 2-D TMA on mbarriers and the activation scales by the consumers' loads (no 1-D TMA),
+    the output by predicated register stores and never by a TMA store, the partitions' register budgets set
+    by setmaxnreg, no spills with E up to 256, and the shared memory `smem_bytes` budgets."""
     kernel = _compile(cfg, e_p2, counts)
     ptx = kernel.asm["ptx"]
     assert_pipeline(kernel, cfg, sa_tma=False)
@@ -247,9 +247,9 @@ def test_gpu_grouped_in_a_cuda_graph_follows_the_device_counts_between_replays()
 def test_gpu_fp8_experts_take_the_grouped_gluon_gemm_at_prefill_sizes_and_agree_with_triton(monkeypatch):
     """`fp8_gemm.grouped_fp8_experts` from GLUON_GROUPED_MIN_M rows (lowered here to keep the test small) runs both
     GEMMs on the grouped Gluon kernel (1,024 tokens x top-8 of Qwen3-30B-A3B's 128 experts, one expert empty),
-    and below it the Triton kernel: as close to the fp32 reference
-    chain as the Triton path it replaces (the switch off), and the norm's quantized token rows, gathered, give
-    the same bits as quantizing the gathered rows."""
+    and below it the Triton kernel (the bits of the switch-off path): as close to the fp32 reference chain as the
+    Triton path it replaces, and the norm's quantized token rows, gathered, give the same bits as quantizing the
+    gathered rows."""
     from miles_core import kernels
     from miles_core.kernels import swiglu
     from tests.test_kernels_expert_fusion import _decode_plan
