@@ -139,7 +139,7 @@ def prefetch(bw: float) -> None:
     with torch.inference_mode():
         want = step()
         base = graph_us(step, calls=4) / layers
-        print("\n| prefetch (where, 64-row tiles, 128 B lines per row, evict_last) | MB | us per layer | vs none | bits |")
+        print("\n| prefetch (where, 64-row tiles, 128 B lines, evict_last) | MB | us per layer | vs none | bits |")
         print("|---|---|---|---|---|")
         print(f"| none | 0 | {base:.1f} | 1.00x | - |")
         for where, n_tiles, lines, evict in itertools.product(
