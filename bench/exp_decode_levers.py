@@ -76,6 +76,10 @@ def flash(bw: float) -> None:
     print("best five:", results[:5])
 
 
+_PF = tl.constexpr("prefetch.global.L2 [$1]; mov.u32 $0, 0;")
+_PF_LAST = tl.constexpr("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;")
+
+
 @triton.jit
 def _prefetch_kernel(W, stride_e, stride_n, ROWS: tl.constexpr, LINES: tl.constexpr, EVICT_LAST: tl.constexpr):
     # program (n tile, expert): prefetch into L2 the first LINES 128-byte lines of ROWS weight rows
@@ -84,10 +88,9 @@ def _prefetch_kernel(W, stride_e, stride_n, ROWS: tl.constexpr, LINES: tl.conste
     c = tl.arange(0, LINES) * 128
     ptrs = W + e.to(tl.int64) * stride_e + r[:, None] * stride_n + c[None, :]
     if EVICT_LAST:
-        asm = "prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;"
+        tl.inline_asm_elementwise(_PF_LAST, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
     else:
-        asm = "prefetch.global.L2 [$1]; mov.u32 $0, 0;"
-    tl.inline_asm_elementwise(asm, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise(_PF, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def prefetch(bw: float) -> None:
