@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--profile-prefill", action="store_true", help="first profile the first batch's prefill")
     ap.add_argument("--unfused", action="store_true", help="also run without the decode-size fused kernels")
     ap.add_argument("--fp8-experts", action="store_true", help="also FP8 experts with bf16 attention")
+    ap.add_argument("--fp8-experts-only", action="store_true", help="--profile: only the FP8-experts engine")
     args = ap.parse_args()
 
     bandwidth = measured_bandwidth()
@@ -270,10 +271,13 @@ def main() -> None:
         from miles_core.model.config import ModelConfig
         from miles_core.quant import quantize_model_
 
-        fp8 = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
-        fp8.load_state_dict(miles.state_dict())
-        quantize_model_(fp8, "fp8")  # every linear layer but the LM head and routers, as DeepSeek-V3's FP8
-        if args.fp8_experts:  # FP8 routed experts, bf16 attention (faster at decode: bench/RESULTS.md)
+        if not args.fp8_experts_only:
+            fp8 = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
+            fp8.load_state_dict(miles.state_dict())
+            quantize_model_(fp8, "fp8")  # every linear layer but the LM head and routers, as DeepSeek-V3's FP8
+        if (
+            args.fp8_experts or args.fp8_experts_only
+        ):  # FP8 routed experts, bf16 attention (faster at decode: bench/RESULTS.md)
             fp8e = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
             fp8e.load_state_dict(miles.state_dict())
             quantize_model_(fp8e, "fp8", scope="experts")
@@ -285,7 +289,8 @@ def main() -> None:
             if m is not None:
                 profile_prefill(m, args.batch[0], args.prompt, vocab, name)
     if args.profile or args.profile_only:
-        profile_decode(miles, args.batch[0], ctx, vocab, "graphs")
+        if not args.fp8_experts_only:
+            profile_decode(miles, args.batch[0], ctx, vocab, "graphs")
         if not args.skip_eager:
             profile_decode(miles, args.batch[0], ctx, vocab, args.eager_profile, top=30)
         if fp8 is not None:
