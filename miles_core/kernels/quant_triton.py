@@ -642,22 +642,22 @@ def _fp8_kstep(
         sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
     b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
     sb = tl.load(SB + (col0 // 128) * stride_sbn + kb, mask=live, other=0.0)  # the tile lies in one scale block
-    acc = _fp8_tile_dot(acc, a, sa, b, sb, SWAP)
-    if acc2 is None:
-        return acc
-    cols2 = col2 + cols - col0
-    b2 = tl.load(B + cols2[:, None] * stride_bn + ks[None, :], mask=(cols2[:, None] < N) & kmask[None, :], other=0.0)
-    sb2 = tl.load(SB + (col2 // 128) * stride_sbn + kb, mask=live, other=0.0)
-    return acc, _fp8_tile_dot(acc2, a, sa, b2, sb2, SWAP)
-
-
-@triton.jit
-def _fp8_tile_dot(acc, a, sa, b, sb, SWAP: tl.constexpr):
     if SWAP:
         acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
     else:
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
-    return acc
+    if acc2 is None:
+        return acc
+    else:
+        cols2 = col2 + cols - col0
+        bmask = (cols2[:, None] < N) & kmask[None, :]
+        b2 = tl.load(B + cols2[:, None] * stride_bn + ks[None, :], mask=bmask, other=0.0)
+        sb2 = tl.load(SB + (col2 // 128) * stride_sbn + kb, mask=live, other=0.0)
+        if SWAP:
+            acc2 += tl.dot(b2, tl.trans(a)) * (sb2 * sa[None, :])
+        else:
+            acc2 += tl.dot(a, tl.trans(b2)) * (sa[:, None] * sb2)
+        return acc, acc2
 
 
 @triton.jit
