@@ -5,7 +5,6 @@ timeout 200 python3 -m pytest -q -m gpu tests/test_kernels_expert_fusion.py -k s
 timeout 200 python3 -c "
 import torch, bench.decode_kernels as d
 bw = d.bandwidth(); print('bw', bw/1e9)
-d.fp8_grouped.__globals__['itertools']  # noqa
 from miles_core.kernels import fp8_gemm
 from miles_core.quant import fp8_block_quantize
 for tok in (64, 256):
@@ -17,8 +16,8 @@ for tok in (64, 256):
     nbytes = int((counts > 0).sum()) * 1536 * 2048
     d._swiglu_epilogue(fp8_gemm, x, wq, ws, counts, nbytes, bw)
 " > $OUT/epi.txt 2>&1; echo "epi rc $?"; cat $OUT/epi.txt | tail -20
-for t in off 1,3,4 1,4,4 1,4,8; do
-  if [ $t = off ]; then E=0; T=1,3,4; else E=1; T=$t; fi
+for t in off 1_3_4 1_4_4 1_4_8 1_3_8; do
+  if [ $t = off ]; then E=0; T=1,3,4; else E=1; T=${t//_/,}; fi
   MILES_FP8_SWIGLU_EPILOGUE=$E MILES_FP8_SWIGLU_TILES=$T timeout 150 python3 bench/rollout.py --batch 64 --fp8-experts-only --profile-only --skip-hf --skip-eager > $OUT/prof_$t.txt 2>&1
   echo "$t: $(grep 'decode step wall' $OUT/prof_$t.txt | tr '\n' ' ')"
 done
