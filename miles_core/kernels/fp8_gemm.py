@@ -30,7 +30,6 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -72,16 +71,7 @@ __all__ = [
 # Thresholds on M (rows), to be tuned on the device with `bench/quant.py --only decode`.
 DENSE_TRITON_MAX_M = 128  # fp8_linear: the dense Triton kernel (act-quant first) up to here, act-quant + cuBLAS above
 DECODE_GROUPED_MAX_M = 2048  # grouped FP8: the 16-row swapped tiles up to here (decode), 64 x 128 above
-# grouped_fp8_experts at decode: SwiGLU + act-quant in the gate_up GEMM's epilogue (MILES_FP8_SWIGLU_EPILOGUE=1/0).
-SWIGLU_EPILOGUE = os.environ.get("MILES_FP8_SWIGLU_EPILOGUE", "0") == "1"
-# its tiles (gate and up weight tiles of 128 rows in one K loop): "ku,stages,warps"
-SWIGLU_TILES = dict(
-    zip(
-        ("ku", "num_stages", "num_warps"),
-        map(int, os.environ.get("MILES_FP8_SWIGLU_TILES", "1,3,4").split(",")),
-        strict=True,
-    )
-)
+SWIGLU_EPILOGUE = False  # grouped_fp8_experts at decode: SwiGLU + act-quant in the gate_up GEMM's epilogue.
 # Off: it needs 128-wide tiles (a program holds the gate and up columns of whole 1x128 output tiles), which
 # stream slower than the 64-wide ones: on an H200 at batch 64 the gate_up with the epilogue ran 102.7-104.6
 # us against 101.3-101.9 for the 64-wide GEMM + the SwiGLU-quant launch (bench/RESULTS.md).
@@ -517,7 +507,6 @@ def grouped_fp8_linear_triton(
     if m == 0:
         return (y, ys) if swiglu_quant else y
     xs = xs if xs.stride(-1) == 1 else xs.contiguous()
-    fuse = fuse and not swiglu_quant  # the SwiGLU epilogue's K loop reads quantized rows only
     if x_scale is not None:
         a, sa, fuse = xs, x_scale, False
     else:  # [M, K]; [M, KB] fp32 (unused when fused)
@@ -577,7 +566,7 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
         a, sa = fp8_act_quant_triton(x, src=src) if xq is None else xq  # [M, H] e4m3, [M, H/128] fp32
         gather = None
     if SWIGLU_EPILOGUE and cfg.swap and (w1.shape[1] // 2) % BLOCK == 0:  # [M, I] e4m3, [M, I/128] fp32
-        wide = {**tiles, **SWIGLU_TILES, "bn": BLOCK}  # gate and up columns of one 1x128 output tile per program
+        wide = {**tiles, "bn": BLOCK}  # gate and up columns of one 1x128 output tile per program
         a, sa = grouped_fp8_linear_triton(
             a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, swiglu_quant=True, **wide
         )

@@ -554,55 +554,6 @@ def _fp8_block_dot(
 
 
 @triton.jit
-def _fp8_block_dot_pair(
-    A,
-    SA,
-    B,
-    SB,
-    rows,
-    row_end,
-    col0,
-    col2,
-    N,
-    K,
-    stride_am,
-    stride_sam,
-    stride_bn,
-    stride_sbn,
-    EPS,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    SWAP: tl.constexpr,
-    KU: tl.constexpr,
-    a_rows,
-):
-    # _fp8_block_dot over all K blocks for two column tiles at once (col0: gate rows, col2: up rows of a
-    # SwiGLU pair), in one loop: each step loads the activation tile once and both weight tiles, so the
-    # two weight streams share one pipeline. Each accumulator gets the bits _fp8_block_dot gives it.
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc2 = tl.zeros_like(acc)
-    rmask = rows < row_end
-    cols = col0 + tl.arange(0, BN)
-    kb_hi = tl.cdiv(K, BK)
-    for kb in range(0, kb_hi, KU):
-        acc, acc2 = _fp8_kstep(
-            acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, True,
-            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, False, SWAP, acc2, col2,
-        )  # fmt: skip
-        if KU == 2:
-            acc, acc2 = _fp8_kstep(
-                acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
-                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, False, SWAP, acc2, col2,
-            )  # fmt: skip
-    return acc, acc2
-
-
-@triton.jit
 def _fp8_kstep(
     acc,
     A,
@@ -626,12 +577,9 @@ def _fp8_kstep(
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
-    acc2=None,
-    col2=0,
 ):
     # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot), A's rows `rows` (masked by rmask);
-    # `live` False: acc unchanged (zeros read). With `acc2`: also acc2 + the same for the weight rows
-    # col2 + (cols - col0) (the up rows of a SwiGLU pair), the activation tile loaded once -> (acc, acc2).
+    # `live` False: acc unchanged (zeros read)
     ks = kb * BK + tl.arange(0, BK)
     kmask = ((ks < K) | EVEN_K) & live
     a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -646,18 +594,7 @@ def _fp8_kstep(
         acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
     else:
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
-    if acc2 is None:
-        return acc
-    else:
-        cols2 = col2 + cols - col0
-        bmask = (cols2[:, None] < N) & kmask[None, :]
-        b2 = tl.load(B + cols2[:, None] * stride_bn + ks[None, :], mask=bmask, other=0.0)
-        sb2 = tl.load(SB + (col2 // 128) * stride_sbn + kb, mask=live, other=0.0)
-        if SWAP:
-            acc2 += tl.dot(b2, tl.trans(a)) * (sb2 * sa[None, :])
-        else:
-            acc2 += tl.dot(a, tl.trans(b2)) * (sa[:, None] * sb2)
-        return acc, acc2
+    return acc
 
 
 @triton.jit
@@ -723,21 +660,19 @@ def grouped_fp8_kernel(
         a_rows = rows
     B += e_safe.to(tl.int64) * stride_be
     SB += e_safe.to(tl.int64) * stride_sbe
-    if SWIGLU_DT is not None:  # gate and up columns in one K loop (QUANT is never set here)
-        acc, up = _fp8_block_dot_pair(
-            A, SA, B, SB, rows, r1, pid_n * BN, N // 2 + pid_n * BN, N, K,
-            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, SWAP, KU, a_rows,
-        )  # fmt: skip
-        if SWAP:
-            acc, up = tl.trans(acc), tl.trans(up)
-    else:
-        acc = _fp8_block_dot(
-            A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
+    acc = _fp8_block_dot(
+        A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
+    )  # fmt: skip
+    if SWAP:
+        acc = tl.trans(acc)
+    if SWIGLU_DT is not None:
+        up = _fp8_block_dot(
+            A, SA, B, SB, rows, r1, N // 2 + pid_n * BN, N, K, 0, tl.cdiv(K, BK),
             stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
         )  # fmt: skip
         if SWAP:
-            acc = tl.trans(acc)
-    if SWIGLU_DT is not None:
+            up = tl.trans(up)
         g = acc.to(SWIGLU_DT).to(tl.float32)  # the unfused GEMM's stored outputs
         h = silu_mul(g, up.to(SWIGLU_DT).to(tl.float32)).to(SWIGLU_DT).to(tl.float32)  # as `swiglu` stores h
         q, scale = _quantize_rows(h, EPS)  # BN == 128: one 1x128 tile per row
