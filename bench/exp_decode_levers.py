@@ -259,9 +259,8 @@ def heads(bw: float) -> None:
         try:
             us = graph_us(run)
         except Exception as exc:
-            print(
-                f"| {'all heads' if all_heads else 'per head'} | {grid} | {bn} | {w} | {st} | failed {type(exc).__name__} | |"
-            )
+            name = "all heads" if all_heads else "per head"
+            print(f"| {name} | {grid} | {bn} | {w} | {st} | failed {type(exc).__name__} | |")
             continue
         print(f"| {'all heads' if all_heads else 'per head'} | {grid} | {bn} | {w} | {st} | {us:.1f} | "
               f"{nbytes / (us * 1e-6) / bw:.2f} |", flush=True)  # fmt: skip
