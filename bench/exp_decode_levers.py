@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/exp_decode_levers.py [--only flash|prefetch]
 
 - flash: `flash_decode`'s split kernel at every (keys per block, warps, stages) and 1 / 2 / 4 splits
-  (with the combine launch), as bandwidth over the K/V bytes, against the autotuned default.
+  (with the combine launch), as bandwidth over the K/V bytes, against the default launch.
 - prefetch: a MoE layer's tail at decode, [o_proj GEMM, add + RMSNorm (FP8 rows), router GEMM, top-k +
   sort, FP8 experts], 8 layers of weights rotating (CUDA graph), with and without an L2 prefetch of the
   gate_up GEMM's first weight blocks launched on a side stream while the latency-bound kernels run
@@ -38,7 +38,7 @@ def flash(bw: float) -> None:
     default = lambda: fd.flash_decode(q, kc, vc, slots, lengths, 128**-0.5, 1024)  # noqa: E731
     default()
     us0 = graph_us(default)
-    print(f"\nflash_decode default (autotuned {fd.tuned()}): {us0:.1f} us, {nbytes / (us0 * 1e-6) / bw:.2f}x copy bw")
+    print(f"\nflash_decode default ({fd.tuned()}): {us0:.1f} us, {nbytes / (us0 * 1e-6) / bw:.2f}x copy bw")
     print("\n| splits | BN | warps | stages | us | x copy bw | vs default | max err |")
     print("|---|---|---|---|---|---|---|---|")
     results = []

@@ -180,7 +180,7 @@ def profile_decode(model, batch: int, prompt: int, vocab: int, mode: str, steps:
     try:
         from miles_core.rollout.flash_decode import tuned
 
-        print(f"flash_decode autotune: {tuned()}")
+        print(f"flash_decode launch: {tuned()}")
     except ImportError:  # an engine without the kernel
         pass
     del engine
