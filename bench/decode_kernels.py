@@ -215,7 +215,7 @@ def _swiglu_epilogue(fp8_gemm, x, wq, ws, counts, nbytes: int, bw: float) -> Non
         us = graph_us(two)
     print(f"| gate_up (bn 64, {cfg.num_warps} warps, {cfg.num_stages} stages) + swiglu-quant | {rows} | - | {us:.1f} "
           f"| {nbytes / us / 1e3:.0f} | {nbytes / (us * 1e-6) / bw:.2f} | |", flush=True)  # fmt: skip
-    # the epilogue's tiles: gate and up weight tiles of 128 rows stream in one K loop (ku, stages, warps)
+    # the epilogue's tiles (ku, stages, warps): each program runs its 128 gate rows, then its 128 up rows
     for ku, st, nw in ((1, 2, 4), (1, 3, 4), (1, 4, 4), (1, 3, 8), (1, 4, 8), (2, 2, 4), (2, 2, 8)):
         tiles = dict(ku=ku, num_stages=st, num_warps=nw)
         one = lambda t=tiles: fp8_gemm.grouped_fp8_linear_triton(  # noqa: E731

@@ -178,9 +178,9 @@ def profile_decode(model, batch: int, prompt: int, vocab: int, mode: str, steps:
     if mode != "graphs":
         print(events.table(sort_by="self_cpu_time_total", row_limit=15))
     try:
-        from miles_core.rollout.flash_decode import tuned
+        from miles_core.rollout.flash_decode import launch_config
 
-        print(f"flash_decode launch: {tuned()}")
+        print(f"flash_decode launch: {launch_config()}")
     except ImportError:  # an engine without the kernel
         pass
     del engine
@@ -275,9 +275,8 @@ def main() -> None:
             fp8 = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
             fp8.load_state_dict(miles.state_dict())
             quantize_model_(fp8, "fp8")  # every linear layer but the LM head and routers, as DeepSeek-V3's FP8
-        if (
-            args.fp8_experts or args.fp8_experts_only
-        ):  # FP8 routed experts, bf16 attention (faster at decode: bench/RESULTS.md)
+        # FP8 routed experts, bf16 attention (faster at decode: bench/RESULTS.md)
+        if args.fp8_experts or args.fp8_experts_only:
             fp8e = build_model(ModelConfig.from_hf(raw), device="cuda", dtype=torch.bfloat16).eval()
             fp8e.load_state_dict(miles.state_dict())
             quantize_model_(fp8e, "fp8", scope="experts")

@@ -22,14 +22,14 @@ import os
 
 import torch
 
-__all__ = ["flash_decode", "flash_decode_ok", "flash_decode_reference", "tuned"]
+__all__ = ["flash_decode", "flash_decode_ok", "flash_decode_reference", "launch_config"]
 
 CHUNK_UNIT = 128  # key chunks are multiples of this (and so of the block size below)
 TARGET_PROGRAMS = 256  # split rows until about this many programs run: on an H200, 64 rows x 4 KV heads ran
 # fastest unsplit (32.1 us at ~770 keys vs 40.6 with 4 splits + the combine; bench/decode_kernels.py)
 # (keys per block, warps, pipeline stages) of the split kernel: fixed, not autotuned. On an H200 at 64 rows
-# x 512-1024 keys, 32 / 4 KV heads of 128, two sweeps of 54-72 configs each (bench/exp_decode_levers.py)
-# put (64, 4, 3) first, 30.8 us both times; triton.autotune, which this replaced, picked (64, 8, 3),
+# x 512-1024 keys, 32 / 4 KV heads of 128, two sweeps of 54 and 48 configs (bench/RESULTS.md, thirteenth
+# session) put (64, 4, 3) first, 30.8 us both times; triton.autotune, which this replaced, picked (64, 8, 3),
 # (128, 8, 2) or (32, 2, 3) on different machine starts: 30.6-35.3 us. A read-only probe of the same K/V
 # bytes in the same pattern takes 28.5 us, so the kernel is within 8% of its reads.
 CONFIG = (64, 4, 3)
@@ -46,7 +46,7 @@ def _kernels():
     return k.split_kernel, {"BN": bn, "num_warps": warps, "num_stages": stages}, k.combine_kernel
 
 
-def tuned() -> str:
+def launch_config() -> str:
     """The split kernel's launch configuration (for benchmark logs)."""
     bn, warps, stages = CONFIG
     return f"BN {bn}, {warps} warps, {stages} stages"
