@@ -11,6 +11,8 @@ batches of 64 and 256 tokens. Each variant is captured in a CUDA graph of 20 cal
 - grouped GEMM: the experts' gate_up [128, 1536, 2048] and down [128, 2048, 768] bf16 GEMMs over the
   sorted rows: torch._grouped_mm (with its offsets cumsum) vs `grouped_triton` (`--sweep`: tiles),
   as bandwidth over the touched experts' weight bytes against a measured device copy.
+- dense: the "fp8" engine's FP8 attention projections (q/k/v fused, o_proj) against bf16 cuBLAS, the
+  kernel alone on pre-quantized rows by tile (`--sweep`).
 - flash_decode: the GQA decode attention for several split targets (`TARGET_PROGRAMS`).
 - addnorm: the residual add + next RMSNorm (`x + a`, F.rms_norm) and the MoE's combine + add + norm
   (`moe_combine.combine`, `x + c`, F.rms_norm) vs `add_norm.add_rms_norm` / `combine_add_rms_norm`.
@@ -191,6 +193,57 @@ def fp8_grouped(batches, bw: float) -> None:
                   f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
         if name == "gate_up":
             _swiglu_epilogue(fp8_gemm, x, wq, ws, counts, nbytes, bw)
+
+
+def fp8_dense(batches, sweep: bool, bw: float) -> None:
+    """The "fp8" engine's attention projections at decode: the fused q/k/v (5120 x 2048) and o_proj (2048 x
+    4096) of Qwen3-30B-A3B on FP8 weights, 8 weight copies rotating (beyond the L2), against bf16 `x @ w.t()`
+    (cuBLAS) on the same rows: the default (act-quant + `fp8_dense_kernel`) and the kernel alone on rows
+    quantized before (what a norm that quantizes its output leaves), by tile (`--sweep`)."""
+    from miles_core.kernels import fp8_gemm
+    from miles_core.quant import fp8_block_quantize
+
+    print(f"\n| dense FP8 | rows | path (bm, bn, warps, stages, split, K blocks per step) | us | x bf16 | "
+          f"x copy bw ({bw / 1e9:.0f}) | rel err |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    options = [(64, 64, 4, 4, 1, 1), (64, 64, 4, 4, 4, 1)]  # the default's tiles for q/k/v, o_proj
+    if sweep:  # deeper pipelines, narrower N tiles (more programs), two K blocks per step
+        options += [(64, bn, 4, st, sp, 1) for bn in (32, 64) for st in (6, 8) for sp in (1, 2, 4)]
+        options += [(64, 32, 4, 4, sp, 1) for sp in (1, 2, 4)] + [(64, 16, 4, st, 1, 1) for st in (4, 8)]
+        options += [(64, bn, 4, st, sp, 2) for bn in (32, 64) for st in (3, 4) for sp in (1, 2)]
+        options += [(64, 64, 8, 6, 1, 1), (64, 64, 8, 6, 2, 1)]
+    for b, (name, n, k) in itertools.product(batches, (("q/k/v fused", 5120, 2048), ("o_proj", 2048, 4096))):
+        x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        qs = [fp8_block_quantize(w) for w in ws]
+        nbytes = n * k
+        ref = fp8_gemm.fp8_linear_reference(x, *qs[0]).float()
+        base = graph_us(_cycle([lambda w=w: x @ w.t() for w in ws]))
+        print(f"| {name} | {b} | bf16 cuBLAS | {base:.1f} | 1.00 | {2 * nbytes / (base * 1e-6) / bw:.2f} | |")
+        xq = fp8_gemm.fp8_act_quant_triton(x)
+        us = graph_us(lambda: fp8_gemm.fp8_act_quant_triton(x))
+        print(f"| {name} | {b} | act-quant alone | {us:.1f} | | | |")
+        default = fp8_gemm.dense_fp8_config(b, n, k)
+        us = graph_us(_cycle([lambda q=q: fp8_gemm.fp8_dense_triton(x, *q, default) for q in qs]))
+        print(f"| {name} | {b} | default, act-quant + kernel {default} | {us:.1f} | {base / us:.2f} | "
+              f"{nbytes / (us * 1e-6) / bw:.2f} | |", flush=True)  # fmt: skip
+        for bm, bn, nw, st, sp, ku in dict.fromkeys(options):
+            cfg = fp8_gemm.Fp8Config(bm=bm, bn=bn, num_warps=nw, num_stages=st, split_k=sp, ku=ku)
+            runs = [lambda q=q: fp8_gemm.fp8_dense_triton(x, *q, cfg, xq=xq) for q in qs]
+            try:
+                err = float((runs[0]().float() - ref).norm() / ref.norm())
+                us = graph_us(_cycle(runs))
+            except Exception as exc:  # a tile the compiler refuses (shared memory)
+                print(f"| {name} | {b} | {(bm, bn, nw, st, sp, ku)} | failed: {type(exc).__name__} | | | |")
+                continue
+            print(f"| {name} | {b} | on fp8 rows {(bm, bn, nw, st, sp, ku)} | {us:.1f} | {base / us:.2f} | "
+                  f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
+
+
+def _cycle(fns):
+    """One callable that runs fns in turn (each graph call its own weight copy)."""
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
 
 
 def _fp8_run(fp8_gemm, x, wq, ws, counts, cfg):
@@ -378,7 +431,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    parts = ["routing", "grouped", "flash", "fp8", "sampling", "addnorm", "experts", "rope"]
+    parts = ["routing", "grouped", "flash", "fp8", "dense", "sampling", "addnorm", "experts", "rope"]
     ap.add_argument("--only", choices=parts, default=None)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -392,6 +445,9 @@ def main() -> None:
         flash(args.batch, bw)
     if args.only in (None, "fp8"):
         fp8_grouped(args.batch, bw)
+    if args.only in (None, "dense"):
+        with torch.inference_mode():
+            fp8_dense(args.batch, args.sweep, bw)
     if args.only in (None, "sampling"):
         with torch.inference_mode():
             sampling(args.batch, args.sweep, bw)

@@ -69,6 +69,11 @@ def interp_dense_fp8_fused() -> None:
         two = fp8_gemm.fp8_dense_triton(x, wq, ws, replace(cfg, fuse=False))
         assert torch.equal(fused, two), (m, n, k, cfg)
         assert _rel(fused, ref) < 1e-5, (m, n, k, cfg, _rel(fused, ref))
+        # two K blocks per loop iteration, and rows quantized before (as a norm that quantizes leaves them):
+        # the same bits
+        xq = fp8_gemm.fp8_act_quant_triton(x)
+        assert torch.equal(fp8_gemm.fp8_dense_triton(x, wq, ws, replace(cfg, ku=2)), two), (m, n, k, cfg)
+        assert torch.equal(fp8_gemm.fp8_dense_triton(xq[0], wq, ws, cfg, xq=xq, out_dtype=x.dtype), two)
         if cfg.split_k == 1 and not cfg.swap:  # the same tiles as the grouped kernel with one expert
             counts = torch.tensor([m])
             grouped = fp8_gemm.grouped_fp8_linear_triton(x, wq[None], ws[None], counts, cfg.bm, cfg.bn)

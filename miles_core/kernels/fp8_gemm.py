@@ -94,7 +94,7 @@ class Fp8Config:
     swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
     fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
     nfast: bool = False  # grouped kernel: a row tile's N tiles launched side by side (A reused from L2)
-    ku: int = 1  # grouped kernel: K blocks of 128 per loop iteration (1 or 2; the same bits either way).
+    ku: int = 1  # K blocks of 128 per loop iteration (1 or 2; the same bits either way).
     # 2 was no faster on an H200: decode gate_up 101.8 vs 101.9 us, down 55.9 vs 54.5; prefill 0.73-0.89x
     # of bf16 against 0.95-1.01x (bench/RESULTS.md)
 
@@ -367,16 +367,23 @@ def tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
     return locks
 
 
-def fp8_dense_triton(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
+def fp8_dense_triton(
+    x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, cfg: Fp8Config, xq=None, out_dtype=None
+) -> torch.Tensor:
     """The dense kernel launch alone (any Triton device, the interpreter included). x2: [M, K] -> [M, N] in
-    x2.dtype. cfg.fuse: one launch; else act-quant first. Both give the same bits for the same cfg."""
+    x2.dtype. cfg.fuse: one launch; else act-quant first. Both give the same bits for the same cfg.
+    `xq` = (q [M, K] e4m3, scale [M, KB] fp32): x2's rows already quantized as `fp8_act_quant_triton` does
+    (by the norm that made them): no act-quant launch, x2 unread (may be q itself); output in `out_dtype`."""
     m, k = x2.shape
     n = w.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    y = torch.empty(m, n, dtype=out_dtype or x2.dtype, device=x2.device)
     if m == 0:
         return y
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    a, sa = (x2, x2) if cfg.fuse else fp8_act_quant_triton(x2)  # [M, K]; [M, KB] fp32 (unused when fused)
+    if xq is not None:
+        a, sa = xq
+    else:
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        a, sa = (x2, x2) if cfg.fuse else fp8_act_quant_triton(x2)  # [M, K]; [M, KB] fp32 (unused when fused)
     kb_per_split = _cdiv(_cdiv(k, BLOCK), cfg.split_k)
     grid = (_cdiv(m, cfg.bm), _cdiv(n, cfg.bn), cfg.split_k)
     if cfg.split_k > 1:
@@ -388,7 +395,7 @@ def fp8_dense_triton(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
         a, sa, w, scale_inv, y, partials, locks, m, n, k, kb_per_split,
         a.stride(0), sa.stride(0), w.stride(0), scale_inv.stride(0), y.stride(0), ACT_EPS,
         BM=cfg.bm, BN=cfg.bn, BK=BLOCK, SPLIT_K=cfg.split_k, EVEN_K=k % BLOCK == 0, QUANT=cfg.fuse, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KU=cfg.ku, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
 

@@ -710,6 +710,7 @@ def fp8_dense_kernel(
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
+    KU: tl.constexpr = 1,
 ):
     # y = x @ W^T at decode sizes: no expert machinery, grid (M tiles, N tiles, SPLIT_K). A, SA, B, SB as
     # in grouped_fp8_kernel with one expert; Y: [M, N]; P: [SPLIT_K, M, N] fp32 partials and LOCKS: tile
@@ -721,7 +722,7 @@ def fp8_dense_kernel(
     kb_hi = tl.minimum(kb_lo + kb_per_split, tl.cdiv(K, BK))
     acc = _fp8_block_dot(
         A, SA, B, SB, rows, M, pid_n * BN, N, K, kb_lo, kb_hi,
-        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP,
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU,
     )  # fmt: skip
     if SWAP:
         acc = tl.trans(acc)
