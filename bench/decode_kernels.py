@@ -218,18 +218,18 @@ def fp8_dense(batches, sweep: bool, bw: float) -> None:
         qs = [fp8_block_quantize(w) for w in ws]
         nbytes = n * k
         ref = fp8_gemm.fp8_linear_reference(x, *qs[0]).float()
-        base = graph_us(_cycle([lambda w=w: x @ w.t() for w in ws]))
+        base = graph_us(_cycle([lambda w=w, x=x: x @ w.t() for w in ws]))
         print(f"| {name} | {b} | bf16 cuBLAS | {base:.1f} | 1.00 | {2 * nbytes / (base * 1e-6) / bw:.2f} | |")
         xq = fp8_gemm.fp8_act_quant_triton(x)
-        us = graph_us(lambda: fp8_gemm.fp8_act_quant_triton(x))
+        us = graph_us(lambda x=x: fp8_gemm.fp8_act_quant_triton(x))
         print(f"| {name} | {b} | act-quant alone | {us:.1f} | | | |")
         default = fp8_gemm.dense_fp8_config(b, n, k)
-        us = graph_us(_cycle([lambda q=q: fp8_gemm.fp8_dense_triton(x, *q, default) for q in qs]))
+        us = graph_us(_cycle([lambda q=q, x=x, c=default: fp8_gemm.fp8_dense_triton(x, *q, c) for q in qs]))
         print(f"| {name} | {b} | default, act-quant + kernel {default} | {us:.1f} | {base / us:.2f} | "
               f"{nbytes / (us * 1e-6) / bw:.2f} | |", flush=True)  # fmt: skip
         for bm, bn, nw, st, sp, ku in dict.fromkeys(options):
             cfg = fp8_gemm.Fp8Config(bm=bm, bn=bn, num_warps=nw, num_stages=st, split_k=sp, ku=ku)
-            runs = [lambda q=q: fp8_gemm.fp8_dense_triton(x, *q, cfg, xq=xq) for q in qs]
+            runs = [lambda q=q, x=x, c=cfg, xq=xq: fp8_gemm.fp8_dense_triton(x, *q, c, xq=xq) for q in qs]
             try:
                 err = float((runs[0]().float() - ref).norm() / ref.norm())
                 us = graph_us(_cycle(runs))

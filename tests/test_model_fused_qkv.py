@@ -169,3 +169,53 @@ def test_gpu_fp8_fused_projection_matches_the_three_at_qwen3_30b_shapes(rows):
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and not g.isnan().any()
         assert (g.float() - w.float()).abs().max() <= 2**-7 * w.float().abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp8_decode_reads_the_rows_its_norms_and_flash_quantized_bit_for_bit(monkeypatch):
+    # the "fp8" engine at decode: the norm before each attention (after the first) and flash decode write their
+    # rows in FP8 too, and the q/k/v and o projections read those instead of quantizing them again: the same
+    # logits and experts, bit for bit, as with the act-quant launches
+    from miles_core.kernels import fp8_gemm
+    from miles_core.model.config import ModelConfig
+    from miles_core.model.loader import build_model
+    from miles_core.quant import quantize_model_
+    from miles_core.rollout import runner
+    from tests.test_kernels_add_norm import decode_steps
+    from tests.tiny_models import qwen3_moe_config
+
+    hf = qwen3_moe_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, head_dim=128)
+    model = build_model(ModelConfig.from_hf(hf.to_dict()), "cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else noise * (0.05 if p.dim() > 1 else 0.02))
+    quantize_model_(model, "fp8")
+    assert all(layer.self_attn.fuse_projections_() for layer in model.model.layers)
+    calls = {"flash": 0, "dense": 0}
+    flash, dense = runner.flash_decode, fp8_gemm.fp8_dense_triton
+
+    def count_flash(*a, quant=False, **kw):
+        calls["flash"] += quant
+        return flash(*a, quant=quant, **kw)
+
+    def count_dense(*a, xq=None, **kw):
+        calls["dense"] += xq is not None
+        return dense(*a, xq=xq, **kw)
+
+    monkeypatch.setattr(runner, "flash_decode", count_flash)
+    monkeypatch.setattr(fp8_gemm, "fp8_dense_triton", count_dense)
+    folded = decode_steps(model, "cuda")
+    n_layers = len(model.model.layers)
+    # the prefill (44 rows) and 3 decode steps: q/k/v reads the norm's rows after the first layer; at decode
+    # flash quantizes in every layer and o_proj reads its rows
+    assert calls == {"flash": 3 * n_layers, "dense": 4 * (n_layers - 1) + 3 * n_layers}, calls
+    monkeypatch.setattr(runner, "_attn_takes_fp8_rows", lambda *a: False)
+    monkeypatch.setattr(runner, "_o_proj_takes_fp8_rows", lambda *a: False)
+    calls.update(flash=0, dense=0)
+    plain = decode_steps(model, "cuda")
+    assert calls == {"flash": 0, "dense": 0}
+    for got, want in zip(folded, plain, strict=True):
+        assert torch.equal(got, want)

@@ -46,6 +46,18 @@ def interp_flash_decode() -> None:
         got = fd.flash_decode(q, k, v, slots, lengths, d**-0.5, read_len)
         ref = fd.flash_decode_reference(q, k, v, slots, lengths, d**-0.5, read_len)
         assert (got - ref).abs().max().item() < 1e-5, shape
+    # quant (head dim 128): each head's output row quantized as the act-quant kernel quantizes the stored
+    # rows, bit for bit, through the combine (3 splits) and the one-split kernel
+    from miles_core.kernels.fp8_gemm import fp8_act_quant_triton
+
+    for shape in [(3, 8, 2, 128, 5, 300, 260), (130, 4, 2, 128, 131, 80, 65)]:
+        b, hq, hkv, d, _, _, read_len = shape
+        q, k, v, slots, lengths = _case(*shape, torch.float32, "cpu", seed=7)
+        want = fd.flash_decode(q, k, v, slots, lengths, d**-0.5, read_len)
+        out, (q8, qs) = fd.flash_decode(q, k, v, slots, lengths, d**-0.5, read_len, quant=True)
+        rq, rs = fp8_act_quant_triton(want.reshape(b, -1))
+        assert torch.equal(out, want) and torch.equal(q8.view(torch.uint8), rq.view(torch.uint8)), shape
+        assert torch.equal(qs, rs) and fd.splits_for(b, hkv, read_len)[0] == (3 if b == 3 else 1), shape
     assert fd.splits_for(64, 4, 1024) == (1, 1024) and fd.splits_for(256, 4, 1024)[0] == 1
     assert fd.splits_for(8, 4, 1024) == (8, 128) and fd.splits_for(8, 4, 768) == (6, 128)
 
@@ -62,13 +74,23 @@ def test_flash_decode_matches_reference_in_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [*SHAPES, (64, 32, 4, 128, 65, 1025, 896), (256, 32, 4, 128, 257, 1025, 1024)])
+@pytest.mark.parametrize(
+    "shape",
+    [*SHAPES, (64, 32, 4, 128, 65, 1025, 896), (256, 32, 4, 128, 257, 1025, 1024), (4, 32, 4, 128, 9, 1025, 1000)],
+)
 def test_gpu_flash_decode_matches_reference_bf16(shape):
     b, hq, hkv, d, _, _, read_len = shape
     q, k, v, slots, lengths = _case(*shape, torch.bfloat16, "cuda")
     got = fd.flash_decode(q, k, v, slots, lengths, d**-0.5, read_len)
     ref = fd.flash_decode_reference(q, k, v, slots, lengths, d**-0.5, read_len)
     assert (got.float() - ref.float()).abs().max().item() <= 2e-2  # a few bf16 ulps of |out| <~ 3
+    if d == 128:  # the FP8 rows for o_proj: the act-quant kernel's bits of the same output
+        from miles_core.kernels.fp8_gemm import fp8_act_quant_triton
+
+        out, (q8, qs) = fd.flash_decode(q, k, v, slots, lengths, d**-0.5, read_len, quant=True)
+        rq, rs = fp8_act_quant_triton(got.reshape(b, -1))
+        assert torch.equal(out, got) and torch.equal(q8.view(torch.uint8), rq.view(torch.uint8))
+        assert torch.equal(qs, rs)
 
 
 @pytest.mark.gpu

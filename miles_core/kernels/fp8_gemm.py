@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from miles_core.kernels import fp8_wgmma
+from miles_core.kernels import fp8_wgmma, pdl
 from miles_core.quant.fp8 import (
     ACT_EPS,
     BLOCK,
@@ -55,6 +55,7 @@ __all__ = [
     "fp8_linear",
     "fp8_dense_triton",
     "dense_fp8_config",
+    "dense_takes_fp8_rows",
     "grouped_fp8_config",
     "fp8_linear_reference",
     "prepare_weight_scale",
@@ -147,7 +148,7 @@ def fp8_act_quant_triton(
     grid = (kb, _cdiv(mp, bm)) if kfast else (_cdiv(mp, bm), kb)
     load_triton_kernels().fp8_act_quant_kernel[grid](
         x, q, s, src if src is not None else x, m, mp, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None, KFAST=kfast, num_warps=warps,
+        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None, KFAST=kfast, num_warps=warps, **pdl.launch(x),
     )  # fmt: skip
     return q, s
 
@@ -172,7 +173,7 @@ def swiglu_fp8_quant_triton(y: torch.Tensor):
         return q, s
     bm = 16
     load_triton_kernels().swiglu_fp8_quant_kernel[(_cdiv(m, bm), _cdiv(n, BLOCK))](
-        y, q, s, m, n, y.stride(0), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK
+        y, q, s, m, n, y.stride(0), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK, **pdl.launch(y)
     )
     return q, s
 
@@ -221,8 +222,12 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     scale_b: torch.Tensor | None = None,
     backend: str = "auto",
+    xq: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y = x @ W^T (+ bias) with FP8 block-scaled W. `scale_b`: prepare_weight_scale(scale_inv), cached.
+    `xq` = (q [M, K] e4m3, scale [M, KB] fp32): x's rows already quantized as `fp8_act_quant` does (by the
+    kernel that wrote x: `dense_takes_fp8_rows` says where that pays); the small-M Triton path then reads them
+    instead of quantizing x (the same bits), the other paths ignore them.
 
     backend 'auto' (default): the fused dense Triton kernel for M <= DENSE_TRITON_MAX_M, act-quant +
     cuBLAS above (the Gluon GEMM from GLUON_MIN_TILES output tiles on sm_90, `kernels.FP8_GLUON`); 'cublas': cuBLAS at
@@ -239,10 +244,18 @@ def fp8_linear(
     if _scaled_mm_ok(x, w) and (backend == "cublas" or (backend == "auto" and not small)):
         y = _fp8_linear_cublas(x2, w, scale_inv, scale_b, gluon=backend == "auto")
     else:
-        y = fp8_dense_triton(x2, w, scale_inv, dense_fp8_config(m, n, k) if small else Fp8Config())
+        xq = xq if small and xq is not None and xq[0].shape == x2.shape else None
+        y = fp8_dense_triton(x2, w, scale_inv, dense_fp8_config(m, n, k) if small else Fp8Config(), xq=xq)
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def dense_takes_fp8_rows(rows: int, w: torch.Tensor) -> bool:
+    """`fp8_linear(x, w, ..., xq=...)` over `rows` rows of x would read them pre-quantized ('auto' backend):
+    CUDA, decode sizes (M <= DENSE_TRITON_MAX_M, `kernels.DECODE_FUSION`), where the act-quant launch is the
+    Triton kernel's."""
+    return w.is_cuda and w.dtype == FP8_DTYPE and rows <= DENSE_TRITON_MAX_M and _decode_fusion()
 
 
 def _fp8_linear_cublas(
@@ -395,7 +408,7 @@ def fp8_dense_triton(
         a, sa, w, scale_inv, y, partials, locks, m, n, k, kb_per_split,
         a.stride(0), sa.stride(0), w.stride(0), scale_inv.stride(0), y.stride(0), ACT_EPS,
         BM=cfg.bm, BN=cfg.bn, BK=BLOCK, SPLIT_K=cfg.split_k, EVEN_K=k % BLOCK == 0, QUANT=cfg.fuse, SWAP=cfg.swap,
-        KU=cfg.ku, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KU=cfg.ku, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch(w),
     )  # fmt: skip
     return y
 
@@ -527,7 +540,7 @@ def grouped_fp8_linear_triton(
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
         QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(w),
     )  # fmt: skip
     return (y, ys) if swiglu_quant else y
 

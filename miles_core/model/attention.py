@@ -96,6 +96,16 @@ class GQAttention(nn.Module):
         self.__dict__["_qkv_buffers"] = (kind, attrs, tuple(fused))  # not state: names and checkpoints unchanged
         return True
 
+    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
+        """`project(x, xq)` would read x's rows quantized to FP8 (fused Fp8Linear projections at decode sizes,
+        outside autograd): the norm that makes x can quantize them in its own launch."""
+        bufs = None if torch.is_grad_enabled() else self._fused()
+        if bufs is None or self.__dict__["_qkv_buffers"][0] is nn.Linear:
+            return False
+        from miles_core.kernels.fp8_gemm import dense_takes_fp8_rows
+
+        return dense_takes_fp8_rows(x.numel() // x.shape[-1], bufs[0])
+
     def _fused(self):
         """The fused buffers (in `_fusable`'s attribute order) while they still back the three projections
         (else None: e.g. after a `load_state_dict(assign=True)` or a swap to other layers)."""
@@ -115,10 +125,11 @@ class GQAttention(nn.Module):
                 start += p.shape[0]
         return bufs
 
-    def project(self, x: torch.Tensor):
+    def project(self, x: torch.Tensor, xq=None):
         """x: [..., H] -> (q [..., Hq*D], k [..., Hkv*D], v [..., Hkv*D]), without rope or norms. One
         GEMM over the fused weight outside autograd when `fuse_projections_` made one (the buffer
-        is not a parameter: no gradient flows through it), else the three projections."""
+        is not a parameter: no gradient flows through it), else the three projections. `xq`: x's rows
+        already in FP8, read by a fused FP8 projection (`fp8_gemm.fp8_linear`), ignored otherwise."""
         bufs = None if torch.is_grad_enabled() else self._fused()
         if bufs is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -127,7 +138,7 @@ class GQAttention(nn.Module):
         else:  # Fp8Linear: weight, weight_scale_inv, bias
             from miles_core.kernels.fp8_gemm import fp8_linear
 
-            y = fp8_linear(x, *bufs)
+            y = fp8_linear(x, *bufs, xq=xq)
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         return y.split([nq, nkv, nkv], dim=-1)
 

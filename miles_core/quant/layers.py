@@ -44,12 +44,14 @@ class Fp8Linear(nn.Module):
         q, s = fp8_block_quantize(linear.weight.detach(), pow2=pow2)
         return cls(q, s, linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N]. `xq`: x's rows already quantized to FP8 (see `fp8_gemm.fp8_linear`)."""
         from miles_core.kernels.fp8_gemm import fp8_linear, prepare_weight_scale
 
         if x.is_cuda and (self._scale_b is None or self._scale_b.device != x.device):
             self._scale_b = prepare_weight_scale(self.weight_scale_inv)
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self._scale_b if x.is_cuda else None)
+        scale_b = self._scale_b if x.is_cuda else None
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, scale_b, xq=xq)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128"

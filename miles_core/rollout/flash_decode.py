@@ -22,6 +22,9 @@ import os
 
 import torch
 
+from miles_core.kernels import pdl
+from miles_core.quant.fp8 import ACT_EPS, FP8_DTYPE
+
 __all__ = ["flash_decode", "flash_decode_ok", "flash_decode_reference", "launch_config"]
 
 CHUNK_UNIT = 128  # key chunks are multiples of this (and so of the block size below)
@@ -82,14 +85,26 @@ def flash_decode(
     lengths: torch.Tensor,
     scale: float,
     read_len: int,
-) -> torch.Tensor:
+    quant: bool = False,
+):
     """q [B, Hq, D]; cache_k / cache_v [slots, max_len, Hkv, D]; slots, lengths [B] (row b attends
-    keys [0, lengths[b]) of slot slots[b], 1 <= lengths[b] <= read_len) -> out [B, Hq, D] in q.dtype."""
+    keys [0, lengths[b]) of slot slots[b], 1 <= lengths[b] <= read_len) -> out [B, Hq, D] in q.dtype.
+
+    `quant` (D = 128): -> (out, (q8 [B, Hq * D] e4m3, scale [B, Hq] fp32)), out's rows [B, Hq * D] also
+    quantized as `fp8_gemm.fp8_act_quant` does (each head one 1x128 tile; the same bits) by the kernel that
+    writes them, for an FP8 o_proj (`fp8_gemm.fp8_linear(out, ..., xq=...)`): one act-quant launch fewer."""
     b, hq, d = q.shape
+    if quant and d != 128:
+        raise ValueError(f"flash_decode(quant=True) needs head_dim 128 (one 1x128 FP8 tile per head), got {d}")
     hkv = cache_k.shape[2]
     g = hq // hkv
     nsplit, chunk = splits_for(b, hkv, read_len)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    if quant:
+        q8 = torch.empty(b, hq * d, dtype=FP8_DTYPE, device=q.device)
+        qs = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    else:
+        q8 = qs = out  # unused
     if nsplit == 1:
         acc = mx = sm = out  # unused by the kernel
     else:
@@ -103,12 +118,15 @@ def flash_decode(
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
         out.stride(0), out.stride(1),
-        scale, chunk, nsplit,
-        G=g, BG=max(16, triton_pow2(g)), D=d, DIRECT=nsplit == 1, **extra,
+        scale, chunk, nsplit, q8, qs, ACT_EPS,
+        G=g, BG=max(16, triton_pow2(g)), D=d, DIRECT=nsplit == 1, QUANT=quant, **extra, **pdl.launch(q),
     )  # fmt: skip
     if nsplit > 1:
-        combine[(b, hq)](acc, mx, sm, out, out.stride(0), out.stride(1), hq, nsplit, triton_pow2(nsplit), d)
-    return out
+        combine[(b, hq)](
+            acc, mx, sm, out, out.stride(0), out.stride(1), hq, nsplit, q8, qs, ACT_EPS, triton_pow2(nsplit), d,
+            QUANT=quant, **pdl.launch(q),
+        )  # fmt: skip
+    return (out, (q8, qs)) if quant else out
 
 
 def flash_decode_reference(q, cache_k, cache_v, slots, lengths, scale: float, read_len: int) -> torch.Tensor:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from miles_core.kernels.pdl import pdl_enter, pdl_release, pdl_wait
+from miles_core.kernels.quant_triton import _quantize_rows
+
 
 @triton.jit
 def split_kernel(
@@ -22,12 +25,17 @@ def split_kernel(
     stride_ks, stride_kl, stride_kh,
     stride_vs, stride_vl, stride_vh,
     stride_ob, stride_oh,
-    scale, CHUNK, NSPLIT,
+    scale, CHUNK, NSPLIT, QOUT, QS, EPS,
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, DIRECT: tl.constexpr,
+    QUANT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # Q [B, Hq, D]; K, V [slots, max_len, Hkv, D]; SLOT, LEN [B]; OUT [B, Hq, D] (DIRECT);
+    # QUANT (DIRECT, D == 128): also each head's output row quantized as fp8_act_quant_kernel quantizes OUT
+    # viewed as [B, Hq * D] (a head is one 1x128 tile): QOUT [B, Hq * D] e4m3, QS [B, Hq] fp32, contiguous.
     # ACC [B, Hq, NSPLIT, D] fp32, MAX / SUM [B, Hq, NSPLIT] fp32 (split partials), contiguous.
     # CHUNK and NSPLIT are runtime values: one compiled kernel serves every read length.
+    # PDL (kernels/pdl.py): dependents launch after the key loop.
+    pdl_wait(PDL)
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(SLOT + b).to(tl.int64)
     n = tl.load(LEN + b)
@@ -55,10 +63,13 @@ def split_kernel(
         v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)  # [BN, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    pdl_release(PDL)
     keep = (g < G)[:, None]
     if DIRECT:  # one split: normalise and write the output
-        out = acc / l_i[:, None]
-        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(OUT.dtype.element_ty), keep)
+        out = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out, keep)
+        if QUANT:
+            _store_quantized(out, QOUT, QS, b, heads, d, g < G, G * tl.num_programs(1), EPS, D)
     else:
         row = (b * G * tl.num_programs(1) + heads) * NSPLIT + s  # [BG] index into [B, Hq, NSPLIT]
         tl.store(ACC + row[:, None] * D + d[None, :], acc, keep)
@@ -67,9 +78,24 @@ def split_kernel(
 
 
 @triton.jit
-def combine_kernel(ACC, MAX, SUM, OUT, stride_ob, stride_oh, HQ, NSPLIT, SP: tl.constexpr, D: tl.constexpr):
+def _store_quantized(out, QOUT, QS, b, heads, d, live, HQ, EPS, D: tl.constexpr):
+    # out [R, D] (the output rows of query heads `heads` [R] of row b, in OUT's dtype; rows with `live`
+    # False are padding) -> their 1x128 tiles quantized as the act-quant kernel does (from the stored
+    # 16-bit values: the same bits)
+    q, sc = _quantize_rows(out.to(tl.float32), EPS)
+    tl.store(QOUT + (b * HQ + heads[:, None]) * D + d[None, :], q.to(QOUT.dtype.element_ty), live[:, None])
+    tl.store(QS + b * HQ + heads, sc, live)
+
+
+@triton.jit
+def combine_kernel(
+    ACC, MAX, SUM, OUT, stride_ob, stride_oh, HQ, NSPLIT, QOUT, QS, EPS,
+    SP: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr = False, PDL: tl.constexpr = False,
+):  # fmt: skip
     # Partials of (row b, head hq) over NSPLIT splits -> OUT[b, hq] = sum_s w_s acc_s / sum_s w_s l_s,
-    # w_s = exp(m_s - max_s m_s). Split 0 always holds key 0, so the maximum is finite.
+    # w_s = exp(m_s - max_s m_s). Split 0 always holds key 0, so the maximum is finite. QUANT: as in
+    # split_kernel.
+    pdl_enter(PDL)
     b, hq = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, SP)
     d = tl.arange(0, D)
@@ -78,5 +104,8 @@ def combine_kernel(ACC, MAX, SUM, OUT, stride_ob, stride_oh, HQ, NSPLIT, SP: tl.
     l_s = tl.load(SUM + row, mask=s < NSPLIT, other=0.0)
     acc = tl.load(ACC + row[:, None] * D + d[None, :], mask=(s < NSPLIT)[:, None], other=0.0)  # [SP, D]
     w = tl.exp(m - tl.max(m, 0))  # empty splits: exp(-inf) = 0
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
-    tl.store(OUT + b * stride_ob + hq * stride_oh + d, out.to(OUT.dtype.element_ty))
+    out = (tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)).to(OUT.dtype.element_ty)
+    tl.store(OUT + b * stride_ob + hq * stride_oh + d, out)
+    if QUANT:
+        one = tl.arange(0, 1)
+        _store_quantized(out[None, :], QOUT, QS, b, hq + one, d, one == 0, HQ, EPS, D)

@@ -122,10 +122,11 @@ def _norm_weights(attn) -> tuple:
     return () if attn.q_norm is None else (attn.q_norm.weight, attn.k_norm.weight)
 
 
-def _decode_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos) -> torch.Tensor:
+def _decode_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, xq=None) -> torch.Tensor:
     """GQA, one new token per row: the three projections, then `rope_norm_cache` (what `attn.qkv` +
-    `cache.write` compute, in one launch) -> q [B, 1, Hq, D]; K and V are in the cache."""
-    q, k, v = attn.project(h)  # [B, 1, Hq*D], [B, 1, Hkv*D] x2 (strided views of one GEMM when fused)
+    `cache.write` compute, in one launch) -> q [B, 1, Hq, D]; K and V are in the cache. `xq`: h's rows in
+    FP8, quantized by the norm that made h (an FP8 projection reads them)."""
+    q, k, v = attn.project(h, xq)  # [B, 1, Hq*D], [B, 1, Hkv*D] x2 (strided views of one GEMM when fused)
     return rope_norm_cache(
         q, k, v, *_norm_args(attn), cos, sin, cache.a[layer], cache.b[layer], wslot[:, 0], wpos[:, 0]
     )
@@ -137,39 +138,44 @@ def _norm_args(attn) -> tuple:
     return qw, kw, 0.0 if attn.q_norm is None else attn.q_norm.eps  # k_norm's eps too: both are cfg.rms_norm_eps
 
 
-def _prefill_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos):
+def _prefill_qkv(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, xq=None):
     """GQA, a prefill from position 0 (every token of the step is a row): the projections, then
     `rope_norm_cache` over the B * T rows (the norms, rope and cache writes that `attn.qkv` +
     `cache.write` do in ~14 launches of the whole [B, T, H, D] tensors, in one) -> q [B, T, Hq, D],
     k [B, T, Hkv, D] normed + roped, v [B, T, Hkv, D] (what the step's own causal attention reads)."""
     b, t, _ = h.shape
     d = cache.a[layer].shape[-1]
-    q, k, v = attn.project(h)  # [B, T, Hq*D], [B, T, Hkv*D] x2
+    q, k, v = attn.project(h, xq)  # [B, T, Hq*D], [B, T, Hkv*D] x2
     k_out = torch.empty(b, t, k.shape[-1] // d, d, dtype=h.dtype, device=h.device)
     a, c = cache.a[layer], cache.b[layer]
     q = rope_norm_cache(q, k, v, *_norm_args(attn), cos, sin, a, c, wslot.reshape(-1), wpos.reshape(-1), k_out)
     return q.view(b, t, -1, d), k_out, v.reshape(b, t, -1, d)
 
 
-def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask, ends):
+def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch: StepBatch, mask, ends, xq=None):
     """h: [B, T, H] -> attention output [B, T, H], after writing this step's entries into the cache.
-    mask: [B, 1, T, L] bool; ends: [B] keys each row attends (start + n_valid)."""
+    mask: [B, 1, T, L] bool; ends: [B] keys each row attends (start + n_valid); xq: h's rows in FP8 (from the
+    norm's launch) where the q/k/v projection takes them (`GQAttention.takes_fp8_rows`)."""
     if isinstance(attn, MLAttention):
         q = attn.query(h, cos, sin)  # [B, T, Hq, nope + R]
         new = attn.latent(h, cos, sin)  # latent [B, T, r], rope key [B, T, 1, R]
         cache.write(layer, wslot, wpos, *new)
     elif not batch.fresh and rope_cache_ok(h, cos, cache.a[layer], _norm_weights(attn)):
         # decode on the GPU: q/k norm, rope and both cache writes in one kernel (kernels/rope_cache.py)
-        q, new = _decode_qkv(attn, h, cos, sin, cache, layer, wslot, wpos), None  # q [B, 1, Hq, D]
+        q, new = _decode_qkv(attn, h, cos, sin, cache, layer, wslot, wpos, xq), None  # q [B, 1, Hq, D]
     elif batch.fresh and rope_cache_ok(h, cos, cache.a[layer], _norm_weights(attn), True):
         # a prefill on the GPU: the same kernel over every token of the step
-        q, *new = _prefill_qkv(attn, h, cos, sin, cache, layer, wslot, wpos)
+        q, *new = _prefill_qkv(attn, h, cos, sin, cache, layer, wslot, wpos, xq)
     else:
         q, *new = attn.qkv(h, cos, sin)  # q [B, T, Hq, D]; k, v [B, T, Hkv, D]
         cache.write(layer, wslot, wpos, *new)
     if q.shape[1] == 1 and not isinstance(attn, MLAttention) and flash_decode_ok(q, cache.a[layer]):
         # one new token per row: read the cache in place, each row only up to its own length
-        out = flash_decode(q[:, 0], cache.a[layer], cache.b[layer], batch.slots, ends, attn.scale, batch.read_len)
+        args = (q[:, 0], cache.a[layer], cache.b[layer], batch.slots, ends, attn.scale, batch.read_len)
+        if _o_proj_takes_fp8_rows(attn, q):  # the kernel also writes its rows in FP8 for the FP8 o_proj
+            out, xq_o = flash_decode(*args, quant=True)
+            return attn.o_proj(out.view(q.shape[0], 1, -1), xq_o)  # [B, 1, H]
+        out = flash_decode(*args)
         return attn.o_proj(out.view(q.shape[0], 1, -1))  # [B, 1, H]
     if batch.fresh:  # a prefill from position 0: the cache holds nothing else, so attend like a full forward
         k, v = attn.expand(*new) if isinstance(attn, MLAttention) else new
@@ -188,6 +194,23 @@ def _attention(attn, h, cos, sin, cache: KVCache, layer: int, wslot, wpos, batch
         k, v = attn.expand(a, b) if isinstance(attn, MLAttention) else (a, b)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, attn.scale)  # [B, T, Hq, Dv]
     return attn.o_proj(out.flatten(2))
+
+
+def _o_proj_takes_fp8_rows(attn, q: torch.Tensor) -> bool:
+    """o_proj is an FP8 linear that would read its input rows pre-quantized (decode sizes), and a head is one
+    1x128 quantization tile, so `flash_decode(quant=True)` can write them."""
+    from miles_core.kernels.fp8_gemm import dense_takes_fp8_rows
+    from miles_core.quant.layers import Fp8Linear
+
+    o = attn.o_proj
+    return type(o) is Fp8Linear and q.shape[-1] == 128 and dense_takes_fp8_rows(q.shape[0], o.weight)
+
+
+def _attn_takes_fp8_rows(layer, h: torch.Tensor) -> bool:
+    """The layer's attention projects h from FP8 rows (`GQAttention.takes_fp8_rows`): the norm that makes h
+    quantizes them in its own launch."""
+    takes = getattr(layer.self_attn, "takes_fp8_rows", None)
+    return takes is not None and takes(h)
 
 
 def moe_forward(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,21 +250,25 @@ def _fused_layers(backbone, x: torch.Tensor, attention) -> tuple[torch.Tensor, l
     layers = backbone.layers
     next_norms = [layer.input_layernorm for layer in layers[1:]] + [backbone.norm]
     h = layers[0].input_layernorm(x)
+    attn_rows = None  # h's rows in FP8 for the next attention's projection, when the norm quantized them
     chosen = []
     for i, (layer, nxt) in enumerate(zip(layers, next_norms, strict=True)):
         post, mlp = layer.post_attention_layernorm, layer.mlp
         quant = _norm_quantizes(layer, h)
-        x, h, *xq = add_rms_norm(x, attention(i, layer, h), post.weight, post.eps, quant=quant)  # [B, T, H] each
+        out = attention(i, layer, h, attn_rows)
+        x, h, *xq = add_rms_norm(x, out, post.weight, post.eps, quant=quant)  # [B, T, H] each
+        quant_next = i + 1 < len(layers) and _attn_takes_fp8_rows(layers[i + 1], h)
         if layer.is_moe and mlp.shared_experts is None:
             flat = h.reshape(-1, h.shape[-1])  # [N, H]
             weights, experts, plan = mlp.gate.route(flat)  # [N, k] each
             src, inverse, counts = plan if plan is not None else sort_plan(flat, experts, mlp.gate.n_experts)
             fp8_rows = {"xq": xq[0]} if quant else {}  # h's rows in FP8, quantized by the norm's launch
             ys = mlp.experts.sorted_forward(flat, counts, src, **fp8_rows)  # [N*k, H], expert-sorted rows
-            x, h = combine_add_rms_norm(ys, inverse, weights, x, nxt.weight, nxt.eps)
+            x, h, *nq = combine_add_rms_norm(ys, inverse, weights, x, nxt.weight, nxt.eps, quant=quant_next)
         else:  # dense MLP, or MoE + shared experts (DeepSeek-V3): the block as it is, then add + norm
             out, experts = mlp(h, None) if layer.is_moe else (mlp(h), None)
-            x, h = add_rms_norm(x, out, nxt.weight, nxt.eps)
+            x, h, *nq = add_rms_norm(x, out, nxt.weight, nxt.eps, quant=quant_next)
+        attn_rows = nq[0] if nq else None
         if layer.is_moe:
             chosen.append(experts)
     return h, chosen
@@ -276,7 +303,10 @@ def forward_step(
     backbone = model.model
     x = backbone.embed_tokens(batch.tokens)  # [B, T, H]
     cos, sin = backbone.rotary(pos, x.dtype)
-    attention = lambda i, layer, h: _attention(layer.self_attn, h, cos, sin, cache, i, wslot, wpos, batch, mask, ends)
+
+    def attention(i, layer, h, xq=None):
+        return _attention(layer.self_attn, h, cos, sin, cache, i, wslot, wpos, batch, mask, ends, xq)
+
     fused = fused_ok(x)  # the GPU: residual adds fused into the norms after them (kernels/add_norm.py)
     if fused:
         x, chosen = _fused_layers(backbone, x, attention)  # x: already through backbone.norm
