@@ -452,7 +452,7 @@ def test_gpu_engine_replays_the_fused_kernels_from_cuda_graphs(monkeypatch):
     reqs = [Request(f"p{i}", p, sp) for i, p in enumerate(prompts)]
     calls = []
     combine = runner.combine_add_rms_norm
-    monkeypatch.setattr(runner, "combine_add_rms_norm", lambda *a: calls.append(1) or combine(*a))
+    monkeypatch.setattr(runner, "combine_add_rms_norm", lambda *a, **kw: calls.append(1) or combine(*a, **kw))
     monkeypatch.setattr(kernels, "DECODE_FUSION", True)
 
     def run(graphs: bool):
