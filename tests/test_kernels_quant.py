@@ -429,13 +429,6 @@ _SM90_CASES = [
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=64, BN=128, SPLIT_K=4, SWAP=False, QUANT=True), (8, 4), True),
     ("fp8_dense_kernel", {**_FP8, "A": "*bf16"}, _d8(BM=64, BN=64, SPLIT_K=8, SWAP=False, QUANT=True), (8, 4), True),
     ("fp8_dense_kernel", {**_FP8, "A": "*fp8e4nv"}, _d8(BM=64, BN=128, SPLIT_K=1, SWAP=False, QUANT=False), 4, True),
-    # programmatic dependent launch (kernels/pdl.py): the decode tiles wait for the previous kernel first
-    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"},
-     _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True, PDL=True), 4, True),
-    ("fp8_dense_kernel", {**_FP8, "A": "*fp8e4nv"},
-     _d8(BM=64, BN=64, SPLIT_K=4, SWAP=False, QUANT=False, PDL=True), (4, 4), True),
-    ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i32", "EPS": "fp32"},
-     {"BM": 16, "BLOCK": 128, "GATHER": False, "KFAST": False, "PDL": True}, 4, False),
 ]  # fmt: skip
 
 
@@ -444,16 +437,12 @@ def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads(name, typ
     from miles_core.kernels import quant_triton
 
     warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, 3)
-    fn = getattr(quant_triton, name)
-    consts = {"PDL": False, **consts} if "PDL" in fn.arg_names else consts  # left out: a runtime argument
-    kernel = _compile_sm90(fn, types, consts, warps, stages)
+    kernel = _compile_sm90(getattr(quant_triton, name), types, consts, warps, stages)
     res = _resources(kernel)
     assert "STACK:0" in res and "LOCAL:0" in res, res  # no register spills
     ptx = kernel.asm["ptx"]
     assert "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx  # 16-byte loads of the big operands
     assert ("wgmma.mma_async" in ptx) == wgmma  # Hopper tensor-core path for the large tiles
-    pdl = consts.get("PDL", False)  # the dependent-launch instructions only where asked for
-    assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
 
 
 @cuda

@@ -24,11 +24,6 @@ experts from `fp8_gemm.GLUON_GROUPED_MIN_M` rows on its grouped form (`fp8_wgmma
 Triton grouped kernel (1.35-1.42x faster at a prefill chunk's 262k rows; twelfth session). `MILES_FP8_GLUON=0`
 keeps cuBLAS and Triton. A compile failure warns once and falls back for the rest of the process (the dense
 kernel sets `FP8_GLUON` False, the grouped one its own flag).
-
-`PDL` launches the decode step's Triton kernels with programmatic dependent launch on sm_90+ (kernels/pdl.py):
-each is launched while the kernel before it still runs and waits for it on the device. `MILES_PDL=1` turns it
-on; the bits are the same either way. Read at each launch, so a CUDA graph keeps the setting it was captured
-with.
 """
 
 import contextlib
@@ -38,7 +33,6 @@ DECODE_FUSION = os.environ.get("MILES_DECODE_FUSION", "1") != "0"
 EXPERT_FUSION = os.environ.get("MILES_EXPERT_FUSION", "1") != "0"
 W4A16_MMA = os.environ.get("MILES_W4A16_MMA", "1") != "0"
 FP8_GLUON = os.environ.get("MILES_FP8_GLUON", "1") != "0"
-PDL = os.environ.get("MILES_PDL", "0") != "0"
 
 
 @contextlib.contextmanager

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miles_core.kernels import pdl
 from miles_core.quant.fp8 import ACT_EPS, FP8_DTYPE, fp8_act_quantize_reference
 
 try:
@@ -112,7 +111,6 @@ def combine_add_rms_norm_reference(
 # ---- kernels ------------------------------------------------------------------------------------
 
 if triton is not None:
-    from miles_core.kernels.pdl import pdl_enter
     from miles_core.kernels.quant_triton import _quantize_rows
 
     @triton.jit
@@ -127,9 +125,8 @@ if triton is not None:
     @triton.jit
     def _add_norm_kernel(
         x_ptr, r_ptr, w_ptr, s_ptr, h_ptr, q_ptr, qs_ptr, eps, qeps, stride_x, stride_r,
-        H: tl.constexpr, BLOCK_H: tl.constexpr, QUANT: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr = False,
+        H: tl.constexpr, BLOCK_H: tl.constexpr, QUANT: tl.constexpr, G: tl.constexpr,
     ):  # fmt: skip
-        pdl_enter(PDL)  # kernels/pdl.py
         n = tl.program_id(0).to(tl.int64)  # row
         offs = tl.arange(0, BLOCK_H)
         inside = offs < H
@@ -160,9 +157,8 @@ if triton is not None:
     def _combine_add_norm_kernel(
         ys_ptr, inv_ptr, cw_ptr, x_ptr, w_ptr, s_ptr, h_ptr, q_ptr, qs_ptr, eps, qeps, stride_x,
         H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr,
-        G: tl.constexpr, PDL: tl.constexpr = False,
+        G: tl.constexpr,
     ):  # fmt: skip
-        pdl_enter(PDL)
         n = tl.program_id(0).to(tl.int64)  # token
         offs = tl.arange(0, BLOCK_H)
         inside = offs < H
@@ -215,7 +211,7 @@ def add_rms_norm(x: Tensor, r: Tensor, weight: Tensor, eps: float, quant: bool =
     if x2.shape[0]:
         _add_norm_kernel[(x2.shape[0],)](
             x2, r2, weight.contiguous(), s, h, q, qs, float(eps), ACT_EPS, x2.stride(0), r2.stride(0),
-            H=hdim, QUANT=quant, G=triton.next_power_of_2(-(-hdim // 128)), **_launch(hdim), **pdl.launch(x2),
+            H=hdim, QUANT=quant, G=triton.next_power_of_2(-(-hdim // 128)), **_launch(hdim),
         )  # fmt: skip
     return (s.view(x.shape), h.view(x.shape), (q, qs)) if quant else (s.view(x.shape), h.view(x.shape))
 
@@ -253,7 +249,7 @@ def combine_add_rms_norm(
         _combine_add_norm_kernel[(n,)](
             ys.contiguous(), inverse.contiguous(), weights.contiguous(), x2, w, s, h_out, q, qs, float(eps), ACT_EPS,
             x2.stride(0), H=hdim, K=k, HAS_NORM=weight is not None, QUANT=quant,
-            G=triton.next_power_of_2(-(-hdim // 128)), **_launch(hdim), **pdl.launch(x2),
+            G=triton.next_power_of_2(-(-hdim // 128)), **_launch(hdim),
         )  # fmt: skip
     out = s.view(x.shape), None if h is None else h.view(x.shape)
     return (*out, (q, qs)) if quant else out

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from miles_core.kernels import fp8_wgmma, pdl
+from miles_core.kernels import fp8_wgmma
 from miles_core.quant.fp8 import (
     ACT_EPS,
     BLOCK,
@@ -148,7 +148,7 @@ def fp8_act_quant_triton(
     grid = (kb, _cdiv(mp, bm)) if kfast else (_cdiv(mp, bm), kb)
     load_triton_kernels().fp8_act_quant_kernel[grid](
         x, q, s, src if src is not None else x, m, mp, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None, KFAST=kfast, num_warps=warps, **pdl.launch(x),
+        ACT_EPS, BM=bm, BLOCK=BLOCK, GATHER=src is not None, KFAST=kfast, num_warps=warps,
     )  # fmt: skip
     return q, s
 
@@ -173,7 +173,7 @@ def swiglu_fp8_quant_triton(y: torch.Tensor):
         return q, s
     bm = 16
     load_triton_kernels().swiglu_fp8_quant_kernel[(_cdiv(m, bm), _cdiv(n, BLOCK))](
-        y, q, s, m, n, y.stride(0), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK, **pdl.launch(y)
+        y, q, s, m, n, y.stride(0), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK
     )
     return q, s
 
@@ -408,7 +408,7 @@ def fp8_dense_triton(
         a, sa, w, scale_inv, y, partials, locks, m, n, k, kb_per_split,
         a.stride(0), sa.stride(0), w.stride(0), scale_inv.stride(0), y.stride(0), ACT_EPS,
         BM=cfg.bm, BN=cfg.bn, BK=BLOCK, SPLIT_K=cfg.split_k, EVEN_K=k % BLOCK == 0, QUANT=cfg.fuse, SWAP=cfg.swap,
-        KU=cfg.ku, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch(w),
+        KU=cfg.ku, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
 
@@ -540,7 +540,7 @@ def grouped_fp8_linear_triton(
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
         QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch(w),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (y, ys) if swiglu_quant else y
 

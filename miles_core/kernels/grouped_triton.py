@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from miles_core.kernels import pdl
-
 try:
     import triton
     import triton.language as tl
@@ -68,7 +66,6 @@ def fusion_ok(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
 
 
 if triton is not None:
-    from miles_core.kernels.pdl import pdl_release, pdl_wait
     from miles_core.kernels.quant_triton import _expert_tile
     from miles_core.kernels.swiglu import silu_mul
 
@@ -93,14 +90,11 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         GATHER: tl.constexpr = False,
         SWIGLU: tl.constexpr = False,
-        PDL: tl.constexpr = False,
     ):
         # X: [M, K] rows sorted by expert, or (GATHER) [T, K] token rows with SRC [M]: sorted row r is
         # X[SRC[r]]. W: [E, N, K], or (SWIGLU) [E, 2N, K] gate rows then up rows; Y: [M, N];
         # COUNTS: [E] rows per expert.
         # The expert and row tile of this program from the counts alone (the FP8 / INT4 kernels' map).
-        # PDL (kernels/pdl.py): dependents launch after the K loop (a multi-wave grid).
-        pdl_wait(PDL)
         e, _, r0, r1 = _expert_tile(COUNTS, COUNTS, COUNTS, E, tl.program_id(0), E_P2, BM, False)
         if e >= E:
             return
@@ -125,7 +119,6 @@ if triton is not None:
                 wu = tl.load(W + (cols[:, None] + N) * stride_wn + ks[None, :], mask=(cols[:, None] < N) & kmask,
                              other=0.0)  # fmt: skip
                 acc_up += tl.dot(x, tl.trans(wu))
-        pdl_release(PDL)
         if SWIGLU:
             # As the unfused path: the GEMM rounds gate and up to Y's dtype, `swiglu` computes from those
             # in fp32 and rounds once.
@@ -182,6 +175,5 @@ def grouped_linear_triton(
         SWIGLU=swiglu,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        **pdl.launch(w),
     )
     return y

@@ -30,8 +30,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from miles_core.kernels import pdl
-
 try:
     import triton
     import triton.language as tl
@@ -92,16 +90,11 @@ def sort_route_reference(experts: torch.Tensor, n_experts: int):
 # ---- the kernel --------------------------------------------------------------------------------
 
 if triton is not None:
-    from miles_core.kernels.pdl import pdl_enter
 
     @triton.jit
-    def topk_kernel(
-        L, W, EX, N, E, stride_l, scaling, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr,
-        RENORM: tl.constexpr, SCALE: tl.constexpr, PDL: tl.constexpr = False,
-    ):  # fmt: skip
+    def topk_kernel(L, W, EX, N, E, stride_l, scaling, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
+                    BT: tl.constexpr, RENORM: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
         # L: [N, E] router logits -> W [N, K] weights, EX [N, K] int64 experts, for BT tokens per program.
-        # PDL: kernels/pdl.py
-        pdl_enter(PDL)
         cols = tl.arange(0, EP)
         kcols = tl.arange(0, KP)
         toks = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -132,10 +125,9 @@ if triton is not None:
         tl.store(EX + out, tl.minimum(ex, E - 1).to(tl.int64), mask=m)
 
     @triton.jit
-    def sort_kernel(EX, SRC, INV, CNT, S, K: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False):
+    def sort_kernel(EX, SRC, INV, CNT, S, K: tl.constexpr, SP: tl.constexpr):
         # Program e places the slots that chose expert e. EX: [S] expert of each slot (S = N * K,
         # token-major); SRC, INV: [S] int64; CNT: [E] int64.
-        pdl_enter(PDL)
         e = tl.program_id(0)
         slots = tl.arange(0, SP)
         ex = tl.load(EX + slots, mask=slots < S, other=-1)  # [SP]
@@ -155,7 +147,7 @@ def _sort(experts: torch.Tensor, n_experts: int, warps: int):
     inverse = torch.empty(s, dtype=torch.long, device=experts.device)
     counts = torch.empty(n_experts, dtype=torch.long, device=experts.device)
     warps = warps if s <= 1024 else 2 * warps  # 2048 slots (batch 256): 8 warps ran 10.4 us vs 11.6 (H200)
-    sort_kernel[(n_experts,)](experts, src, inverse, counts, s, K=k, SP=_p2(s), num_warps=warps, **pdl.launch(src))
+    sort_kernel[(n_experts,)](experts, src, inverse, counts, s, K=k, SP=_p2(s), num_warps=warps)
     return src, inverse, counts
 
 
@@ -173,7 +165,7 @@ def topk_route(logits: torch.Tensor, k: int, renorm: bool, scaling: float, dtype
     experts = torch.empty(n, k, dtype=torch.long, device=logits.device)
     grid = (-(-n // bt),)
     topk_kernel[grid](logits, weights, experts, n, e, logits.stride(0), float(scaling), K=k, KP=_p2(k), EP=_p2(e),
-                      BT=bt, RENORM=renorm, SCALE=scaling != 1.0, num_warps=4, **pdl.launch(logits))  # fmt: skip
+                      BT=bt, RENORM=renorm, SCALE=scaling != 1.0, num_warps=4)  # fmt: skip
     return weights, experts, _sort(experts, e, warps)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from miles_core.kernels.pdl import pdl_enter, pdl_release, pdl_wait
 from miles_core.kernels.swiglu import silu_mul
 
 FP8_MAX = tl.constexpr(448.0)  # globals inside @triton.jit must be constexpr
@@ -56,14 +55,12 @@ def fp8_act_quant_kernel(
     BLOCK: tl.constexpr,
     GATHER: tl.constexpr = False,
     KFAST: tl.constexpr = False,
-    PDL: tl.constexpr = False,
 ):
     # X: [M, K], or (GATHER) [T, K] token rows with SRC [M]: row r is X[SRC[r]] (the MoE's rows sorted by
     # expert, read in place); Q: [M_alloc, K] fp8; S: scale [M_alloc, ceil(K/BLOCK)] with strides
     # (stride_sm, stride_sk). Rows in [M, M_alloc) (padding for cuBLAS) are written as zeros with scale EPS/448.
     # Grid (row tiles, K blocks), or with KFAST (K blocks, row tiles): neighbouring programs then read
-    # neighbouring 128-column blocks of the same rows. PDL: see kernels/pdl.py (here and below).
-    pdl_enter(PDL)
+    # neighbouring 128-column blocks of the same rows.
     if KFAST:
         pid_m, pid_k = tl.program_id(1), tl.program_id(0)
     else:
@@ -83,14 +80,10 @@ def fp8_act_quant_kernel(
 
 
 @triton.jit
-def swiglu_fp8_quant_kernel(
-    X, Q, S, M, N, stride_xm, stride_qm, stride_sm, EPS, BM: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr = False,
-):  # fmt: skip
+def swiglu_fp8_quant_kernel(X, Q, S, M, N, stride_xm, stride_qm, stride_sm, EPS, BM: tl.constexpr, BLOCK: tl.constexpr):
     # X: [M, 2N] gate columns then up columns (the gate_up GEMM's output) -> h = silu(gate) * up rounded to
     # X's dtype, as `swiglu` writes it, then quantized as fp8_act_quant_kernel quantizes h: Q [M, N] fp8,
     # S [M, ceil(N/BLOCK)] fp32. One launch, and no [M, N] h in memory between them.
-    pdl_enter(PDL)
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
@@ -640,7 +633,6 @@ def grouped_fp8_kernel(
     YS=None,
     stride_ysm=0,
     SWIGLU_DT: tl.constexpr = None,
-    PDL: tl.constexpr = False,
 ):
     # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
     # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
@@ -652,9 +644,7 @@ def grouped_fp8_kernel(
     # B: [E, N, K] fp8, SB: [E, ceil(N/128), ceil(K/128)] fp32; Y: [M, N]; COUNTS: [E] rows per expert.
     # BK == 128; BN divides 128. Grid (row tiles, N tiles), or with NFAST (N tiles, row tiles): the N
     # tiles of one row tile are then neighbours in launch order, so its A rows come from L2 after the
-    # first (prefill sizes, where A is re-read once per N tile otherwise). PDL: dependents launch after the
-    # K loops (a multi-wave grid: waiting dependents would take its later programs' room).
-    pdl_wait(PDL)
+    # first (prefill sizes, where A is re-read once per N tile otherwise).
     if NFAST:
         pid_t, pid_n = tl.program_id(1), tl.program_id(0)
     else:
@@ -683,7 +673,6 @@ def grouped_fp8_kernel(
         )  # fmt: skip
         if SWAP:
             up = tl.trans(up)
-        pdl_release(PDL)
         g = acc.to(SWIGLU_DT).to(tl.float32)  # the unfused GEMM's stored outputs
         h = silu_mul(g, up.to(SWIGLU_DT).to(tl.float32)).to(SWIGLU_DT).to(tl.float32)  # as `swiglu` stores h
         q, scale = _quantize_rows(h, EPS)  # BN == 128: one 1x128 tile per row
@@ -691,7 +680,6 @@ def grouped_fp8_kernel(
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], q.to(Y.dtype.element_ty), mask=mask)
         tl.store(YS + rows * stride_ysm + pid_n, scale, mask=rows < r1)
     else:
-        pdl_release(PDL)
         mask = (rows[:, None] < r1) & (cols[None, :] < N)
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
@@ -723,12 +711,10 @@ def fp8_dense_kernel(
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
     KU: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
 ):
     # y = x @ W^T at decode sizes: no expert machinery, grid (M tiles, N tiles, SPLIT_K). A, SA, B, SB as
     # in grouped_fp8_kernel with one expert; Y: [M, N]; P: [SPLIT_K, M, N] fp32 partials and LOCKS: tile
     # counters (SPLIT_K > 1, reduced in split order by the last split: deterministic, see _store_split).
-    pdl_wait(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -740,5 +726,4 @@ def fp8_dense_kernel(
     )  # fmt: skip
     if SWAP:
         acc = tl.trans(acc)
-    pdl_release(PDL)
     _store_split(acc, Y, P, LOCKS, rows, cols, M, N, stride_ym, SPLIT_K)

@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miles_core.kernels import pdl
 from miles_core.model.rope import apply_rope
 
 try:
@@ -90,7 +89,6 @@ def rope_cache_ok(x: Tensor, cos: Tensor, cache_k: Tensor, norm_weights: tuple =
 
 
 if triton is not None:
-    from miles_core.kernels.pdl import pdl_enter
 
     @triton.jit
     def _norm_rope(src, w_ptr, cos, sin, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr):
@@ -119,12 +117,10 @@ if triton is not None:
         eps, stride_q, stride_k, stride_v, stride_cs, stride_sn,
         stride_slot, stride_pos, stride_head,
         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
-        K_OUT: tl.constexpr, HPP: tl.constexpr, PDL: tl.constexpr = False,
+        K_OUT: tl.constexpr, HPP: tl.constexpr,
     ):  # fmt: skip
         # program (row b, heads [HPP * g, HPP * g + HPP)): the q heads first, then the KV heads; each head
-        # through the same one-head code (so the same bits whatever HPP), unrolled so their loads overlap.
-        # PDL: kernels/pdl.py
-        pdl_enter(PDL)
+        # through the same one-head code (so the same bits whatever HPP), unrolled so their loads overlap
         b = tl.program_id(0).to(tl.int64)  # row
         offs = tl.arange(0, BLOCK_D)
         inside = offs < D
@@ -195,7 +191,7 @@ def rope_norm_cache(
         float(eps), q2.stride(0), k2.stride(0), v2.stride(0), cos2.stride(0), sin2.stride(0),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         HQ=hq, HKV=hkv, D=d, BLOCK_D=triton.next_power_of_2(d), HAS_NORM=has_norm, K_OUT=k_out is not None,
-        HPP=hpp, **launch_options(d), **pdl.launch(q2),
+        HPP=hpp, **launch_options(d),
     )  # fmt: skip
     return out
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from miles_core.kernels import pdl
-
 try:
     import triton
     import triton.language as tl
@@ -48,7 +46,6 @@ def available(logits: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from miles_core.kernels.pdl import pdl_enter
 
     @triton.jit
     def _mix32(x):
@@ -90,10 +87,8 @@ if triton is not None:
         return tl.where(t > 0, t, 1.0)
 
     @triton.jit
-    def _chunk_stats_kernel(L, T, MX, SM, AM, V, stride, C, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+    def _chunk_stats_kernel(L, T, MX, SM, AM, V, stride, C, CHUNK: tl.constexpr):
         # L: [N, V] logits (row stride `stride`); MX, SM: [N, C] float32; AM: [N, C] int32. Grid (N, C).
-        # PDL: kernels/pdl.py
-        pdl_enter(PDL)
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -125,12 +120,8 @@ if triton is not None:
         return token, tl.sum(tl.where(offs == token, x, 0.0), 0)
 
     @triton.jit
-    def _pick_kernel(
-        L, T, SEED, STEP, MX, SM, AM, TOK, LP, V, stride, C, CHUNK: tl.constexpr, CP: tl.constexpr,
-        PDL: tl.constexpr = False,
-    ):  # fmt: skip
+    def _pick_kernel(L, T, SEED, STEP, MX, SM, AM, TOK, LP, V, stride, C, CHUNK: tl.constexpr, CP: tl.constexpr):
         # MX, SM, AM: [N, C] chunk stats; TOK: [N] int64, LP: [N] float32. Grid (N,).
-        pdl_enter(PDL)
         row = tl.program_id(0)
         cs = tl.arange(0, CP)
         stats = row.to(tl.int64) * C + cs
@@ -169,14 +160,12 @@ def sample_plain(
     sm = torch.empty(n, c, dtype=torch.float32, device=dev)  # [N, C] chunk sum of exp(x - chunk max)
     am = torch.empty(n, c, dtype=torch.int32, device=dev)  # [N, C] chunk's first index of its max
     t = temperature.float()
-    _chunk_stats_kernel[(n, c)](
-        logits, t, mx, sm, am, v, logits.stride(0), c, CHUNK=chunk, num_warps=warps_stats, **pdl.launch(logits)
-    )
+    _chunk_stats_kernel[(n, c)](logits, t, mx, sm, am, v, logits.stride(0), c, CHUNK=chunk, num_warps=warps_stats)
     tokens = torch.empty(n, dtype=torch.int64, device=dev)
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     _pick_kernel[(n,)](
         logits, t, seed, step, mx, sm, am, tokens, logp, v, logits.stride(0), c,
-        CHUNK=chunk, CP=_p2(c), num_warps=warps_pick, **pdl.launch(logits),
+        CHUNK=chunk, CP=_p2(c), num_warps=warps_pick,
     )  # fmt: skip
     return tokens, logp
 

@@ -22,7 +22,6 @@ import os
 
 import torch
 
-from miles_core.kernels import pdl
 from miles_core.quant.fp8 import ACT_EPS, FP8_DTYPE
 
 __all__ = ["flash_decode", "flash_decode_ok", "flash_decode_reference", "launch_config"]
@@ -119,12 +118,12 @@ def flash_decode(
         cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
         out.stride(0), out.stride(1),
         scale, chunk, nsplit, q8, qs, ACT_EPS,
-        G=g, BG=max(16, triton_pow2(g)), D=d, DIRECT=nsplit == 1, QUANT=quant, **extra, **pdl.launch(q),
+        G=g, BG=max(16, triton_pow2(g)), D=d, DIRECT=nsplit == 1, QUANT=quant, **extra,
     )  # fmt: skip
     if nsplit > 1:
         combine[(b, hq)](
             acc, mx, sm, out, out.stride(0), out.stride(1), hq, nsplit, q8, qs, ACT_EPS, triton_pow2(nsplit), d,
-            QUANT=quant, **pdl.launch(q),
+            QUANT=quant,
         )  # fmt: skip
     return (out, (q8, qs)) if quant else out
 

@@ -7,6 +7,7 @@ miles_core imports without triton). See flash_decode.py for what they compute an
   and accumulator in fp32, P cast to the value dtype for the second dot (what flash attention does).
   Writes the un-normalised partial output and its running max / sum, or (one split) the output.
 - `combine_kernel`: program (row b, query head) merges the splits' partials with their maxima.
+Whichever kernel writes the output can also write it quantized to FP8 (QUANT), for an FP8 o_proj.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from miles_core.kernels.pdl import pdl_enter, pdl_release, pdl_wait
 from miles_core.kernels.quant_triton import _quantize_rows
 
 
@@ -27,15 +27,14 @@ def split_kernel(
     stride_ob, stride_oh,
     scale, CHUNK, NSPLIT, QOUT, QS, EPS,
     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, DIRECT: tl.constexpr,
-    QUANT: tl.constexpr = False, PDL: tl.constexpr = False,
+    QUANT: tl.constexpr = False,
 ):  # fmt: skip
     # Q [B, Hq, D]; K, V [slots, max_len, Hkv, D]; SLOT, LEN [B]; OUT [B, Hq, D] (DIRECT);
-    # QUANT (DIRECT, D == 128): also each head's output row quantized as fp8_act_quant_kernel quantizes OUT
-    # viewed as [B, Hq * D] (a head is one 1x128 tile): QOUT [B, Hq * D] e4m3, QS [B, Hq] fp32, contiguous.
+    # QUANT (D == 128): also each head's output row quantized as fp8_act_quant_kernel quantizes OUT viewed as
+    # [B, Hq * D] (a head is one 1x128 tile): QOUT [B, Hq * D] e4m3, QS [B, Hq] fp32, contiguous; written here
+    # with one split, else by combine_kernel.
     # ACC [B, Hq, NSPLIT, D] fp32, MAX / SUM [B, Hq, NSPLIT] fp32 (split partials), contiguous.
     # CHUNK and NSPLIT are runtime values: one compiled kernel serves every read length.
-    # PDL (kernels/pdl.py): dependents launch after the key loop.
-    pdl_wait(PDL)
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(SLOT + b).to(tl.int64)
     n = tl.load(LEN + b)
@@ -63,7 +62,6 @@ def split_kernel(
         v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)  # [BN, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    pdl_release(PDL)
     keep = (g < G)[:, None]
     if DIRECT:  # one split: normalise and write the output
         out = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
@@ -90,12 +88,11 @@ def _store_quantized(out, QOUT, QS, b, heads, d, live, HQ, EPS, D: tl.constexpr)
 @triton.jit
 def combine_kernel(
     ACC, MAX, SUM, OUT, stride_ob, stride_oh, HQ, NSPLIT, QOUT, QS, EPS,
-    SP: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr = False, PDL: tl.constexpr = False,
+    SP: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr = False,
 ):  # fmt: skip
     # Partials of (row b, head hq) over NSPLIT splits -> OUT[b, hq] = sum_s w_s acc_s / sum_s w_s l_s,
     # w_s = exp(m_s - max_s m_s). Split 0 always holds key 0, so the maximum is finite. QUANT: as in
     # split_kernel.
-    pdl_enter(PDL)
     b, hq = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, SP)
     d = tl.arange(0, D)
