@@ -174,9 +174,9 @@ def test_gpu_fp8_fused_projection_matches_the_three_at_qwen3_30b_shapes(rows):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fp8_decode_reads_the_rows_its_norms_and_flash_quantized_bit_for_bit(monkeypatch):
-    # the "fp8" engine at decode: the norm before each attention (after the first) and flash decode write their
-    # rows in FP8 too, and the q/k/v and o projections read those instead of quantizing them again: the same
-    # logits and experts, bit for bit, as with the act-quant launches
+    # the "fp8" engine at decode: flash decode, and the add + norm before an attention that follows a dense MLP
+    # (layer 1 here), write their rows in FP8 too, and the o and q/k/v projections read those instead of
+    # quantizing them again: the same logits and experts, bit for bit, as with the act-quant launches
     from miles_core.kernels import fp8_gemm
     from miles_core.model.config import ModelConfig
     from miles_core.model.loader import build_model
@@ -208,10 +208,12 @@ def test_gpu_fp8_decode_reads_the_rows_its_norms_and_flash_quantized_bit_for_bit
     monkeypatch.setattr(runner, "flash_decode", count_flash)
     monkeypatch.setattr(fp8_gemm, "fp8_dense_triton", count_dense)
     folded = decode_steps(model, "cuda")
-    n_layers = len(model.model.layers)
-    # the prefill (44 rows) and 3 decode steps: q/k/v reads the norm's rows after the first layer; at decode
+    layers = model.model.layers
+    after_dense = sum(not layers[i - 1].is_moe for i in range(1, len(layers)))  # layer 2's q/k/v
+    assert after_dense == 1
+    # the prefill (44 rows) and 3 decode steps: q/k/v reads the norm's rows after the dense layer; at decode
     # flash quantizes in every layer and o_proj reads its rows
-    assert calls == {"flash": 3 * n_layers, "dense": 4 * (n_layers - 1) + 3 * n_layers}, calls
+    assert calls == {"flash": 3 * len(layers), "dense": 4 * after_dense + 3 * len(layers)}, calls
     monkeypatch.setattr(runner, "_attn_takes_fp8_rows", lambda *a: False)
     monkeypatch.setattr(runner, "_o_proj_takes_fp8_rows", lambda *a: False)
     calls.update(flash=0, dense=0)

@@ -135,29 +135,22 @@ if triton is not None:
         s = (x + r).to(s_ptr.dtype.element_ty)  # torch's x + r: one float32 add, one rounding
         tl.store(s_ptr + n * H + offs, s, mask=inside)
         _norm_store(s.to(tl.float32), w_ptr, h_ptr + n * H, offs, inside, eps, H)
-        if QUANT:  # h's 1x128 tiles, as fp8_act_quant_kernel quantizes them
-            _quantize_stored_row(h_ptr, q_ptr, qs_ptr, n, qeps, H, G)
-
-    @triton.jit
-    def _quantize_stored_row(h_ptr, q_ptr, qs_ptr, n, qeps, H: tl.constexpr, G: tl.constexpr):
-        """Row n of h (just stored by this program) -> its 1x128 tiles as fp8_act_quant_kernel quantizes
-        them (the same function, the same bits): q [N, H] e4m3, qs [N, ceil(H/128)] fp32. Read back from
-        memory (after a barrier: the program's own stores), not reshaped in registers: a [G, 128] view of
-        the row would change the layout the compiler picks for the norm, and with it the sum of squares'
-        order, so h's bits would differ from the kernel without the quantization."""
-        tl.debug_barrier()
-        cols = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 128)[None, :]  # [G, 128]
-        h = tl.load(h_ptr + n * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-        q, scale = _quantize_rows(h, qeps)  # zeros past H: no effect on a tile's amax
-        tl.store(q_ptr + n * H + cols, q.to(q_ptr.dtype.element_ty), mask=cols < H)
-        g = tl.arange(0, G)  # G: the row's 128-column tiles, rounded up to a power of two
-        tl.store(qs_ptr + n * ((H + 127) // 128) + g, scale, mask=g * 128 < H)
+        if QUANT:  # h's 1x128 tiles as fp8_act_quant_kernel quantizes them (the same function, the same bits)
+            # read back from memory (after a barrier: the program's own stores), not reshaped in registers:
+            # a [G, 128] view of the row would change the layout the compiler picks for the norm above, and
+            # with it the sum of squares' order, so h's bits would differ from the QUANT=False kernel's
+            tl.debug_barrier()
+            cols = tl.arange(0, G)[:, None] * 128 + tl.arange(0, 128)[None, :]  # [G, 128]
+            h = tl.load(h_ptr + n * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+            q, scale = _quantize_rows(h, qeps)  # zeros past H: no effect on a tile's amax
+            tl.store(q_ptr + n * H + cols, q.to(q_ptr.dtype.element_ty), mask=cols < H)
+            g = tl.arange(0, G)  # G: the row's 128-column tiles, rounded up to a power of two
+            tl.store(qs_ptr + n * ((H + 127) // 128) + g, scale, mask=g * 128 < H)
 
     @triton.jit
     def _combine_add_norm_kernel(
-        ys_ptr, inv_ptr, cw_ptr, x_ptr, w_ptr, s_ptr, h_ptr, q_ptr, qs_ptr, eps, qeps, stride_x,
-        H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr,
-        G: tl.constexpr,
+        ys_ptr, inv_ptr, cw_ptr, x_ptr, w_ptr, s_ptr, h_ptr, eps, stride_x,
+        H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr,
     ):  # fmt: skip
         n = tl.program_id(0).to(tl.int64)  # token
         offs = tl.arange(0, BLOCK_H)
@@ -173,8 +166,6 @@ if triton is not None:
         tl.store(s_ptr + n * H + offs, s, mask=inside)
         if HAS_NORM:
             _norm_store(s.to(tl.float32), w_ptr, h_ptr + n * H, offs, inside, eps, H)
-            if QUANT:
-                _quantize_stored_row(h_ptr, q_ptr, qs_ptr, n, qeps, H, G)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -217,22 +208,17 @@ def add_rms_norm(x: Tensor, r: Tensor, weight: Tensor, eps: float, quant: bool =
 
 
 def combine_add_rms_norm(
-    ys: Tensor, inverse: Tensor, weights: Tensor, x: Tensor, weight: Tensor | None, eps: float, quant: bool = False
-):
+    ys: Tensor, inverse: Tensor, weights: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor | None]:
     """ys [N*k, H] (the experts' outputs in sorted order), inverse [N*k] (slot n*k + j -> its row of
     ys), weights [N, k], x [..., H] (N rows) -> (s = x + combine(ys, inverse, weights), h =
-    RMSNorm(s) * weight, or None when `weight` is None), both like x. `quant` (with `weight`): also h's rows
-    quantized to FP8 as `add_rms_norm(quant=True)` gives them, for an FP8 projection of h (the next layer's
-    q/k/v): (s, h, (q [N, H] e4m3, scale [N, ceil(H/128)] fp32)).
+    RMSNorm(s) * weight, or None when `weight` is None), both like x.
 
     One launch on CUDA (one program per token); the reference elsewhere and when a gradient is needed.
     """
-    if quant and weight is None:
-        raise ValueError("combine_add_rms_norm(quant=True) quantizes the normed rows: it needs the norm's weight")
     ok = _kernel_ok(x, ys, weights, weight) and ys.dtype == x.dtype and ys.shape[-1] == x.shape[-1]
     if not ok:
-        s, h = combine_add_rms_norm_reference(ys, inverse, weights, x, weight, eps)
-        return (s, h, fp8_act_quantize_reference(h.reshape(-1, h.shape[-1]))) if quant else (s, h)
+        return combine_add_rms_norm_reference(ys, inverse, weights, x, weight, eps)
     n, k = weights.shape
     hdim = x.shape[-1]
     x2 = _rows(x)  # [N, H]
@@ -240,16 +226,9 @@ def combine_add_rms_norm(
     s = x2.new_empty(x2.shape)  # [N, H] contiguous
     h = x2.new_empty(x2.shape) if weight is not None else None
     w, h_out = (weight.contiguous(), h) if weight is not None else (x2, s)  # unread without a norm
-    if quant:
-        q = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x.device)
-        qs = torch.empty(n, -(-hdim // 128), dtype=torch.float32, device=x.device)
-    else:
-        q, qs = s, s  # unread
     if n:
         _combine_add_norm_kernel[(n,)](
-            ys.contiguous(), inverse.contiguous(), weights.contiguous(), x2, w, s, h_out, q, qs, float(eps), ACT_EPS,
-            x2.stride(0), H=hdim, K=k, HAS_NORM=weight is not None, QUANT=quant,
-            G=triton.next_power_of_2(-(-hdim // 128)), **_launch(hdim),
+            ys.contiguous(), inverse.contiguous(), weights.contiguous(), x2, w, s, h_out, float(eps), x2.stride(0),
+            H=hdim, K=k, HAS_NORM=weight is not None, **_launch(hdim),
         )  # fmt: skip
-    out = s.view(x.shape), None if h is None else h.view(x.shape)
-    return (*out, (q, qs)) if quant else out
+    return s.view(x.shape), None if h is None else h.view(x.shape)

@@ -257,16 +257,17 @@ def _fused_layers(backbone, x: torch.Tensor, attention) -> tuple[torch.Tensor, l
         quant = _norm_quantizes(layer, h)
         out = attention(i, layer, h, attn_rows)
         x, h, *xq = add_rms_norm(x, out, post.weight, post.eps, quant=quant)  # [B, T, H] each
-        quant_next = i + 1 < len(layers) and _attn_takes_fp8_rows(layers[i + 1], h)
         if layer.is_moe and mlp.shared_experts is None:
             flat = h.reshape(-1, h.shape[-1])  # [N, H]
             weights, experts, plan = mlp.gate.route(flat)  # [N, k] each
             src, inverse, counts = plan if plan is not None else sort_plan(flat, experts, mlp.gate.n_experts)
             fp8_rows = {"xq": xq[0]} if quant else {}  # h's rows in FP8, quantized by the norm's launch
             ys = mlp.experts.sorted_forward(flat, counts, src, **fp8_rows)  # [N*k, H], expert-sorted rows
-            x, h, *nq = combine_add_rms_norm(ys, inverse, weights, x, nxt.weight, nxt.eps, quant=quant_next)
+            x, h = combine_add_rms_norm(ys, inverse, weights, x, nxt.weight, nxt.eps)
+            nq = ()  # the next q/k/v quantizes these rows itself: in the combine kernel it cost more (RESULTS)
         else:  # dense MLP, or MoE + shared experts (DeepSeek-V3): the block as it is, then add + norm
             out, experts = mlp(h, None) if layer.is_moe else (mlp(h), None)
+            quant_next = i + 1 < len(layers) and _attn_takes_fp8_rows(layers[i + 1], h)
             x, h, *nq = add_rms_norm(x, out, nxt.weight, nxt.eps, quant=quant_next)
         attn_rows = nq[0] if nq else None
         if layer.is_moe:
