@@ -34,6 +34,9 @@ def pipeline(
     # The ephemeral server's telemetry write can race the first flow run on its SQLite file
     # ("database is locked", harmless but alarming); users can still turn it on.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first run creates and migrates the server's database: 13 s on an idle 2-core machine, and once past
+    # Prefect's 20 s default (the run then dies before its first stage) with the cores busy.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if config is None and os.path.exists(DEFAULT_CONFIG):
         config = DEFAULT_CONFIG
     extra = list(overrides or [])
