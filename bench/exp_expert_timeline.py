@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 
+from bench.decode_kernels import _cycle, graph_us
 from miles_core.kernels import fp8_gemm
 from miles_core.kernels.quant_triton import _expert_tile, _fp8_block_dot
 
@@ -85,27 +85,6 @@ def _launch(a, sa, w, ws, y, counts, tl_buf, cfg):
         E_P2=triton.next_power_of_2(e), BM=cfg.bm, BN=cfg.bn, BK=128,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-
-
-def graph_us(fns, calls: int = 16, reps: int = 10) -> float:
-    """Median us per call of the callables replayed in turn from one CUDA graph."""
-    it = itertools.cycle(fns)
-    for f in fns:
-        f()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            next(it)()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        t.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(t) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def _pct(sorted_values: torch.Tensor, q: float) -> float:
@@ -175,7 +154,7 @@ def case(b: int, name: str, n: int, k: int, bw: float) -> None:
     timed[0]()
     if not torch.equal(y, ref):
         print("note: the stamped copy's output differs from the kernel's in some bits")
-    us_real, us_timed = graph_us(real), graph_us(timed)
+    us_real, us_timed = graph_us(_cycle(real), calls=16), graph_us(_cycle(timed), calls=16)
     print(f"\n{name}, batch {b} ({rows} rows, {nbytes / 1e6:.0f} MB of touched weights): kernel {us_real:.1f} us "
           f"({nbytes / (us_real * 1e-6) / bw:.2f}x copy), stamped copy {us_timed:.1f} us")  # fmt: skip
     print("| launch | " + " | ".join(timeline(recs[0].cpu(), nbytes, bw)) + " |")
