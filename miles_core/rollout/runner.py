@@ -240,8 +240,9 @@ def _layers(backbone, x: torch.Tensor, attention, capture_safe: bool) -> tuple[t
 
 def _fused_layers(backbone, x: torch.Tensor, attention) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The decoder layers with each residual add fused into the RMSNorm after it, and a MoE layer's
-    combine into both (two launches per layer instead of five): x [B, T, H], attention(i, layer, h)
-    -> (backbone.norm of the last layer's output [B, T, H], experts [B*T, k] per MoE layer).
+    combine into both (two launches per layer instead of five): x [B, T, H], attention(i, layer, h, xq)
+    -> (backbone.norm of the last layer's output [B, T, H], experts [B*T, k] per MoE layer). xq: h's rows
+    in FP8 when the add + norm that made h quantized them for an FP8 q/k/v (`_attn_takes_fp8_rows`), else None.
 
     Row for row what the unfused loop computes: the residual sums bit for bit, each normed row
     within one ulp of F.rms_norm (float32 statistics summed in another order). Norms are row-wise,
