@@ -105,26 +105,40 @@ def timeline(rec: torch.Tensor, nbytes: int, bw: float) -> dict:
     dur = ((live[:, 3] - live[:, 0]).float() / 1e3).sort().values
     tile_map = ((live[:, 1] - live[:, 0]).float() / 1e3).median().item()
     lo, hi = t0 + 0.1 * (end - t0), t0 + 0.9 * (end - t0)
-    inside = live[(live[:, 0] >= lo) & (live[:, 3] <= hi)]  # programs wholly inside the middle 80%
-    mid_rate = nbytes * len(inside) / max(len(live), 1) / ((hi - lo) * 1e-9)
+    # each live program's bytes spread evenly over its run; the share that falls inside the middle 80%
+    run = (live[:, 3] - live[:, 0]).clamp(min=1).double()
+    inside = ((live[:, 3].clamp(max=hi) - live[:, 0].clamp(min=lo)).clamp(min=0).double() / run).sum().item()
+    mid_rate = nbytes * inside / max(len(live), 1) / ((hi - lo) * 1e-9)
+    # programs running at each tenth of the span (the waves and the tail)
+    marks = [t0 + (i + 0.5) * (end - t0) / 10 for i in range(10)]
+    running = "/".join(str(int(((live[:, 0] <= m) & (live[:, 3] > m)).sum())) for m in marks)
     return {
         "span us": span, "SMs": len(sms), "programs (live)": f"{len(rec)} ({len(live)})", "ramp us": ramp,
         "tail us": tail, "program us p50 / p90": f"{_pct(dur, 0.5):.1f} / {_pct(dur, 0.9):.1f}",
         "tile map us": tile_map, "x copy bw (span)": nbytes / (span * 1e-6) / bw,
-        "x copy bw (middle 80%)": mid_rate / bw,
+        "x copy bw (middle 80%)": mid_rate / bw, "programs running, by tenths": running,
     }  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument(
+        "--split",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="also the same bytes as S x N by K / S (what split-K S would give each program)",
+    )
     args = ap.parse_args()
     from bench.rollout import measured_bandwidth
 
     bw = measured_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy rate {bw / 1e12:.2f} TB/s")
-    for b, (name, n, k) in itertools.product(args.batch, (("gate_up", 1536, 2048), ("down", 2048, 768))):
-        case(b, name, n, k, bw)
+    shapes = (("gate_up", 1536, 2048), ("down", 2048, 768))
+    for b, (name, n, k), s in itertools.product(args.batch, shapes, args.split):
+        if k % (128 * s) == 0:
+            case(b, name if s == 1 else f"{name} as split {s}", n * s, k // s, bw)
 
 
 def case(b: int, name: str, n: int, k: int, bw: float) -> None:
@@ -158,7 +172,7 @@ def case(b: int, name: str, n: int, k: int, bw: float) -> None:
     print(f"\n{name}, batch {b} ({rows} rows, {nbytes / 1e6:.0f} MB of touched weights): kernel {us_real:.1f} us "
           f"({nbytes / (us_real * 1e-6) / bw:.2f}x copy), stamped copy {us_timed:.1f} us")  # fmt: skip
     print("| launch | " + " | ".join(timeline(recs[0].cpu(), nbytes, bw)) + " |")
-    print("|---" * 10 + "|")
+    print("|---" * 11 + "|")
     for i, r in enumerate(recs[:4]):  # the graph's last replay wrote each copy's record
         cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in timeline(r.cpu(), nbytes, bw).values()]
         print(f"| {i} | " + " | ".join(cells) + " |")
