@@ -93,6 +93,8 @@ def _pct(sorted_values: torch.Tensor, q: float) -> float:
 
 def timeline(rec: torch.Tensor, nbytes: int, bw: float) -> dict:
     """rec [programs, 6] (ns stamps, SM, expert) of one launch -> the figures the docstring lists."""
+    rec = rec.clone()
+    rec[:, :4] -= rec[:, 0].min()  # ns from the first entry: small enough for float comparisons
     live = rec[rec[:, 5] < 128]
     t0 = rec[:, 0].min().item()
     end = rec[:, 3].max().item()
