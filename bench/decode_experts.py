@@ -99,20 +99,16 @@ def fp8(tokens: int, w1, s1, w2, s2) -> None:
     ]
     _time("fp8 down input: SwiGLU", tokens, act)
 
-    split = fp8_gemm.gate_up_split(fp8_gemm.grouped_fp8_config(tokens * TOP_K, E), HIDDEN)
-
-    def unfused():  # the gate_up split over K as the fused path splits it (the same bits)
-        h = swiglu(fp8_gemm.grouped_fp8_linear(x.index_select(0, src), w1, s1, counts, split_k=split))  # [M, I]
+    def unfused():
+        h = swiglu(fp8_gemm.grouped_fp8_linear(x.index_select(0, src), w1, s1, counts))  # [M, I]
         return fp8_gemm.grouped_fp8_linear(h, w2, s2, counts)
 
-    def epilogue(on: bool, xq=None, gate_up_split=None):
-        old = fp8_gemm.SWIGLU_EPILOGUE, fp8_gemm.GATE_UP_SPLIT
-        fp8_gemm.SWIGLU_EPILOGUE = on
-        fp8_gemm.GATE_UP_SPLIT = old[1] if gate_up_split is None else gate_up_split
+    def epilogue(on: bool, xq=None):
+        old, fp8_gemm.SWIGLU_EPILOGUE = fp8_gemm.SWIGLU_EPILOGUE, on
         try:
             return fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq)
         finally:
-            fp8_gemm.SWIGLU_EPILOGUE, fp8_gemm.GATE_UP_SPLIT = old
+            fp8_gemm.SWIGLU_EPILOGUE = old
 
     xq = fp8_gemm.fp8_act_quant(x)  # what the norm before the MoE hands over in the engine
     whole = [
@@ -121,10 +117,6 @@ def fp8(tokens: int, w1, s1, w2, s2) -> None:
         ("act-quant(gather), gate_up with swiglu+act-quant epilogue, down", lambda: epilogue(True)),
         ("(rows quantized by the norm) gate_up gathering them, with the epilogue, down",
          lambda: epilogue(True, xq)),
-        (f"(rows quantized by the norm) gate_up split {split} over K, swiglu+act-quant adding the partials, down",
-         lambda: epilogue(False, xq)),
-        ("(rows quantized by the norm) gate_up in one K run, swiglu+act-quant, down",
-         lambda: epilogue(False, xq, 1)),
     ]  # fmt: skip
     _time("fp8 experts", tokens, whole)
 

@@ -11,7 +11,6 @@ current default and tiles with S stages in flight, and checks each against the f
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 
@@ -73,19 +72,6 @@ def long_rows(n: int, k: int) -> list[W4A16Config]:
                     for prefetch in (False,):
                         out.append(W4A16Config(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=1,
                                                unpack=4, prefetch=prefetch))  # fmt: skip
-    return list(dict.fromkeys(out))
-
-
-def hints(n: int, k: int) -> list[W4A16Config]:
-    """The default tile with cache modifiers and eviction policies on the weight loads (each weight is read
-    once: whether keeping them out of L1 / marking them evict-first lets the stream run closer to the probe)."""
-    base = w4a16_gemm.default_config(1, n, k)
-    out = [base]
-    for cache in ("", ".cg", ".cv"):
-        for evict in ("", "evict_first", "evict_last"):
-            out.append(replace(base, cache=cache, evict=evict))
-            if base.prefetch is False:
-                out.append(replace(base, cache=cache, evict=evict, prefetch=True))
     return list(dict.fromkeys(out))
 
 
@@ -262,7 +248,6 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
-    ap.add_argument("--hints", action="store_true", help="the default tiles with load cache/eviction hints instead")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
@@ -283,12 +268,7 @@ def main() -> None:
     for n, k in [(14336, 4096), (4096, 14336)]:
         packed, wbs, x, ref, base = gemv_setup(n, k)
         results = []
-        if args.hints:
-            configs = hints(n, k)
-        elif args.occupancy:
-            configs = occupancy(n, k)
-        else:
-            configs = long_rows(n, k) if args.long else candidates(n, k, args.quick)
+        configs = occupancy(n, k) if args.occupancy else long_rows(n, k) if args.long else candidates(n, k, args.quick)
         for c in configs:
             try:
                 err = rel(w4a16_gemm.w4a16_linear(x, *packed[0], 128, config=c), ref)
@@ -301,7 +281,7 @@ def main() -> None:
             results.append((us, c))
             note = (
                 f"bn {c.bn} bk {c.bk} split {c.split_k} warps {c.num_warps} stages {c.num_stages}"
-                f"{' prefetch' if c.prefetch else ''} {c.cache} {c.evict}".rstrip()
+                f"{' prefetch' if c.prefetch else ''}"
             )
             print(f"| {n}x{k} | {note} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
         best = min(results, key=lambda r: r[0])

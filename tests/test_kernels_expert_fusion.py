@@ -158,59 +158,7 @@ def interp_quant_gather_swiglu() -> None:
             assert _same(y, y0), (counts, cfg)
 
 
-def interp_grouped_fp8_split_k() -> None:
-    # the grouped FP8 kernel with K split over programs: split s's fp32 partial is, bit for bit, the unsplit
-    # kernel over that split's run of K blocks; the SwiGLU launch adds the partials as `sum_partials` does
-    from miles_core.kernels import fp8_gemm
-    from miles_core.quant import fp8_block_quantize
-
-    g = torch.Generator().manual_seed(43)
-    tiles = dict(bm=16, bn=64, num_warps=4, num_stages=3, swap=True)
-    for counts, k, split, dtype in [
-        (_COUNTS[0], 384, 2, torch.float16),  # 3 K blocks: runs of 2 and 1
-        (_COUNTS[2], 512, 4, torch.float16),  # one block each
-        (_COUNTS[1], 384, 4, torch.bfloat16),  # runs of 1, 1, 1 and an empty fourth (zeros)
-        (_COUNTS[0], 640, 3, torch.float32),
-    ]:
-        c = torch.tensor(counts)
-        e, n, m = c.numel(), 256, sum(counts)
-        a, sa = fp8_gemm.fp8_act_quant_triton(torch.randn(m, k, generator=g) * 3)
-        w, ws = fp8_block_quantize(torch.randn(e, n, k, generator=g))
-        with _nan_outputs():
-            parts = fp8_gemm.grouped_fp8_linear_triton(
-                a, w, ws, c, x_scale=sa, out_dtype=dtype, split_k=split, partials=True, **tiles
-            )
-            y = fp8_gemm.grouped_fp8_linear_triton(a, w, ws, c, x_scale=sa, out_dtype=dtype, split_k=split, **tiles)
-        assert parts.shape == (split, m, n) and parts.dtype == torch.float32 and not parts.isnan().any()
-        per = -(-(k // 128) // split)
-        for i in range(split):
-            lo, hi = min(i * per, k // 128), min((i + 1) * per, k // 128)
-            if lo == hi:
-                assert not parts[i].any(), (counts, k, split, i)  # an empty run stores zeros
-                continue
-            with _nan_outputs():
-                run = fp8_gemm.grouped_fp8_linear_triton(
-                    a[:, lo * 128 : hi * 128], w[:, :, lo * 128 : hi * 128].contiguous(), ws[:, :, lo:hi].contiguous(),
-                    c, x_scale=sa[:, lo:hi].contiguous(), out_dtype=torch.float32, **tiles,
-                )  # fmt: skip
-            assert torch.equal(parts[i], run), (counts, k, split, i)
-        assert _same(y, fp8_gemm.sum_partials(parts, dtype)) and y.dtype == dtype
-        ref = fp8_gemm.grouped_fp8_linear_reference(a.float() * sa.repeat_interleave(128, 1), w, ws, c)
-        assert _rel(y, ref) < 1e-2, (counts, k, split, _rel(y, ref))
-        if dtype == torch.float16:  # (the interpreter's fp32 -> bf16 casts do not round as the GPU's and torch's)
-            with _nan_outputs():
-                q, s = fp8_gemm.swiglu_fp8_quant_triton(parts, dtype)
-                q0, s0 = fp8_gemm.swiglu_fp8_quant_triton(fp8_gemm.sum_partials(parts, dtype))
-            assert _same(q, q0) and _same(s, s0), (counts, k, split)
-    decode = fp8_gemm.Fp8Config(bm=16, bn=64, swap=True)
-    assert fp8_gemm.gate_up_split(decode, 2048) == fp8_gemm.GATE_UP_SPLIT
-    assert fp8_gemm.gate_up_split(decode, 768) == 1 or fp8_gemm.GATE_UP_SPLIT <= 1  # too few K blocks per run
-    assert fp8_gemm.gate_up_split(fp8_gemm.Fp8Config(bm=64, bn=128, nfast=True), 2048) == 1  # prefill tiles
-
-
-@pytest.mark.parametrize(
-    "check", ["interp_bf16_gather_swiglu", "interp_quant_gather_swiglu", "interp_grouped_fp8_split_k"]
-)
+@pytest.mark.parametrize("check", ["interp_bf16_gather_swiglu", "interp_quant_gather_swiglu"])
 def test_fused_gather_and_swiglu_are_bitwise_the_unfused_launches_in_interpreter(check):
     _run_interpreted(check, "tests.test_kernels_expert_fusion")
 
@@ -250,11 +198,7 @@ def test_bf16_swiglu_gather_kernel_compiles_for_hopper_on_the_unfused_mma_withou
 _QUANT_CASES = [
     ("fp8_act_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "SRC": "*i64", "EPS": "fp32"},
      {"BM": 16, "BLOCK": 128, "GATHER": True}),
-    ("swiglu_fp8_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"},
-     {"BM": 16, "BLOCK": 128, "SPLIT": 1, "DT": None}),
-    # the gate_up's split-K partials (fp32), added here
-    ("swiglu_fp8_quant_kernel", {"X": "*fp32", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"},
-     {"BM": 16, "BLOCK": 128, "SPLIT": 2, "DT": triton.language.bfloat16}),
+    ("swiglu_fp8_quant_kernel", {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "EPS": "fp32"}, {"BM": 16, "BLOCK": 128}),
     ("grouped_w4a16_kernel", {"X": "*bf16", "W": "*i32", "S": "*bf16", "Y": "*bf16", "TILE_END": "*i32",
                               "ROW_START": "*i32", "COUNTS": "*i64", "SRC": "*i64"},
      {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
@@ -332,21 +276,10 @@ def test_gpu_fp8_and_int4_gather_and_swiglu_quant_are_bitwise_the_unfused_launch
         q, s = fp8_gemm.fp8_act_quant_triton(x, src=src)
         q0, s0 = fp8_gemm.fp8_act_quant_triton(xs)
         assert _same(q, q0) and _same(s, s0)
-        split = fp8_gemm.gate_up_split(fp8_gemm.grouped_fp8_config(xs.shape[0], 128), 2048)
-        assert split == fp8_gemm.GATE_UP_SPLIT > 1  # decode sizes: the gate_up split over K
-        gate_up = fp8_gemm.grouped_fp8_linear(xs, w1, s1, counts, split_k=split)  # [M, 1536] bf16
+        gate_up = fp8_gemm.grouped_fp8_linear(xs, w1, s1, counts)  # [M, 1536] bf16
         _poison()
         q, s = fp8_gemm.swiglu_fp8_quant_triton(gate_up)
         q0, s0 = fp8_gemm.fp8_act_quant_triton(swiglu(gate_up))
-        assert _same(q, q0) and _same(s, s0)
-        _poison()  # the split's fp32 partials, added by the SwiGLU launch: the bits of adding them first
-        cfg = fp8_gemm.grouped_fp8_config(xs.shape[0], 128)
-        tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap)
-        parts = fp8_gemm.grouped_fp8_linear_triton(
-            *fp8_gemm.fp8_act_quant_triton(xs), w1, s1, counts, split_k=split, partials=True, **tiles
-        )  # fmt: skip
-        assert parts.shape == (split, *gate_up.shape) and torch.equal(fp8_gemm.sum_partials(parts, x.dtype), gate_up)
-        q, s = fp8_gemm.swiglu_fp8_quant_triton(parts, x.dtype)
         assert _same(q, q0) and _same(s, s0)
         _poison()
         fused = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)
@@ -355,15 +288,11 @@ def test_gpu_fp8_and_int4_gather_and_swiglu_quant_are_bitwise_the_unfused_launch
         _poison()  # the token rows quantized once (as the norm before the MoE does), gathered by the GEMM
         pre = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=fp8_gemm.fp8_act_quant(x))
         assert torch.equal(pre, fused)
-        monkeypatch.setattr(fp8_gemm, "GATE_UP_SPLIT", 1)  # the gate_up in one K run: close, other bits
-        _poison()
-        whole = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)
-        assert _rel(whole, fused) < 1e-2, _rel(whole, fused)
         monkeypatch.setattr(fp8_gemm, "SWIGLU_EPILOGUE", True)  # SwiGLU + act-quant in the gate_up epilogue
         for xq in (None, fp8_gemm.fp8_act_quant(x)):
             _poison()
             epilogue = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=xq)
-            assert torch.equal(epilogue, whole)
+            assert torch.equal(epilogue, fused)
         monkeypatch.undo()
         qi, si = int4_group_quantize(torch.randn(128, 1536, 2048, device="cuda") * 0.05, 128)
         p, si = pack_int4(qi), w4a16_gemm.group_major(si)

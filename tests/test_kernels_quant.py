@@ -378,7 +378,7 @@ _FP8 = {
 
 def _g8(**consts) -> dict:
     base = {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, "NFAST": False, "KU": 1}
-    return {**base, "GATHER": False, "SWIGLU_DT": None, "SPLIT": 1, **consts}
+    return {**base, "GATHER": False, "SWIGLU_DT": None, **consts}
 
 
 def _d8(**consts) -> dict:
@@ -399,13 +399,11 @@ _SM90_CASES = [
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4, SWAP=True), 4, True),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=64, BN=64, BK=128, SPLIT_K=1, UNPACK=4, ASM=True), 4, True),
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1,
-      "CACHE": "", "EVICT": ""},
+     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1},
      1, False),
     # the GEMV's K loop pipelined through shared memory (its own num_stages): cp.async copies
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4,
-      "CACHE": "", "EVICT": ""},
+     {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4},
      4, False),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
@@ -423,9 +421,6 @@ _SM90_CASES = [
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False, NFAST=True, KU=2), 4, True),
     # the decode tiles reading token rows through SRC (rows quantized by the norm before the MoE)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True), 4, True),
-    # the decode gate_up split over K (fp32 partials)
-    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv", "Y": "*fp32"},
-     _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True, SPLIT=2), (4, 3), True),
     # gate_up with SwiGLU + act-quant in the epilogue (gate and up accumulators, fp8 output and scales)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv", "Y": "*fp8e4nv", "YS": "*fp32"},
      _g8(BM=16, BN=128, SWAP=True, QUANT=False, GATHER=True, SWIGLU_DT=triton.language.bfloat16), 4, True),

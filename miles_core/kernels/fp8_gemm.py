@@ -30,7 +30,6 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -63,7 +62,6 @@ __all__ = [
     "grouped_fp8_linear",
     "grouped_fp8_linear_reference",
     "expert_tiles",
-    "sum_partials",
     "swiglu_fp8_quant_triton",
     "grouped_fp8_experts",
     "experts_fusion_ok",
@@ -78,8 +76,6 @@ SWIGLU_EPILOGUE = False  # grouped_fp8_experts at decode: SwiGLU + act-quant in 
 # Off: it needs 128-wide tiles (a program holds the gate and up columns of whole 1x128 output tiles), which
 # stream slower than the 64-wide ones: on an H200 at batch 64 the gate_up with the epilogue ran 102.7-104.6
 # us against 101.3-101.9 for the 64-wide GEMM + the SwiGLU-quant launch (bench/RESULTS.md).
-# grouped_fp8_experts at decode: the gate_up GEMM's K split (`gate_up_split`); 1 (MILES_GATE_UP_SPLIT=1) = off
-GATE_UP_SPLIT = int(os.environ.get("MILES_GATE_UP_SPLIT", "2"))
 FUSED_QUANT_MAX_M = 0  # grouped FP8: activations quantized inside the GEMM up to this many rows (when experts
 # get ~16 rows or fewer); above, the act-quant kernel + the GEMM on fp8 rows. Off: on an H200 the fused
 # 16-row tiles ran 327 us against 113 unfused on a batch-64 gate_up (bench/RESULTS.md): each N tile redoes
@@ -95,9 +91,7 @@ class Fp8Config:
     bn: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    split_k: int = 1  # K split over programs: the dense kernel reduces in-kernel in split order; the
-    # grouped kernel writes fp32 partials that its consumer adds in split order (`sum_partials`, or
-    # `swiglu_fp8_quant_triton` for the experts' gate_up, `gate_up_split`)
+    split_k: int = 1  # dense kernel only: K split over programs, reduced in-kernel in split order
     swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
     fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
     nfast: bool = False  # grouped kernel: a row tile's N tiles launched side by side (A reused from L2)
@@ -168,37 +162,20 @@ def act_quant_tiles(m: int) -> tuple[int, int, bool]:
     return 16, 4, m >= 1024
 
 
-def swiglu_fp8_quant_triton(y: torch.Tensor, out_dtype: torch.dtype | None = None):
+def swiglu_fp8_quant_triton(y: torch.Tensor):
     """y: [M, 2I] (gate columns, then up) -> (q [M, I] fp8, scale [M, ceil(I/128)] fp32), the bits of
-    `fp8_act_quant_triton(swiglu(y))` in one launch (any Triton device, the interpreter included).
-    y may also be [S, M, 2I] fp32 split-K partials of the gate_up GEMM (`grouped_fp8_linear_triton(...,
-    partials=True)`): then the bits of that with y = `sum_partials(y, out_dtype)`."""
-    split = y.shape[0] if y.dim() == 3 else 1
-    if y.dim() == 3 and (y.dtype != torch.float32 or out_dtype is None):
-        raise ValueError("split-K partials must be fp32 and come with the out_dtype the GEMM would store")
-    if y.dim() == 3 and split == 1:
-        y = y[0].to(out_dtype)
+    `fp8_act_quant_triton(swiglu(y))` in one launch (any Triton device, the interpreter included)."""
+    m, n = y.shape[0], y.shape[1] // 2
     y = y if y.stride(-1) == 1 else y.contiguous()
-    m, n = y.shape[-2], y.shape[-1] // 2
     q = torch.empty(m, n, dtype=FP8_DTYPE, device=y.device)
     s = torch.empty(m, _cdiv(n, BLOCK), device=y.device)
     if m == 0:
         return q, s
     bm = 16
-    extra = dict(SPLIT=split, stride_xk=y.stride(0), DT=_tl_dtype(out_dtype)) if split > 1 else {}
     load_triton_kernels().swiglu_fp8_quant_kernel[(_cdiv(m, bm), _cdiv(n, BLOCK))](
-        y, q, s, m, n, y.stride(-2), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK, **extra
+        y, q, s, m, n, y.stride(0), q.stride(0), s.stride(0), ACT_EPS, BM=bm, BLOCK=BLOCK
     )
     return q, s
-
-
-def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """[S, M, N] fp32 split-K partial sums -> [M, N] out_dtype, added in split order (the order the
-    kernels that consume partials use, so the bits agree)."""
-    total = partials[0].clone()
-    for p in partials[1:]:
-        total += p
-    return total.to(out_dtype)
 
 
 def prepare_weight_scale(scale_inv: torch.Tensor) -> torch.Tensor:
@@ -458,16 +435,6 @@ def grouped_fp8_linear_reference(
     return out
 
 
-def gate_up_split(cfg: Fp8Config, k: int) -> int:
-    """K splits of the experts' gate_up GEMM under `cfg`: GATE_UP_SPLIT with the decode tiles (16 rows,
-    swapped, act-quant first) when every split keeps at least 4 K blocks, else 1. On an H200 at batch 64
-    each gate_up program streams 128 KB of weights for ~27 us, and SMs go idle over the last ~10 us of the
-    launch; halving the programs halves that tail (bench/RESULTS.md, fifteenth session)."""
-    if cfg.swap and not cfg.fuse and cfg.bm == 16 and _cdiv(k, BLOCK) >= 4 * GATE_UP_SPLIT:
-        return GATE_UP_SPLIT
-    return 1
-
-
 def grouped_fp8_config(m: int, e: int) -> Fp8Config:
     """Tiles of the grouped kernel by size (decode choices by reasoning; tune with the bench's sweep).
 
@@ -501,20 +468,16 @@ def grouped_fp8_linear(
     swap: bool | None = None,
     nfast: bool | None = None,
     ku: int | None = None,
-    split_k: int | None = None,
 ) -> torch.Tensor:
     """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E], int32 or int64); Triton on
     CUDA. Tiles by size (`grouped_fp8_config`) unless given."""
     if not xs.is_cuda:
         return grouped_fp8_linear_reference(xs, w, scale_inv, counts)
-    given = dict(
-        bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast, ku=ku,
-        split_k=split_k,
-    )  # fmt: skip
+    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast, ku=ku)
     cfg = replace(grouped_fp8_config(xs.shape[0], w.shape[0]), **{k: v for k, v in given.items() if v is not None})
     return grouped_fp8_linear_triton(
         xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap,
-        nfast=cfg.nfast, ku=cfg.ku, split_k=cfg.split_k,
+        nfast=cfg.nfast, ku=cfg.ku,
     )  # fmt: skip
 
 
@@ -536,8 +499,6 @@ def grouped_fp8_linear_triton(
     ku: int = 1,
     src: torch.Tensor | None = None,
     swiglu_quant: bool = False,
-    split_k: int = 1,
-    partials: bool = False,
 ):
     """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
     activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
@@ -547,17 +508,13 @@ def grouped_fp8_linear_triton(
     `Fp8Config`). `src` [M] (with `x_scale`): xs [T, K] are token rows and sorted row r reads xs[src[r]]
     in the kernel (no gathered copy). `swiglu_quant` (w: [E, 2I, K] gate rows then up rows, bn == 128):
     -> (q [M, I] e4m3, scale [M, I/128] fp32), SwiGLU and its act-quant in the epilogue, the bits of this
-    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]. `split_k`: K split over that
-    many programs per tile, each writing an fp32 partial sum; with `partials` (and split_k > 1) -> those
-    [S, M, N] (for `swiglu_fp8_quant_triton` to add), else y = `sum_partials` of them."""
+    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]."""
     if swiglu_quant and (bn != BLOCK or w.shape[1] % (2 * BLOCK)):
         raise ValueError(f"swiglu_quant needs bn == {BLOCK} and I a multiple of {BLOCK}; got bn={bn}, 2I={w.shape[1]}")
     if ku not in (1, 2):
         raise ValueError(f"ku must be 1 or 2 (K blocks per loop iteration), got {ku}")
     if src is not None and x_scale is None:
         raise ValueError("src (the kernel's row gather) needs pre-quantized rows (x_scale)")
-    if split_k < 1 or (split_k > 1 and swiglu_quant):
-        raise ValueError(f"split_k must be >= 1 and 1 with swiglu_quant, got {split_k}")
     k = xs.shape[1]
     m = xs.shape[0] if src is None else src.shape[0]
     e, n, _ = w.shape
@@ -565,12 +522,10 @@ def grouped_fp8_linear_triton(
     if swiglu_quant:
         y = torch.empty(m, n // 2, dtype=torch.float8_e4m3fn, device=xs.device)
         ys = torch.empty(m, n // 2 // BLOCK, dtype=torch.float32, device=xs.device)
-    elif split_k > 1:
-        y, ys = torch.empty(split_k, m, n, dtype=torch.float32, device=xs.device), None  # every tile stores
     else:
         y, ys = torch.empty(m, n, dtype=out_dtype, device=xs.device), None
     if m == 0:
-        return (y, ys) if swiglu_quant else y if partials or split_k == 1 else y[0].to(out_dtype)
+        return (y, ys) if swiglu_quant else y
     xs = xs if xs.stride(-1) == 1 else xs.contiguous()
     if x_scale is not None:
         a, sa, fuse = xs, x_scale, False
@@ -578,19 +533,16 @@ def grouped_fp8_linear_triton(
         a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)
     tile_end, row_start, c = expert_tiles(counts, bm) if prep else (counts, counts, counts)
     grid = (_cdiv(m, bm) + e, _cdiv(n // 2 if swiglu_quant else n, bn))
-    grid = (*(grid[::-1] if nfast else grid), split_k)
+    grid = grid[::-1] if nfast else grid
     swiglu = dict(YS=ys, stride_ysm=ys.stride(0), SWIGLU_DT=_tl_dtype(out_dtype)) if swiglu_quant else {}
-    split = dict(SPLIT=split_k, stride_yk=y.stride(0)) if split_k > 1 else {}
     load_triton_kernels().grouped_fp8_kernel[grid](
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
-        a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1),
-        y.stride(-2), ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu, **split,
+        a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
+        ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if swiglu_quant:
-        return y, ys
-    return y if partials or split_k == 1 else sum_partials(y, out_dtype)
+    return (y, ys) if swiglu_quant else y
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -620,8 +572,7 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     reading q[src] in place. `SWIGLU_EPILOGUE`: SwiGLU + act-quant in the gate_up GEMM's epilogue.
 
     The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
-    same tiles; the gate_up with `gate_up_split`'s split_k), without the gathered copy of x, the [M, I]
-    SwiGLU output and two launches."""
+    same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
     m = x.shape[0] if src is None else src.shape[0]
     if m >= GLUON_GROUPED_MIN_M and x.dtype == torch.bfloat16 and not _GLUON_GROUPED_FAILED and _gluon_ok(x):
         y = _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq)
@@ -639,10 +590,7 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
         a, sa = grouped_fp8_linear_triton(
             a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, swiglu_quant=True, **wide
         )
-    else:  # [M, 2I], or its [S, M, 2I] fp32 split-K partials
-        split = gate_up_split(cfg, w1.shape[2])
-        y = grouped_fp8_linear_triton(
-            a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, split_k=split, partials=True, **tiles
-        )
-        a, sa = swiglu_fp8_quant_triton(y, x.dtype)  # [M, I] e4m3, [M, I/128] fp32
+    else:
+        y = grouped_fp8_linear_triton(a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, **tiles)  # [M, 2I]
+        a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
     return grouped_fp8_linear_triton(a, w2, s2, counts, x_scale=sa, out_dtype=x.dtype, **tiles)  # [M, H]

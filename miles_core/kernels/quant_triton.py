@@ -80,15 +80,10 @@ def fp8_act_quant_kernel(
 
 
 @triton.jit
-def swiglu_fp8_quant_kernel(
-    X, Q, S, M, N, stride_xm, stride_qm, stride_sm, EPS, BM: tl.constexpr, BLOCK: tl.constexpr,
-    SPLIT: tl.constexpr = 1, stride_xk=0, DT: tl.constexpr = None,
-):  # fmt: skip
+def swiglu_fp8_quant_kernel(X, Q, S, M, N, stride_xm, stride_qm, stride_sm, EPS, BM: tl.constexpr, BLOCK: tl.constexpr):
     # X: [M, 2N] gate columns then up columns (the gate_up GEMM's output) -> h = silu(gate) * up rounded to
     # X's dtype, as `swiglu` writes it, then quantized as fp8_act_quant_kernel quantizes h: Q [M, N] fp8,
     # S [M, ceil(N/BLOCK)] fp32. One launch, and no [M, N] h in memory between them.
-    # SPLIT > 1: X holds SPLIT fp32 partial sums of the GEMM (split-K, X + s * stride_xk), added here in
-    # split order and rounded to DT, the dtype the GEMM would have stored; h is rounded to DT too.
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
@@ -96,15 +91,7 @@ def swiglu_fp8_quant_kernel(
     ptrs = X + rows[:, None] * stride_xm + cols[None, :]
     g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(ptrs + N, mask=mask, other=0.0).to(tl.float32)
-    if SPLIT > 1:
-        for s in tl.static_range(1, SPLIT):
-            g += tl.load(ptrs + s * stride_xk, mask=mask, other=0.0)
-            u += tl.load(ptrs + s * stride_xk + N, mask=mask, other=0.0)
-        g = g.to(DT).to(tl.float32)
-        u = u.to(DT).to(tl.float32)
-        h = silu_mul(g, u).to(DT).to(tl.float32)
-    else:
-        h = silu_mul(g, u).to(X.dtype.element_ty).to(tl.float32)  # masked: silu(0) * 0 = 0, as a masked load
+    h = silu_mul(g, u).to(X.dtype.element_ty).to(tl.float32)  # masked: silu(0) * 0 = 0, as a masked load
     q, scale = _quantize_rows(h, EPS)
     tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
     tl.store(S + rows * stride_sm + pid_k, scale, mask=rows < M)
@@ -340,15 +327,11 @@ def _nibbles(wp, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_words(
-    W, cols, stride_wn, k0, N, k_words, BK: tl.constexpr, EVEN_K: tl.constexpr, live=True,
-    CACHE: tl.constexpr = "", EVICT: tl.constexpr = "",
-):  # fmt: skip
+def _load_words(W, cols, stride_wn, k0, N, k_words, BK: tl.constexpr, EVEN_K: tl.constexpr, live=True):
     # -> [BN, BK/8] int32 packed words of input columns k0 .. k0+BK (zeros where masked or not `live`)
     words = k0 // 8 + tl.arange(0, BK // 8)
     mask = (cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K) & live
-    ptrs = W + cols[:, None] * stride_wn + words[None, :]
-    return tl.load(ptrs, mask=mask, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
+    return tl.load(W + cols[:, None] * stride_wn + words[None, :], mask=mask, other=0)
 
 
 @triton.jit
@@ -386,8 +369,6 @@ def w4a16_gemv_kernel(
     PREFETCH: tl.constexpr,
     ASM: tl.constexpr,
     STAGES: tl.constexpr = 1,
-    CACHE: tl.constexpr = "",
-    EVICT: tl.constexpr = "",
 ):
     # Decode GEMV, one row of x per program along axis 0. fp32 FMAs on the magic-number weights (a shift,
     # a LOP3 and an FMA per weight); the K reduction stays in registers per group. BK is a divisor of
@@ -402,14 +383,14 @@ def w4a16_gemv_kernel(
     kb0 = pid_k * kb_per_split
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PREFETCH:
-        wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K, True, CACHE, EVICT)
+        wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K)
     for it in tl.range(0, kb_per_split, num_stages=STAGES):
         k0 = (kb0 + it) * BK
         if PREFETCH:
             cur = wp
-            wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split, CACHE, EVICT)
+            wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split)
         else:
-            cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K, True, CACHE, EVICT)
+            cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K)
         ks = k0 + tl.arange(0, BK)
         x = tl.load(X + pid_m * stride_xm + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)  # [BK]
         w = _magic_join(cur, False, ASM)  # [BN, BK] fp32, 136 + q
@@ -652,12 +633,7 @@ def grouped_fp8_kernel(
     YS=None,
     stride_ysm=0,
     SWIGLU_DT: tl.constexpr = None,
-    SPLIT: tl.constexpr = 1,
-    stride_yk=0,
 ):
-    # SPLIT > 1: K split over grid axis 2 (contiguous runs of K blocks); split s stores its fp32 partial sum
-    # at Y + s * stride_yk, and the consumer adds the partials in split order (`swiglu_fp8_quant_kernel`,
-    # or `grouped_fp8_linear_triton` itself). Shorter programs, a shorter tail (bench/RESULTS.md).
     # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
     # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
     # up columns, rounds both to SWIGLU_DT (the unfused GEMM's output dtype), h = silu(gate) * up rounded
@@ -684,14 +660,8 @@ def grouped_fp8_kernel(
         a_rows = rows
     B += e_safe.to(tl.int64) * stride_be
     SB += e_safe.to(tl.int64) * stride_sbe
-    kb_lo, kb_hi = 0, tl.cdiv(K, BK)
-    if SPLIT > 1:
-        per = tl.cdiv(kb_hi, SPLIT)
-        kb_lo = tl.program_id(2) * per
-        kb_hi = tl.minimum(kb_lo + per, kb_hi)
-        Y += tl.program_id(2).to(tl.int64) * stride_yk
     acc = _fp8_block_dot(
-        A, SA, B, SB, rows, r1, pid_n * BN, N, K, kb_lo, kb_hi,
+        A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
         stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
     )  # fmt: skip
     if SWAP:

@@ -63,8 +63,6 @@ class W4A16Config:
     # 4 magic numbers (bm == 1: w4a16_gemv_kernel, where bk may also be a multiple of the group)
     swap: bool = False  # bm >= 16: W as the MMA's M side (y^T = W x^T)
     prefetch: bool = False  # gemv kernel: the next K step's weights loaded before this step's math
-    cache: str = ""  # gemv kernel: the weight loads' cache modifier ("", ".cg", ".cv")
-    evict: str = ""  # gemv kernel: their eviction policy ("", "evict_first", "evict_last")
 
 
 def default_config(m: int, n: int, k: int) -> W4A16Config:
@@ -205,10 +203,7 @@ def w4a16_linear_triton(
         partials, locks = y, y  # unused
     kernels = load_triton_kernels()
     if gemv:
-        kernel, extra = (
-            kernels.w4a16_gemv_kernel,
-            {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages, "CACHE": cfg.cache, "EVICT": cfg.evict},
-        )
+        kernel, extra = kernels.w4a16_gemv_kernel, {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages}
     else:
         kernel, extra = kernels.w4a16_kernel, {"BM": cfg.bm, "UNPACK": cfg.unpack, "SWAP": cfg.swap}
     kernel[grid](

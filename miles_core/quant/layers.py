@@ -147,13 +147,10 @@ class QuantExperts(nn.Module):
     def _linear(self, xs: torch.Tensor, which: str, counts: torch.Tensor, src=None) -> torch.Tensor:
         # src (INT4 only): the rows xs[src], gathered by the kernel when it can
         if self.fmt == "fp8":
-            from miles_core.kernels import fp8_gemm
+            from miles_core.kernels.fp8_gemm import grouped_fp8_linear
 
             w, s = getattr(self, f"{which}_weight"), getattr(self, f"{which}_weight_scale_inv")
-            split = None  # the gate_up's K split of `grouped_fp8_experts`, so that both paths give the same bits
-            if which == "gate_up" and xs.is_cuda:
-                split = fp8_gemm.gate_up_split(fp8_gemm.grouped_fp8_config(xs.shape[0], w.shape[0]), w.shape[2])
-            return fp8_gemm.grouped_fp8_linear(xs, w, s, counts, split_k=split)
+            return grouped_fp8_linear(xs, w, s, counts)
         from miles_core.kernels.w4a16_gemm import grouped_w4a16_linear
 
         p = getattr(self, f"{which}_weight_packed")
