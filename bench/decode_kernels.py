@@ -160,16 +160,15 @@ def fp8_grouped(batches, bw: float) -> None:
     from miles_core.kernels import fp8_gemm, grouped_triton
     from miles_core.quant import fp8_block_quantize
 
-    cols = "| rows | tiles (bm, bn, warps, stages, swap, K blocks per step, tail) | us | GB/s "
-    cols += f"| x copy bw ({bw / 1e9:.0f}) | rel err |"
+    cols = f"| rows | tiles (bm, bn, warps, stages, swap, K blocks per step) | us | GB/s | x copy bw ({bw / 1e9:.0f}) "
+    cols += "| rel err |"
     print("\n| grouped FP8 " + cols)
     print("|---|---|---|---|---|---|---|")
     # earlier sweeps (bench/RESULTS.md): 16-row swapped tiles best; 16-row tiles on mma.sync (swap False),
     # 32-row tiles, 2 warps and 5-6 stages no better. Now: two K blocks per loop iteration (ku = 2)
-    # Now: the last N tiles split over K (`tail`: tiles, parts), the launch's last wave short programs
-    options = [(16, 64, 4, 3, True, 1, (0, 1)), (16, 64, 4, 5, True, 1, (0, 1)), (64, 128, 4, 3, False, 1, (0, 1))]
-    options += [(16, 64, 4, 3, True, 1, t) for t in ((2, 2), (4, 2), (8, 2), (12, 2), (4, 4), (8, 4), (8, 3), (24, 2))]
-    options += [(16, 32, 4, 3, False, 1, (0, 1)), (16, 32, 2, 4, False, 1, (0, 1))]
+    options = [(16, 64, 4, 3, True, 1), (16, 64, 4, 5, True, 1), (64, 128, 4, 3, False, 1)]
+    options += [(16, 64, 4, st, True, 2) for st in (2, 3, 4)] + [(16, 128, 4, st, True, 2) for st in (2, 3)]
+    options += [(16, 64, 8, 3, True, 2), (16, 128, 4, 3, False, 2), (16, 64, 4, 3, False, 2), (64, 128, 4, 3, False, 2)]
     for n_tok, (name, n, k) in itertools.product(batches, (("gate_up", 1536, 2048), ("down", 2048, 768))):
         rows = n_tok * 8
         g = torch.Generator().manual_seed(n_tok)
@@ -180,8 +179,8 @@ def fp8_grouped(batches, bw: float) -> None:
         with torch.inference_mode():
             ref = grouped_triton.grouped_linear_triton(x, fp8_gemm.fp8_block_dequantize(wq, ws).bfloat16(), counts)
         for opt in dict.fromkeys(options):
-            bm, bn, nw, st, swap, ku, tail = opt
-            cfg = dict(bm=bm, bn=bn, num_warps=nw, num_stages=st, swap=swap, ku=ku, tail=tail)
+            bm, bn, nw, st, swap, ku = opt
+            cfg = dict(bm=bm, bn=bn, num_warps=nw, num_stages=st, swap=swap, ku=ku)
             run = _fp8_run(fp8_gemm, x, wq, ws, counts, cfg)
             try:
                 with torch.inference_mode():

@@ -158,52 +158,7 @@ def interp_quant_gather_swiglu() -> None:
             assert _same(y, y0), (counts, cfg)
 
 
-def interp_grouped_fp8_tail_split() -> None:
-    # the grouped FP8 kernel with its last N tiles split over K (`tail`): the other tiles keep their bits,
-    # a split tile is its parts' fp32 sums (each the unsplit kernel over that run of K blocks) added in part
-    # order, and the counters are left at zero for the next launch
-    from miles_core.kernels import fp8_gemm
-    from miles_core.quant import fp8_block_quantize
-
-    g = torch.Generator().manual_seed(44)
-    tiles = dict(bm=16, bn=32, num_warps=4, num_stages=3, swap=True)
-    for counts, k, tail in [
-        (_COUNTS[0], 384, (2, 2)),  # 3 K blocks: runs of 2 and 1
-        (_COUNTS[2], 512, (1, 4)),  # one block per part
-        (_COUNTS[1], 384, (3, 4)),  # runs of 1, 1, 1 and an empty fourth part
-        (_COUNTS[0], 640, (9, 3)),  # more split tiles than N has: all of them
-    ]:
-        c = torch.tensor(counts)
-        e, n, m = c.numel(), 160, sum(counts)  # 5 N tiles of 32
-        a, sa = fp8_gemm.fp8_act_quant_triton(torch.randn(m, k, generator=g) * 3)
-        w, ws = fp8_block_quantize(torch.randn(e, n, k, generator=g))
-        run = dict(x_scale=sa, out_dtype=torch.float16, **tiles)
-        with _nan_outputs():
-            whole = fp8_gemm.grouped_fp8_linear_triton(a, w, ws, c, **run)
-            y = fp8_gemm.grouped_fp8_linear_triton(a, w, ws, c, tail=tail, **run)
-        assert not y.isnan().any(), (counts, k, tail)
-        split_cols = min(tail[0], 5) * 32
-        assert _same(y[:, : n - split_cols], whole[:, : n - split_cols]), (counts, k, tail)
-        kb, per = k // 128, -(-(k // 128) // tail[1])
-        total = torch.zeros(m, split_cols)
-        for i in range(tail[1]):
-            lo, hi = min(i * per, kb), min((i + 1) * per, kb)
-            if lo < hi:
-                with _nan_outputs():
-                    part = fp8_gemm.grouped_fp8_linear_triton(
-                        a[:, lo * 128 : hi * 128], w[:, :, lo * 128 : hi * 128].contiguous(),
-                        ws[:, :, lo:hi].contiguous(), c, x_scale=sa[:, lo:hi].contiguous(),
-                        out_dtype=torch.float32, **tiles,
-                    )  # fmt: skip
-                total += part[:, n - split_cols :]
-        assert _same(y[:, n - split_cols :], total.half()), (counts, k, tail)
-        assert _rel(y, whole) < 1e-3, (counts, k, tail, _rel(y, whole))
-        assert not fp8_gemm.tile_locks(y.device, 1).any()
-
-
-@pytest.mark.parametrize(
-    "check", ["interp_bf16_gather_swiglu", "interp_quant_gather_swiglu", "interp_grouped_fp8_tail_split"]
-)
+@pytest.mark.parametrize("check", ["interp_bf16_gather_swiglu", "interp_quant_gather_swiglu"])
 def test_fused_gather_and_swiglu_are_bitwise_the_unfused_launches_in_interpreter(check):
     _run_interpreted(check, "tests.test_kernels_expert_fusion")
 

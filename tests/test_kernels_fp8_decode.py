@@ -153,44 +153,6 @@ def test_gpu_grouped_fp8_fused_is_bitwise_the_two_kernel_path_at_decode_shapes()
 
 @cuda
 @pytest.mark.gpu
-def test_gpu_grouped_fp8_tail_split_adds_its_parts_in_order_and_keeps_the_other_tiles_bits():
-    # the decode tiles with the last N tiles split over K (`tail`): the other tiles' bits unchanged, each
-    # split tile the parts' fp32 sums (the kernel over that K run) added in part order, twice in a row
-    # (the counters reset), at the Qwen3-30B-A3B expert shapes
-    g = torch.Generator().manual_seed(31)
-    for (n, k, rows), tail in [((1536, 2048, 512), (8, 2)), ((2048, 768, 512), (6, 3)), ((1536, 2048, 2048), (5, 4))]:
-        counts = _decode_counts(128, rows, g, torch.int64)
-        a, sa = fp8_gemm.fp8_act_quant(torch.randn(rows, k, generator=g).bfloat16().cuda())
-        wq, ws = fp8_block_quantize(torch.randn(128, n, k, device="cuda") * 0.05)
-        cfg = fp8_gemm.grouped_fp8_config(rows, 128)
-        tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap)
-        run = dict(x_scale=sa, out_dtype=torch.bfloat16, **tiles)
-        _poison()
-        whole = fp8_gemm.grouped_fp8_linear_triton(a, wq, ws, counts, **run)
-        outs = []
-        for _ in range(2):
-            _poison()
-            outs.append(fp8_gemm.grouped_fp8_linear_triton(a, wq, ws, counts, tail=tail, **run))
-        assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any(), (n, k, tail)
-        cut = n - tail[0] * cfg.bn
-        assert torch.equal(outs[0][:, :cut], whole[:, :cut]), (n, k, tail)
-        kb, per = k // 128, -(-(k // 128) // tail[1])
-        total = torch.zeros(rows, n - cut, device="cuda")
-        for lo in range(0, kb, per):
-            hi = min(lo + per, kb)
-            _poison()
-            part = fp8_gemm.grouped_fp8_linear_triton(
-                a[:, lo * 128 : hi * 128].contiguous(), wq[:, :, lo * 128 : hi * 128].contiguous(),
-                ws[:, :, lo:hi].contiguous(), counts, x_scale=sa[:, lo:hi].contiguous(), out_dtype=torch.float32,
-                **tiles,
-            )  # fmt: skip
-            total += part[:, cut:]
-        assert torch.equal(outs[0][:, cut:], total.bfloat16()), (n, k, tail)
-        assert _rel(outs[0], whole) < 1e-2, (n, k, tail)
-
-
-@cuda
-@pytest.mark.gpu
 def test_gpu_dense_fp8_small_m_is_bitwise_the_two_kernel_path_and_near_cublas():
     g = torch.Generator().manual_seed(31)
     shapes = [(64, 4096, 2048), (64, 2048, 4096), (64, 512, 2048), (1, 4096, 2048), (16, 2048, 4096)]

@@ -378,7 +378,7 @@ _FP8 = {
 
 def _g8(**consts) -> dict:
     base = {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, "NFAST": False, "KU": 1}
-    return {**base, "GATHER": False, "SWIGLU_DT": None, "TAIL_TILES": 0, "TAIL_SPLIT": 1, **consts}
+    return {**base, "GATHER": False, "SWIGLU_DT": None, **consts}
 
 
 def _d8(**consts) -> dict:
@@ -421,9 +421,6 @@ _SM90_CASES = [
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False, NFAST=True, KU=2), 4, True),
     # the decode tiles reading token rows through SRC (rows quantized by the norm before the MoE)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True), 4, True),
-    # the decode tiles with the last N tiles split over K (partials reduced in-kernel)
-    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv", "P": "*fp32", "LOCKS": "*i32"},
-     _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True, TAIL_TILES=8, TAIL_SPLIT=2), (4, 3), True),
     # gate_up with SwiGLU + act-quant in the epilogue (gate and up accumulators, fp8 output and scales)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv", "Y": "*fp8e4nv", "YS": "*fp32"},
      _g8(BM=16, BN=128, SWAP=True, QUANT=False, GATHER=True, SWIGLU_DT=triton.language.bfloat16), 4, True),

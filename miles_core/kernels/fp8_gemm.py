@@ -95,8 +95,6 @@ class Fp8Config:
     swap: bool = False  # weights on the MMA's M side (y^T = W x^T): wgmma for a few rows (bm as its N)
     fuse: bool = False  # quantize the activations inside the GEMM (else the act-quant kernel first)
     nfast: bool = False  # grouped kernel: a row tile's N tiles launched side by side (A reused from L2)
-    tail: tuple[int, int] = (0, 1)  # grouped kernel: its last tail[0] N tiles split over K into tail[1]
-    # programs each, launched last (a shorter tail of idle SMs; reduced in-kernel in part order)
     ku: int = 1  # K blocks of 128 per loop iteration (1 or 2; the same bits either way).
     # 2 was no faster on an H200: decode gate_up 101.8 vs 101.9 us, down 55.9 vs 54.5; prefill 0.73-0.89x
     # of bf16 against 0.95-1.01x (bench/RESULTS.md)
@@ -470,19 +468,16 @@ def grouped_fp8_linear(
     swap: bool | None = None,
     nfast: bool | None = None,
     ku: int | None = None,
-    tail: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E], int32 or int64); Triton on
     CUDA. Tiles by size (`grouped_fp8_config`) unless given."""
     if not xs.is_cuda:
         return grouped_fp8_linear_reference(xs, w, scale_inv, counts)
-    given = dict(
-        bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast, ku=ku, tail=tail
-    )  # fmt: skip
+    given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast, ku=ku)
     cfg = replace(grouped_fp8_config(xs.shape[0], w.shape[0]), **{k: v for k, v in given.items() if v is not None})
     return grouped_fp8_linear_triton(
         xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap,
-        nfast=cfg.nfast, ku=cfg.ku, tail=cfg.tail,
+        nfast=cfg.nfast, ku=cfg.ku,
     )  # fmt: skip
 
 
@@ -504,7 +499,6 @@ def grouped_fp8_linear_triton(
     ku: int = 1,
     src: torch.Tensor | None = None,
     swiglu_quant: bool = False,
-    tail: tuple[int, int] = (0, 1),
 ):
     """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
     activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
@@ -514,21 +508,16 @@ def grouped_fp8_linear_triton(
     `Fp8Config`). `src` [M] (with `x_scale`): xs [T, K] are token rows and sorted row r reads xs[src[r]]
     in the kernel (no gathered copy). `swiglu_quant` (w: [E, 2I, K] gate rows then up rows, bn == 128):
     -> (q [M, I] e4m3, scale [M, I/128] fp32), SwiGLU and its act-quant in the epilogue, the bits of this
-    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]. `tail` = (tiles, split): the
-    last `tiles` N tiles split over K into `split` programs each (see `Fp8Config.tail`)."""
+    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]."""
     if swiglu_quant and (bn != BLOCK or w.shape[1] % (2 * BLOCK)):
         raise ValueError(f"swiglu_quant needs bn == {BLOCK} and I a multiple of {BLOCK}; got bn={bn}, 2I={w.shape[1]}")
     if ku not in (1, 2):
         raise ValueError(f"ku must be 1 or 2 (K blocks per loop iteration), got {ku}")
     if src is not None and x_scale is None:
         raise ValueError("src (the kernel's row gather) needs pre-quantized rows (x_scale)")
-    e, n, _ = w.shape
-    tail_tiles, tail_split = min(tail[0], _cdiv(n, bn)), tail[1]
-    if tail_split < 1 or tail_tiles < 0 or (tail_tiles and tail_split > 1 and (swiglu_quant or nfast)):
-        raise ValueError(f"tail must be (tiles >= 0, split >= 1), and off with swiglu_quant or nfast; got {tail}")
-    tail_tiles = tail_tiles if tail_split > 1 else 0
     k = xs.shape[1]
     m = xs.shape[0] if src is None else src.shape[0]
+    e, n, _ = w.shape
     out_dtype = out_dtype or xs.dtype
     if swiglu_quant:
         y = torch.empty(m, n // 2, dtype=torch.float8_e4m3fn, device=xs.device)
@@ -543,19 +532,14 @@ def grouped_fp8_linear_triton(
     else:  # [M, K]; [M, KB] fp32 (unused when fused)
         a, sa = (xs, xs) if fuse else fp8_act_quant_triton(xs)
     tile_end, row_start, c = expert_tiles(counts, bm) if prep else (counts, counts, counts)
-    grid = (_cdiv(m, bm) + e, _cdiv(n // 2 if swiglu_quant else n, bn) + tail_tiles * (tail_split - 1))
+    grid = (_cdiv(m, bm) + e, _cdiv(n // 2 if swiglu_quant else n, bn))
     grid = grid[::-1] if nfast else grid
     swiglu = dict(YS=ys, stride_ysm=ys.stride(0), SWIGLU_DT=_tl_dtype(out_dtype)) if swiglu_quant else {}
-    split = {}
-    if tail_tiles:  # fp32 partials of the split tiles (every part stores its tile), their counters
-        partials = torch.empty(tail_split, m, tail_tiles * bn, dtype=torch.float32, device=xs.device)
-        locks = tile_locks(xs.device, grid[0] * tail_tiles)
-        split = dict(TAIL_TILES=tail_tiles, TAIL_SPLIT=tail_split, P=partials, LOCKS=locks, M=m)
     load_triton_kernels().grouped_fp8_kernel[grid](
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu, **split,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (y, ys) if swiglu_quant else y
@@ -596,14 +580,13 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
             return y
     cfg = grouped_fp8_config(m, w1.shape[0])
     tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap, ku=cfg.ku)
-    tiles["tail"] = cfg.tail
     if xq is not None and src is not None:  # token rows quantized already: the GEMM gathers them
         a, sa, gather = xq[0], xq[1], src
     else:
         a, sa = fp8_act_quant_triton(x, src=src) if xq is None else xq  # [M, H] e4m3, [M, H/128] fp32
         gather = None
     if SWIGLU_EPILOGUE and cfg.swap and (w1.shape[1] // 2) % BLOCK == 0:  # [M, I] e4m3, [M, I/128] fp32
-        wide = {**tiles, "bn": BLOCK, "tail": (0, 1)}  # gate and up columns of one 1x128 output tile per program
+        wide = {**tiles, "bn": BLOCK}  # gate and up columns of one 1x128 output tile per program
         a, sa = grouped_fp8_linear_triton(
             a, w1, s1, counts, x_scale=sa, out_dtype=x.dtype, src=gather, swiglu_quant=True, **wide
         )

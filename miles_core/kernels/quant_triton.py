@@ -633,18 +633,7 @@ def grouped_fp8_kernel(
     YS=None,
     stride_ysm=0,
     SWIGLU_DT: tl.constexpr = None,
-    TAIL_TILES: tl.constexpr = 0,
-    TAIL_SPLIT: tl.constexpr = 1,
-    P=None,
-    LOCKS=None,
-    M=0,
 ):
-    # TAIL_TILES > 0 (grid without NFAST): the last TAIL_TILES N tiles are split over K into TAIL_SPLIT
-    # programs each (grid axis 1: n_tiles - TAIL_TILES + TAIL_TILES * TAIL_SPLIT), launched last. A launch's
-    # last wave then holds short programs, so SMs go idle over a shorter tail (one full program streams
-    # ~27 us at batch 64). Each part stores its fp32 partial to P [TAIL_SPLIT, M, TAIL_TILES * BN] and
-    # counts itself in LOCKS (one per row tile and split N tile); the last to arrive adds the partials in
-    # part order (deterministic), stores Y and resets its counter, as the dense kernel's split-K does.
     # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
     # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
     # up columns, rounds both to SWIGLU_DT (the unfused GEMM's output dtype), h = silu(gate) * up rounded
@@ -663,17 +652,6 @@ def grouped_fp8_kernel(
     e, e_safe, r0, r1 = _expert_tile(COUNTS, TILE_END, ROW_START, E, pid_t, E_P2, BM, PREP)
     if e >= E:
         return
-    kb_lo, kb_hi = 0, tl.cdiv(K, BK)
-    part, split_tile = 0, 0
-    if TAIL_TILES > 0:
-        first = tl.cdiv(N, BN) - TAIL_TILES  # the first split N tile
-        j = tl.maximum(pid_n - first, 0)
-        split_tile, part = j // TAIL_SPLIT, j % TAIL_SPLIT
-        if pid_n >= first:
-            pid_n = first + split_tile
-            per = tl.cdiv(kb_hi, TAIL_SPLIT)
-            kb_lo = part * per
-            kb_hi = tl.minimum(kb_lo + per, kb_hi)
     rows = r0 + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     if GATHER:
@@ -683,7 +661,7 @@ def grouped_fp8_kernel(
     B += e_safe.to(tl.int64) * stride_be
     SB += e_safe.to(tl.int64) * stride_sbe
     acc = _fp8_block_dot(
-        A, SA, B, SB, rows, r1, pid_n * BN, N, K, kb_lo, kb_hi,
+        A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
         stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
     )  # fmt: skip
     if SWAP:
@@ -703,23 +681,7 @@ def grouped_fp8_kernel(
         tl.store(YS + rows * stride_ysm + pid_n, scale, mask=rows < r1)
     else:
         mask = (rows[:, None] < r1) & (cols[None, :] < N)
-        y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :]
-        if TAIL_TILES > 0:
-            if pid_n >= tl.cdiv(N, BN) - TAIL_TILES:
-                offs = rows[:, None] * (TAIL_TILES * BN) + split_tile * BN + tl.arange(0, BN)[None, :]
-                tl.store(P + part * M * (TAIL_TILES * BN) + offs, acc, mask=mask)
-                tl.debug_barrier()  # every thread's partial is stored before the (releasing) count below
-                lock = LOCKS + pid_t * TAIL_TILES + split_tile
-                if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == TAIL_SPLIT - 1:
-                    tot = tl.zeros_like(acc)
-                    for i in tl.static_range(TAIL_SPLIT):  # .cg: from L2, where the other SMs' stores are
-                        tot += tl.load(P + i * M * (TAIL_TILES * BN) + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                    tl.store(y_ptrs, tot.to(Y.dtype.element_ty), mask=mask)
-                    tl.atomic_xchg(lock, 0)
-            else:
-                tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
-        else:
-            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
