@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
+import triton.language as tl
 
 from bench.quant import bench_graph, rel
 from miles_core.kernels import w4a16_gemm, w4a16_mma
 from miles_core.kernels.fp8_gemm import _cdiv, split_for
+from miles_core.kernels.quant_triton import _load_words, _magic_join, _store_split
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import int4_group_quantize, pack_int4
 
@@ -227,6 +230,107 @@ def maxnreg() -> None:
         torch.cuda.empty_cache()
 
 
+@triton.jit
+def ladder_kernel(
+    X, W, S, Y, P, LOCKS, OUT, M, N, K, kb_per_split, stride_xm, stride_wn, stride_sn, stride_sg, stride_ym,
+    GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PREFETCH: tl.constexpr, LEVEL: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_k = tl.program_id(1), tl.program_id(2)
+    cols = pid_n * BN + tl.arange(0, BN)
+    k_words = (K + 7) // 8
+    kb0 = pid_k * kb_per_split
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    bits = tl.zeros((BN, BK // 8), dtype=tl.int32)
+    if PREFETCH:
+        wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K)
+    for it in range(0, kb_per_split):
+        k0 = (kb0 + it) * BK
+        if PREFETCH:
+            cur = wp
+            wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split)
+        else:
+            cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K)
+        if LEVEL == 0:
+            bits ^= cur
+        else:
+            w = _magic_join(cur, False, True)  # [BN, BK] fp32, 136 + q
+            if LEVEL == 1:
+                acc += tl.sum(w, axis=1)
+            else:
+                ks = k0 + tl.arange(0, BK)
+                x = tl.load(X + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)
+                if LEVEL == 2:
+                    acc += tl.sum(w * x[None, :], axis=1)
+                elif BK <= GROUP:
+                    s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=cols < N, other=0.0)
+                    acc += (tl.sum(w * x[None, :], axis=1) - 136.0 * tl.sum(x)) * s.to(tl.float32)
+                else:
+                    g = k0 // GROUP + tl.arange(0, BK // GROUP)
+                    s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=cols[:, None] < N)
+                    part = tl.sum(tl.reshape(w * x[None, :], (BN, BK // GROUP, GROUP)), axis=2)
+                    xs = tl.sum(tl.reshape(x, (BK // GROUP, GROUP)), axis=1)
+                    acc += tl.sum((part - 136.0 * xs[None, :]) * s.to(tl.float32), axis=1)
+    if LEVEL == 0:
+        tl.store(OUT + pid_k * N + cols, tl.xor_sum(bits, 1).to(tl.float32), mask=cols < N)
+    elif LEVEL < 4:
+        tl.store(OUT + pid_k * N + cols, acc, mask=cols < N)
+    else:
+        _store_split(acc[None, :], Y, P, LOCKS, tl.arange(0, 1), cols, M, N, stride_ym, SPLIT_K)
+
+
+LADDER = [
+    "read: words xor-summed (the probe, on the GEMV's tile and grid)",
+    "+ dequant: magic-number fp32 weights summed per row",
+    "+ x: the weights times x, summed per row",
+    "+ groups and scales: per-group sums times the group scales (the GEMV's math)",
+    "+ split-K store (the GEMV itself, a copy)",
+]
+
+
+def ladder() -> None:
+    """Where the M = 1 GEMV's ~5 us over a plain read of its weights goes: one kernel on the default tile and
+    grid of each shape with its work added one piece at a time (LADDER), against the real GEMV and bf16 in the
+    same run (CUDA graphs, 4 weight copies beyond the L2). Levels 0-3 store one value per program and column
+    (xor or sum), so nothing the loads feed is dead code."""
+    print("| shape | level | us | bf16 us | speed-up |")
+    print("|---|---|---|---|---|")
+    for n, k in [(14336, 4096), (4096, 14336)]:
+        ladder_shape(n, k)
+        torch.cuda.empty_cache()
+
+
+def ladder_shape(n: int, k: int) -> None:
+    """`ladder`'s rows for one N x K shape."""
+    from miles_core.kernels.fp8_gemm import tile_locks
+
+    packed, _, x, ref, base = gemv_setup(n, k)
+    cfg = w4a16_gemm.default_config(1, n, k)
+    grid = (1, _cdiv(n, cfg.bn), cfg.split_k)
+    out = torch.empty(cfg.split_k, n, device="cuda")
+    y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    partials = torch.empty(cfg.split_k, 1, n, device="cuda")
+    locks = tile_locks(x.device, grid[1])
+
+    def call(p, sc, level):
+        ladder_kernel[grid](
+            x, p, sc, y, partials, locks, out, 1, n, k, _cdiv(_cdiv(k, cfg.bk), cfg.split_k), x.stride(0),
+            p.stride(0), sc.stride(0), sc.stride(1), y.stride(0), GROUP=128, BN=cfg.bn, BK=cfg.bk,
+            SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.bk * cfg.split_k) == 0, PREFETCH=cfg.prefetch, LEVEL=level,
+            num_warps=cfg.num_warps, num_stages=1,
+        )  # fmt: skip
+
+    real = bench_graph([lambda p=p, sc=sc: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
+    print(f"| {n}x{k} {cfg} | w4a16_linear | {real:.1f} | {base:.1f} | {base / real:.2f}x |", flush=True)
+    for level, what in enumerate(LADDER):
+        y.fill_(float("nan"))
+        call(*packed[0], level)
+        if level == 4:
+            assert rel(y, ref) < 1e-2, rel(y, ref)
+        us = bench_graph([lambda p=p, sc=sc, lv=level: call(p, sc, lv) for p, sc in packed])
+        print(f"| {n}x{k} | {level}: {what} | {us:.1f} | {base:.1f} | {base / us:.2f}x |", flush=True)
+
+
 def profile_once() -> None:
     """Each default kernel (M = 1 GEMV, M = 16 MMA) three times, no graphs: a
     target for Nsight Compute, e.g. `ncu --clock-control none -k regex:w4a16 --launch-skip 2 --section SpeedOfLight
@@ -248,9 +352,13 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
+    ap.add_argument("--ladder", action="store_true", help="the GEMV's work added piece by piece over a plain read")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
+    if args.ladder:
+        ladder()
+        return
     if args.maxnreg:
         maxnreg()
         return
