@@ -11,6 +11,7 @@ current default and tiles with S stages in flight, and checks each against the f
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import triton
@@ -183,6 +184,45 @@ def mma(rows=(1, 16, 32, 64)) -> None:
     gluon_sweep(w4a16_mma.w4a16_mma, rows, configs)
 
 
+def mma_tiled(rows=(1, 16)) -> None:
+    """The Gluon tensor-core kernel on the weights as they are (each program reads bn runs of 64 bytes per group,
+    one per weight row) and on `w4a16_mma.repack_tiles` (the same words as one contiguous bn x 64-byte block per
+    column tile and group), `MMA_TILES` x split targets, against bf16 and `w4a16_linear` in the same run."""
+    print("| shape | M | tile | split | rows layout us | repacked us | bf16 us | repacked speed-up | same bits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, k in ((14336, 4096), (4096, 14336)):
+        packed, wbs = weight_copies(n, k)
+        tiled = {bn: [w4a16_mma.repack_tiles(p, bn) for p, _ in packed] for bn in {bn for bn, _ in MMA_TILES[1]}}
+        for m in rows:
+            mma_tiled_rows(n, k, m, packed, wbs, tiled)
+        del packed, wbs, tiled
+        torch.cuda.empty_cache()
+
+
+def mma_tiled_rows(n: int, k: int, m: int, packed, wbs, tiled) -> None:
+    """`mma_tiled`'s rows for one shape and row count."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
+    cur = bench_graph([lambda p=p, sc=sc: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
+    print(f"| {n}x{k} | {m} | w4a16_linear now | - | {cur:.1f} | - | {base:.1f} | {base / cur:.2f}x | - |")
+    for (bn, nw), target in itertools.product(MMA_TILES[1], (256, 512, 1024, 2048)):
+        split = split_for(_cdiv(n, bn), k // 128, target)
+        try:
+            tile = dict(bn=bn, num_warps=nw, split_k=split)
+            plain = [lambda p=p, sc=sc, c=tile: w4a16_mma.w4a16_mma(x, p, sc, **c) for p, sc in packed]
+            reps = [
+                lambda t=t, sc=sc, c=tile: w4a16_mma.w4a16_mma(x, t, sc, **c)
+                for t, (_, sc) in zip(tiled[bn], packed, strict=True)
+            ]
+            same = torch.equal(plain[0](), reps[0]())
+            us_rows, us_tiles = bench_graph(plain), bench_graph(reps)
+        except Exception as exc:
+            print(f"| {n}x{k} | {m} | bn {bn} warps {nw} | {split} | failed: {type(exc).__name__}: {str(exc)[:160]} |")
+            continue
+        print(f"| {n}x{k} | {m} | bn {bn} warps {nw} | {split} | {us_rows:.1f} | {us_tiles:.1f} | {base:.1f} | "
+              f"{base / us_tiles:.2f}x | {'yes' if same else 'NO'} |", flush=True)  # fmt: skip
+
+
 def maxnreg() -> None:
     """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
     GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
@@ -352,12 +392,16 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="long contiguous row stretches per program instead")
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
+    ap.add_argument("--mma-tiled", action="store_true", help="the tensor-core kernel on repacked weight tiles")
     ap.add_argument("--ladder", action="store_true", help="the GEMV's work added piece by piece over a plain read")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
     if args.ladder:
         ladder()
+        return
+    if args.mma_tiled:
+        mma_tiled()
         return
     if args.maxnreg:
         maxnreg()

@@ -519,6 +519,42 @@ def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split, bm):
     assert "STACK:0" in res and "LOCAL:0" in res, res
 
 
+def test_repack_tiles_is_a_permutation_of_the_words_by_column_tile_and_group():
+    pytest.importorskip("triton.experimental.gluon")
+    from miles_core.kernels import w4a16_mma
+
+    g = torch.Generator().manual_seed(15)
+    packed = torch.randint(-(2**31), 2**31 - 1, (96, 48), generator=g, dtype=torch.int32)  # N 96, K 384
+    for bn in (32, 96):
+        t = w4a16_mma.repack_tiles(packed, bn)
+        assert t.shape == (96 // bn, 3, bn, 16) and t.is_contiguous()
+        i, gr, j, w = (torch.arange(d) for d in t.shape)
+        rows = (i[:, None, None, None] * bn + j[None, None, :, None]).expand(t.shape)
+        words = (gr[None, :, None, None] * 16 + w[None, None, None, :]).expand(t.shape)
+        assert torch.equal(t, packed[rows, words]), bn
+    with pytest.raises(ValueError, match="multiple of bn=64"):
+        w4a16_mma.repack_tiles(packed, 64)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_w4a16_mma_on_repacked_tiles_gives_the_rows_layouts_bits():
+    from miles_core.kernels import w4a16_mma
+
+    g = torch.Generator().manual_seed(16)
+    for m, n, k in [(1, 4096, 4096), (16, 1024, 1024), (27, 512, 2048)]:
+        x = torch.randn(m, k, generator=g).bfloat16().cuda()
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, 128)
+        p, sg = pack_int4(q).cuda(), w4a16_gemm.group_major(s).cuda()
+        for bn, nw, split in [(64, 4, None), (128, 2, 1), (64, 1, 4)]:
+            want = w4a16_mma.w4a16_mma(x, p, sg, bn, nw, split_k=split)
+            _poison()
+            got = w4a16_mma.w4a16_mma(x, w4a16_mma.repack_tiles(p, bn), sg, bn, nw, split_k=split)
+            assert not got.isnan().any() and torch.equal(got, want), (m, n, k, bn, nw, split)
+        with pytest.raises(ValueError, match="repacked for bn=64"):
+            w4a16_mma.w4a16_mma(x, w4a16_mma.repack_tiles(p, 64), sg, 128, 4)
+
+
 @cuda
 @pytest.mark.gpu
 def test_gpu_w4a16_linear_picks_mma_at_2_to_32_rows_and_the_switch_turns_it_off(monkeypatch):

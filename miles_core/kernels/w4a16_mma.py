@@ -36,7 +36,7 @@ try:
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["w4a16_mma", "mma_ok", "mma_config"]
+__all__ = ["w4a16_mma", "mma_ok", "mma_config", "repack_tiles"]
 
 GROUP = 128
 MAX_ROWS = 64
@@ -179,6 +179,8 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         stride_sn,
         stride_sg,
         stride_ym,
+        stride_wt,
+        stride_wg,
         BM: gl.constexpr,
         BN: gl.constexpr,
         SPLIT_K: gl.constexpr,
@@ -196,8 +198,12 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         g1 = gl.minimum(g0 + groups_per_split, K // 128)
 
         kw = gl.arange(0, 16, layout=gl.SliceLayout(1, w_l))
-        cols_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, w_l))
-        w_ptrs = W + cols_w[None, :] * stride_wn + kw[:, None]
+        local = gl.arange(0, BN, layout=gl.SliceLayout(0, w_l))
+        cols_w = pid_n * BN + local
+        # word kw of group g for column tile pid_n, column `local`: W + pid_n * stride_wt + local * stride_wn
+        # + g * stride_wg + kw (rows layout: stride_wt = BN * stride_wn, stride_wg = 16; `repack_tiles`: one
+        # contiguous [BN, 16]-word block per column tile and group)
+        w_ptrs = W + pid_n.to(gl.int64) * stride_wt + local[None, :] * stride_wn + kw[:, None]
         w_mask = (cols_w[None, :] < N) & (kw[:, None] >= 0)
         rows_x = gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
         ks = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
@@ -211,7 +217,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
         # group g + 1's words (and at 16 rows its x) are loaded while group g is multiplied (a second group
         # of words in flight measured within noise: bench/RESULTS.md, ninth session); at 32-64 rows x is
         # 64-128 registers a copy, so it is loaded in the step that uses it
-        nxt = gl.load(w_ptrs + g0 * 16, mask=w_mask & (g0 < g1), other=0)
+        nxt = gl.load(w_ptrs + g0 * stride_wg, mask=w_mask & (g0 < g1), other=0)
         if BM == 16:
             x_nxt = gl.load(x_ptrs + g0 * 128, mask=x_mask & (g0 < g1), other=0.0)  # [BM, 128] bf16, physical K
         for g in range(g0, g1):
@@ -221,7 +227,7 @@ shr.b32 u, $8, 12; lop3.b32 t, u, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t,
             else:
                 xt = gl.load(x_ptrs + g * 128, mask=x_mask, other=0.0)
             s = gl.load(S + cols * stride_sn + g * stride_sg, mask=cols < N, other=0.0)  # used last
-            nxt = gl.load(w_ptrs + (g + 1) * 16, mask=w_mask & (g + 1 < g1), other=0)
+            nxt = gl.load(w_ptrs + (g + 1) * stride_wg, mask=w_mask & (g + 1 < g1), other=0)
             if BM == 16:
                 x_nxt = gl.load(x_ptrs + (g + 1) * 128, mask=x_mask & (g + 1 < g1), other=0.0)
             part = _group_dot(xt, wp, zero, a_l, b_l, BM, BN)
@@ -247,6 +253,16 @@ def _outputs(x2: torch.Tensor, n: int, bn: int, split_k: int | None, target: int
     return grid, _cdiv(groups, split_k), y, partials, tile_locks(x2.device, grid[0])
 
 
+def repack_tiles(packed: torch.Tensor, bn: int) -> torch.Tensor:
+    """packed [N, K/8] int32 (compressed-tensors: row n's words in K order) -> [N/bn, K/128, bn, 16]: the
+    words a program of `w4a16_mma(..., bn)` reads per group, one contiguous bn x 64-byte block (in the rows
+    layout they are bn runs of 64 bytes, one per weight row). A permutation of the words: no value changes."""
+    n, kw = packed.shape
+    if n % bn or kw % 16:
+        raise ValueError(f"repack_tiles needs N a multiple of bn={bn} and K a multiple of {GROUP}; got {n} x {kw * 8}")
+    return packed.reshape(n // bn, bn, kw // 16, 16).permute(0, 2, 1, 3).contiguous()
+
+
 def w4a16_mma(
     x2: torch.Tensor,
     packed: torch.Tensor,
@@ -256,13 +272,23 @@ def w4a16_mma(
     split_k: int | None = None,
     target: int = 1024,
 ) -> torch.Tensor:
-    """x2: [M <= 64, K] bf16, packed [N, K/8] int32 (compressed-tensors), scale [N, K/128] -> [M, N] bf16.
+    """x2: [M <= 64, K] bf16, packed [N, K/8] int32 (compressed-tensors) or its `repack_tiles(packed, bn)`
+    [N/bn, K/128, bn, 16], scale [N, K/128] -> [M, N] bf16 (the same bits for both layouts).
     Above 16 rows a program runs 2 or 4 MMA row tiles over each dequantized weight tile (`_bm`)."""
-    m, k, n = *x2.shape, packed.shape[0]
+    if packed.dim() == 4:  # repack_tiles' layout
+        if packed.shape[2] != bn:
+            raise ValueError(f"weights repacked for bn={packed.shape[2]}, kernel asked for bn={bn}")
+        n = packed.shape[0] * bn
+        strides = dict(stride_wn=packed.stride(2), stride_wt=packed.stride(0), stride_wg=packed.stride(1))
+    else:
+        n = packed.shape[0]
+        strides = dict(stride_wn=packed.stride(0), stride_wt=bn * packed.stride(0), stride_wg=16)
+    m, k = x2.shape
     grid, per_split, y, partials, locks = _outputs(x2, n, bn, split_k, target)
     w4a16_mma_kernel[grid](
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
-        x2.stride(0), packed.stride(0), scale.stride(0), scale.stride(1), y.stride(0),
+        x2.stride(0), strides["stride_wn"], scale.stride(0), scale.stride(1), y.stride(0),
+        strides["stride_wt"], strides["stride_wg"],
         BM=_bm(m), BN=bn, SPLIT_K=grid[1], NW=num_warps, num_warps=num_warps,
     )  # fmt: skip
     return y
