@@ -520,7 +520,6 @@ def test_w4a16_mma_kernel_keeps_both_operands_in_registers(bn, nw, split, bm):
 
 
 def test_repack_tiles_is_a_permutation_of_the_words_by_column_tile_and_group():
-    pytest.importorskip("triton.experimental.gluon")
     from miles_core.kernels import w4a16_mma
 
     g = torch.Generator().manual_seed(15)

@@ -275,20 +275,17 @@ def w4a16_mma(
     """x2: [M <= 64, K] bf16, packed [N, K/8] int32 (compressed-tensors) or its `repack_tiles(packed, bn)`
     [N/bn, K/128, bn, 16], scale [N, K/128] -> [M, N] bf16 (the same bits for both layouts).
     Above 16 rows a program runs 2 or 4 MMA row tiles over each dequantized weight tile (`_bm`)."""
-    if packed.dim() == 4:  # repack_tiles' layout
+    if packed.dim() == 4:  # repack_tiles' layout: (column, column tile, group) strides of its words
         if packed.shape[2] != bn:
             raise ValueError(f"weights repacked for bn={packed.shape[2]}, kernel asked for bn={bn}")
-        n = packed.shape[0] * bn
-        strides = dict(stride_wn=packed.stride(2), stride_wt=packed.stride(0), stride_wg=packed.stride(1))
+        n, (s_n, s_tile, s_group) = packed.shape[0] * bn, (packed.stride(2), packed.stride(0), packed.stride(1))
     else:
-        n = packed.shape[0]
-        strides = dict(stride_wn=packed.stride(0), stride_wt=bn * packed.stride(0), stride_wg=16)
+        n, (s_n, s_tile, s_group) = packed.shape[0], (packed.stride(0), bn * packed.stride(0), 16)
     m, k = x2.shape
     grid, per_split, y, partials, locks = _outputs(x2, n, bn, split_k, target)
     w4a16_mma_kernel[grid](
         x2, packed, scale, y, partials, locks, m, n, k, per_split,
-        x2.stride(0), strides["stride_wn"], scale.stride(0), scale.stride(1), y.stride(0),
-        strides["stride_wt"], strides["stride_wg"],
+        x2.stride(0), s_n, scale.stride(0), scale.stride(1), y.stride(0), s_tile, s_group,
         BM=_bm(m), BN=bn, SPLIT_K=grid[1], NW=num_warps, num_warps=num_warps,
     )  # fmt: skip
     return y
