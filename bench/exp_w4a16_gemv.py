@@ -1,11 +1,14 @@
-"""Experiment: the W4A16 M = 1 GEMV with its K loop software-pipelined (`tl.range(num_stages=S)`).
+"""Experiments on the W4A16 GEMMs at decode sizes (M = 1 GEMV, the Gluon tensor-core kernel), each against bf16
+`x @ w.t()` and what `w4a16_linear` runs now, in CUDA graphs with 4 weight copies rotating beyond the L2.
 
-    PYTHONPATH=. python bench/exp_w4a16_gemv.py [--quick]
+    PYTHONPATH=. python bench/exp_w4a16_gemv.py [--quick]   # the GEMV's K loop pipelined (tl.range stages)
+    PYTHONPATH=. python bench/exp_w4a16_gemv.py --ladder    # where the GEMV's time goes over a plain read
+    PYTHONPATH=. python bench/exp_w4a16_gemv.py --mma-tiled # tensor cores on the row layout vs repacked tiles
 
-Triton pipelines loads that feed no dot only in a loop that carries its own num_stages, so the GEMV's
-weight loads were never staged through shared memory (PREFETCH held one step ahead in registers). This
-times, in CUDA graphs with weights rotating beyond the L2 and bf16 `x @ w.t()` in the same run, the
-current default and tiles with S stages in flight, and checks each against the fp32 reference.
+The default mode: Triton pipelines loads that feed no dot only in a loop that carries its own num_stages, so
+the GEMV's weight loads were never staged through shared memory (PREFETCH held one step ahead in registers);
+it times the current default and tiles with S stages in flight, each checked against the fp32 reference.
+The other modes are in `--help`; bench/RESULTS.md ("Quantized GEMMs") has what each measured.
 """
 
 from __future__ import annotations
