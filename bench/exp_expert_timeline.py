@@ -1,7 +1,8 @@
-"""Experiment (not yet run: written after this session's device time was spent): where the FP8 decode expert
-GEMM's ~4 us fixed cost per launch goes.
+"""Experiment: where the FP8 decode expert GEMM's ~4 us fixed cost per launch goes (results: bench/RESULTS.md,
+"Rollout decode", fifteenth session: no ramp, a ~0.9 us tile map hidden by the other programs, and a tail of
+~10 us at batch 64 while SMs drain ~27 us programs; splitting the work to shorten it was slower).
 
-    PYTHONPATH=. python bench/exp_expert_timeline.py [--batch 64 256]
+    PYTHONPATH=. python bench/exp_expert_timeline.py [--batch 64 256] [--split 1 2 4]
 
 The grouped FP8 GEMM at decode (`grouped_fp8_kernel`, 16-row tiles, weights on wgmma's M side) streams its
 weights at 0.98x the copy rate in the steady state and pays ~4.2 us per launch beyond that (bench/RESULTS.md,
@@ -14,8 +15,10 @@ after its K loop and after its store, and `%smid`, on the rollout bench's shapes
 down, 128 experts, rows routed at random, each launch on a weight copy not read for 7 launches, so beyond the
 L2). It prints, per launch: the span, the programs' start spread (ramp: until 90% of the SMs run one), the
 tail (from the first SM to go idle for good to the end), the median / p90 program time, the tile map's
-latency, and the rate over the span and over the middle 80% of it, against the copy rate. The stamped kernel
-is timed against the real one in the same graph setup, so the stamps' own cost shows.
+latency, the rate over the span and over the middle 80% of it, against the copy rate, and how many programs
+run at each tenth of the span. The stamped kernel is timed against the real one in the same graph setup, so
+the stamps' own cost shows. `--split S`: also the same bytes as S x N by K / S, the programs split-K S would
+give (without its reduction).
 """
 
 from __future__ import annotations
