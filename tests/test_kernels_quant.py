@@ -447,6 +447,38 @@ def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads(name, typ
 
 @cuda
 @pytest.mark.gpu
+def test_gpu_weight_update_reaches_quantized_layers_in_eager_calls_and_in_graphs_captured_before():
+    """A weight update (`copy_weights_`, re-quantizing in place) on INT4 and FP8 dense layers after their
+    kernels cached scale copies (INT4 group-major, FP8 cuBLAS layout at 256 rows): eager calls and a CUDA
+    graph captured before the update give the bits of layers built from the new weights."""
+    from miles_core.quant import Fp8Linear, Int4Linear
+    from miles_core.rollout.weights import copy_weights_
+
+    g = torch.Generator().manual_seed(17)
+    for make, rows in ((Int4Linear.from_linear, 1), (Int4Linear.from_linear, 16), (Fp8Linear.from_linear, 256)):
+        old, new = (torch.nn.Linear(1024, 2048, bias=False) for _ in range(2))
+        with torch.no_grad():
+            new.weight.copy_(torch.randn(2048, 1024, generator=g) * 0.05)
+        layer, fresh = make(old).cuda(), make(new).cuda()
+        x = torch.randn(rows, 1024, generator=g).bfloat16().cuda()
+        with torch.no_grad():
+            layer(x)  # the cached scale copies
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                layer(x)
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                captured = layer(x)
+            copy_weights_(torch.nn.ModuleDict({"p": layer}), {"p.weight": new.weight.cuda()})
+            want = fresh(x)
+            assert torch.equal(layer(x), want), (make, rows)
+            graph.replay()
+            assert torch.equal(captured, want), (make, rows)
+
+
+@cuda
+@pytest.mark.gpu
 def test_gpu_quantized_experts_match_cpu_experts():
     from miles_core.quant import QuantExperts
 

@@ -149,6 +149,41 @@ def test_weight_update_requantizes_int4_experts_in_place():
     assert all(s.status == "truncated" for s in out)
 
 
+def test_weight_update_rewrites_the_kernels_scale_copies_in_place():
+    """On CUDA, INT4 layers read a cached group-major copy of their scales and an Fp8Linear at cuBLAS sizes a
+    cached copy in cuBLAS's layout. A weight update rewrites both copies in place (the same storage, which a
+    decode graph captured before the update keeps reading), so that no kernel runs the new weights on the
+    old scales. The copies are made here as the CUDA forwards make them."""
+    from miles_core.kernels.fp8_gemm import prepare_weight_scale
+    from miles_core.kernels.w4a16_gemm import group_major
+    from miles_core.quant import Fp8Linear, Int4Linear, QuantExperts, quantize_model_
+    from miles_core.quant.layers import kernel_scales
+
+    _, _, base = tiny("qwen3_moe", moe_intermediate_size=128)  # FP8 blocks want sizes that 128 divides
+    trainer = _perturbed(base, seed=3)
+    for fmt, scope in (("int4", "experts"), ("int4", "linear"), ("fp8", "linear")):
+        model = copy.deepcopy(base)
+        quantize_model_(model, fmt, group_size=32, scope=scope)
+        kinds = (Int4Linear, QuantExperts) if fmt == "int4" else (Fp8Linear,)
+        layers = [m for m in model.modules() if isinstance(m, kinds)]
+        assert layers, (fmt, scope)
+        copies = {}
+        for layer in layers:
+            if fmt == "int4":
+                for name in [n for n, _ in layer.named_buffers() if n.endswith("weight_scale")]:
+                    copies[layer, name] = kernel_scales(layer, name)
+            else:
+                layer._scale_b = prepare_weight_scale(layer.weight_scale_inv)
+                copies[layer, "weight_scale_inv"] = layer._scale_b
+        before = {key: c.clone() for key, c in copies.items()}
+        Engine(model, config=EngineConfig(max_slots=2, max_len=64)).update_weights(trainer)
+        for (layer, name), cached in copies.items():
+            now = kernel_scales(layer, name) if fmt == "int4" else layer._scale_b
+            want = group_major(getattr(layer, name)) if fmt == "int4" else prepare_weight_scale(layer.weight_scale_inv)
+            assert now is cached and torch.equal(now, want), (fmt, scope, name)
+        assert any(not torch.equal(before[key], c) for key, c in copies.items()), (fmt, scope)  # scales moved
+
+
 def test_engine_on_int4_quantized_layers_matches_their_full_forward():
     """The engine runs whatever layers the model has: with INT4 experts swapped in, its log-probs
     and experts still equal one full forward of that (quantized) model."""

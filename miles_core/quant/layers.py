@@ -27,7 +27,7 @@ from miles_core.quant.fp8 import fp8_block_quantize
 from miles_core.quant.hf_format import DEFAULT_KEEP
 from miles_core.quant.int4 import int4_group_quantize, pack_int4
 
-__all__ = ["Fp8Linear", "Int4Linear", "QuantExperts", "quantize_model_"]
+__all__ = ["Fp8Linear", "Int4Linear", "QuantExperts", "kernel_scales", "quantize_model_", "refresh_kernel_caches_"]
 
 
 class Fp8Linear(nn.Module):
@@ -87,16 +87,36 @@ class Int4Linear(nn.Module):
 
 
 def _kernel_scales(module: nn.Module, x: torch.Tensor, name: str = "weight_scale") -> torch.Tensor:
-    """INT4 scales as the kernel reads them best: on CUDA a group-major copy, made once and cached."""
+    """INT4 scales as the kernel reads them best: on CUDA `kernel_scales`' cached group-major copy."""
+    return kernel_scales(module, name) if x.is_cuda else getattr(module, name)
+
+
+def kernel_scales(module: nn.Module, name: str = "weight_scale") -> torch.Tensor:
+    """A group-major copy of an INT4 layer's scales `name` (`w4a16_gemm.group_major`), made once and cached
+    on the module; `refresh_kernel_caches_` rewrites it in place when the scales change."""
     scale = getattr(module, name)
-    if not x.is_cuda:
-        return scale
     cache = module.__dict__.setdefault("_group_major", {})
     if name not in cache or cache[name].device != scale.device:
         from miles_core.kernels.w4a16_gemm import group_major
 
         cache[name] = group_major(scale)
     return cache[name]
+
+
+def refresh_kernel_caches_(module: nn.Module) -> None:
+    """After a quantized layer's weights and scales were rewritten in place (`rollout.weights.copy_weights_`),
+    rewrite the scale copies its kernels read in place too: INT4's group-major scales (`kernel_scales`) and
+    Fp8Linear's cuBLAS scale layout (`_scale_b`). In place, so that CUDA graphs captured before the update,
+    which read those copies' storage, see the new scales as eager calls do."""
+    for name, cached in module.__dict__.get("_group_major", {}).items():
+        from miles_core.kernels.w4a16_gemm import group_major
+
+        cached.copy_(group_major(getattr(module, name)))
+    scale_b = getattr(module, "_scale_b", None)
+    if scale_b is not None:
+        from miles_core.kernels.fp8_gemm import prepare_weight_scale
+
+        scale_b.copy_(prepare_weight_scale(module.weight_scale_inv))
 
 
 class QuantExperts(nn.Module):

@@ -43,6 +43,7 @@ def _requantize(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
             int4_group_quantize,
             pack_int4,
         )
+        from miles_core.quant.layers import refresh_kernel_caches_
     except ImportError:
         return False
     if isinstance(module, Fp8Linear | Int4Linear) and attr == "weight":
@@ -58,13 +59,11 @@ def _requantize(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
     if fmt == "fp8":
         q, s = fp8_block_quantize(w)
         getattr(module, f"{prefix}weight").copy_(q)
-        scale.copy_(s)
-        if hasattr(module, "_scale_b"):
-            module._scale_b = None  # the cuBLAS scale layout is rebuilt from the new scales
     else:
         q, s = int4_group_quantize(w, module.group_size, scale.dtype)
         getattr(module, f"{prefix}weight_packed").copy_(pack_int4(q))
-        scale.copy_(s)
+    scale.copy_(s)
+    refresh_kernel_caches_(module)  # the scale layouts the GPU kernels read, in place (graphs keep them)
     return True
 
 
