@@ -459,7 +459,8 @@ def test_gpu_weight_update_reaches_quantized_layers_in_eager_calls_and_in_graphs
         old, new = (torch.nn.Linear(1024, 2048, bias=False) for _ in range(2))
         with torch.no_grad():
             new.weight.copy_(torch.randn(2048, 1024, generator=g) * 0.05)
-        layer, fresh = make(old).cuda(), make(new).cuda()
+        new = new.cuda()
+        layer, fresh = make(old).cuda(), make(new)  # both updates quantize on the GPU
         x = torch.randn(rows, 1024, generator=g).bfloat16().cuda()
         with torch.no_grad():
             layer(x)  # the cached scale copies
@@ -470,7 +471,7 @@ def test_gpu_weight_update_reaches_quantized_layers_in_eager_calls_and_in_graphs
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(graph):
                 captured = layer(x)
-            copy_weights_(torch.nn.ModuleDict({"p": layer}), {"p.weight": new.weight.cuda()})
+            copy_weights_(torch.nn.ModuleDict({"p": layer}), {"p.weight": new.weight})
             want = fresh(x)
             assert torch.equal(layer(x), want), (make, rows)
             graph.replay()
