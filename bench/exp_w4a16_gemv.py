@@ -190,7 +190,8 @@ def mma(rows=(1, 16, 32, 64)) -> None:
 def mma_tiled(rows=(1, 16)) -> None:
     """The Gluon tensor-core kernel on the weights as they are (each program reads bn runs of 64 bytes per group,
     one per weight row) and on `w4a16_mma.repack_tiles` (the same words as one contiguous bn x 64-byte block per
-    column tile and group), `MMA_TILES` x split targets, against bf16 and `w4a16_linear` in the same run."""
+    column tile and group), `MMA_TILES` x split targets, against bf16 and `w4a16_linear` in the same run; at
+    M = 1 also the GEMV (its default tiles) reading each repacked layout."""
     print("| shape | M | tile | split | rows layout us | repacked us | bf16 us | repacked speed-up | same bits |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, k in ((14336, 4096), (4096, 14336)):
@@ -208,6 +209,19 @@ def mma_tiled_rows(n: int, k: int, m: int, packed, wbs, tiled) -> None:
     base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
     cur = bench_graph([lambda p=p, sc=sc: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
     print(f"| {n}x{k} | {m} | w4a16_linear now | - | {cur:.1f} | - | {base:.1f} | {base / cur:.2f}x | - |")
+    if m == 1:  # the GEMV (default tiles) reading the repacked layouts
+        cfg = w4a16_gemm.default_config(1, n, k)
+        want = w4a16_gemm.w4a16_linear_triton(x, *packed[0], 128, cfg)
+        for bt, copies in tiled.items():
+            run = [
+                lambda t=t, sc=sc: w4a16_gemm.w4a16_linear_triton(x, t, sc, 128, cfg)
+                for t, (_, sc) in zip(copies, packed, strict=True)
+            ]
+            same = torch.equal(run[0](), want)
+            us = bench_graph(run)
+            name = f"GEMV {cfg.bn} x {cfg.bk} on tiles of {bt}"
+            print(f"| {n}x{k} | 1 | {name} | - | {cur:.1f} | {us:.1f} | {base:.1f} | {base / us:.2f}x | "
+                  f"{'yes' if same else 'NO'} |", flush=True)  # fmt: skip
     for (bn, nw), target in itertools.product(MMA_TILES[1], (256, 512, 1024, 2048)):
         split = split_for(_cdiv(n, bn), k // 128, target)
         try:

@@ -104,6 +104,23 @@ def interp_w4a16() -> None:
         for scales in (s, w4a16_gemm.group_major(s)):
             y = w4a16_gemm.w4a16_linear_triton(x, pack_int4(q), scales, group, cfg)
             assert _rel(y, ref) < 1e-5, (m, n, k, _rel(y, ref))
+    # the GEMV on `repack_tiles`' layout (one [bt, 16]-word block per column tile and group): the rows' bits
+    from miles_core.kernels.w4a16_mma import repack_tiles
+
+    for m, n, k, cfg, tiles in [
+        (1, 96, 512, W4A16Config(bm=1, bn=32, bk=256, split_k=2, num_warps=1, unpack=4, prefetch=True), (32, 96)),
+        (1, 48, 640, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=4), (16, 48)),  # splits past K's end
+        (1, 40, 640, W4A16Config(bm=1, bn=16, bk=1024, num_warps=4, unpack=4), (8, 40)),  # a step longer than K
+        (2, 64, 384, W4A16Config(bm=1, bn=16, bk=128, num_warps=1, num_stages=3, unpack=4), (16, 64)),
+    ]:
+        x = torch.randn(m, k, generator=g)
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g), 128, torch.float32)
+        p, sg = pack_int4(q), w4a16_gemm.group_major(s)
+        rows = w4a16_gemm.w4a16_linear_triton(x, p, sg, 128, cfg)
+        assert _rel(rows, w4a16_gemm.w4a16_linear_reference(x, p, s, 128)) < 1e-5
+        for bt in tiles:
+            y = w4a16_gemm.w4a16_linear_triton(x, repack_tiles(p, bt), sg, 128, cfg)
+            assert y.shape == rows.shape and torch.equal(y, rows), (m, n, k, cfg, bt)
 
 
 def interp_grouped() -> None:
@@ -399,12 +416,16 @@ _SM90_CASES = [
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4, SWAP=True), 4, True),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=64, BN=64, BK=128, SPLIT_K=1, UNPACK=4, ASM=True), 4, True),
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1},
-     1, False),
+     {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1,
+      "BT": 0}, 1, False),
+    # the GEMV on `w4a16_mma.repack_tiles`' layout: still 16-byte loads (runs of 16 words), no spills
+    ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BN": 16, "BK": 2048, "SPLIT_K": 1, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 1,
+      "BT": 32}, 4, False),
     # the GEMV's K loop pipelined through shared memory (its own num_stages): cp.async copies
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
-     {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4},
-     4, False),
+     {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4,
+      "BT": 0}, 4, False),
     ("grouped_w4a16_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "E_P2": 128, "BM": 16, "BN": 64, "BK": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False,
       "PREP": False}, 4, False),

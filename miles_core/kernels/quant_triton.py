@@ -327,11 +327,21 @@ def _nibbles(wp, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_words(W, cols, stride_wn, k0, N, k_words, BK: tl.constexpr, EVEN_K: tl.constexpr, live=True):
+def _load_words(
+    W, cols, stride_wn, k0, N, k_words, BK: tl.constexpr, EVEN_K: tl.constexpr, live=True, BT: tl.constexpr = 0
+):
     # -> [BN, BK/8] int32 packed words of input columns k0 .. k0+BK (zeros where masked or not `live`)
+    # BT > 0: W in `w4a16_mma.repack_tiles(packed, BT)`'s layout, [N/BT, K/128, BT, 16] (K a multiple of 128,
+    # BK of 128 and k0 of BK): word (n, kw) at (n // BT) * BT * k_words + (kw // 16) * 16 BT + (n % BT) * 16 +
+    # kw % 16, i.e. each row's words in runs of 16 (64 bytes), which the hints let Triton load 16 bytes at a time
     words = k0 // 8 + tl.arange(0, BK // 8)
     mask = (cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K) & live
-    return tl.load(W + cols[:, None] * stride_wn + words[None, :], mask=mask, other=0)
+    if BT == 0:
+        ptrs = W + cols[:, None] * stride_wn + words[None, :]
+    else:
+        runs = tl.max_contiguous(tl.multiple_of((words // 16) * (16 * BT) + words % 16, 16), 16)
+        ptrs = W + ((cols // BT).to(tl.int64) * (BT * k_words) + (cols % BT) * 16)[:, None] + runs[None, :]
+    return tl.load(ptrs, mask=mask, other=0)
 
 
 @triton.jit
@@ -369,6 +379,7 @@ def w4a16_gemv_kernel(
     PREFETCH: tl.constexpr,
     ASM: tl.constexpr,
     STAGES: tl.constexpr = 1,
+    BT: tl.constexpr = 0,
 ):
     # Decode GEMV, one row of x per program along axis 0. fp32 FMAs on the magic-number weights (a shift,
     # a LOP3 and an FMA per weight); the K reduction stays in registers per group. BK is a divisor of
@@ -383,14 +394,14 @@ def w4a16_gemv_kernel(
     kb0 = pid_k * kb_per_split
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PREFETCH:
-        wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K)
+        wp = _load_words(W, cols, stride_wn, kb0 * BK, N, k_words, BK, EVEN_K, True, BT)
     for it in tl.range(0, kb_per_split, num_stages=STAGES):
         k0 = (kb0 + it) * BK
         if PREFETCH:
             cur = wp
-            wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split)
+            wp = _load_words(W, cols, stride_wn, k0 + BK, N, k_words, BK, EVEN_K, it + 1 < kb_per_split, BT)
         else:
-            cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K)
+            cur = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K, True, BT)
         ks = k0 + tl.arange(0, BK)
         x = tl.load(X + pid_m * stride_xm + ks, mask=(ks < K) | EVEN_K, other=0.0).to(tl.float32)  # [BK]
         w = _magic_join(cur, False, ASM)  # [BN, BK] fp32, 136 + q
