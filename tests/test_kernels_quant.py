@@ -104,7 +104,7 @@ def interp_w4a16() -> None:
         for scales in (s, w4a16_gemm.group_major(s)):
             y = w4a16_gemm.w4a16_linear_triton(x, pack_int4(q), scales, group, cfg)
             assert _rel(y, ref) < 1e-5, (m, n, k, _rel(y, ref))
-    # the GEMV on `repack_tiles`' layout (one [bt, 16]-word block per column tile and group): the rows' bits
+    # the kernels on `repack_tiles`' layout (one [bt, 16]-word block per column tile and group): the rows' bits
     from miles_core.kernels.w4a16_mma import repack_tiles
 
     for m, n, k, cfg, tiles in [
@@ -112,6 +112,11 @@ def interp_w4a16() -> None:
         (1, 48, 640, W4A16Config(bm=1, bn=16, bk=128, split_k=4, unpack=4), (16, 48)),  # splits past K's end
         (1, 40, 640, W4A16Config(bm=1, bn=16, bk=1024, num_warps=4, unpack=4), (8, 40)),  # a step longer than K
         (2, 64, 384, W4A16Config(bm=1, bn=16, bk=128, num_warps=1, num_stages=3, unpack=4), (16, 64)),
+        # the tensor-core tiles (M > 1), each unpacking
+        (17, 64, 384, W4A16Config(bm=16, bn=32, bk=128, split_k=2), (32, 64)),
+        (5, 96, 256, W4A16Config(bm=16, bn=32, bk=128, unpack=4), (32,)),
+        (20, 64, 640, W4A16Config(bm=16, bn=64, bk=128, split_k=4, unpack=0), (16, 64)),  # splits past K's end
+        (17, 64, 256, W4A16Config(bm=16, bn=32, bk=128, swap=True), (64,)),
     ]:
         x = torch.randn(m, k, generator=g)
         q, s = int4_group_quantize(torch.randn(n, k, generator=g), 128, torch.float32)
@@ -121,6 +126,8 @@ def interp_w4a16() -> None:
         for bt in tiles:
             y = w4a16_gemm.w4a16_linear_triton(x, repack_tiles(p, bt), sg, 128, cfg)
             assert y.shape == rows.shape and torch.equal(y, rows), (m, n, k, cfg, bt)
+    with pytest.raises(ValueError, match="unpack 0, 2 or 4"):
+        w4a16_gemm.w4a16_linear_triton(x, repack_tiles(p, 16), sg, 128, W4A16Config(bm=16, bn=32, bk=128, unpack=1))
 
 
 def interp_grouped() -> None:
@@ -378,7 +385,7 @@ _PTRS = {
 
 
 def _w4(**consts) -> dict:
-    return {"GROUP": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False, "SWAP": False, **consts}
+    return {"GROUP": 128, "EVEN_K": True, "UNPACK": 2, "ASM": False, "SWAP": False, "BT": 0, **consts}
 
 
 _FP8 = {
@@ -415,6 +422,8 @@ _SM90_CASES = [
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=1, BN=64, BK=128, SPLIT_K=2, UNPACK=4, ASM=True), 1, False),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=16, BN=64, BK=128, SPLIT_K=4, SWAP=True), 4, True),
     ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=64, BN=64, BK=128, SPLIT_K=1, UNPACK=4, ASM=True), 4, True),
+    # on `w4a16_mma.repack_tiles`' layout
+    ("w4a16_kernel", {**_PTRS, "Y": "*bf16"}, _w4(BM=64, BN=64, BK=128, SPLIT_K=1, UNPACK=4, ASM=True, BT=64), 4, True),
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "BN": 64, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1,
       "BT": 0}, 1, False),

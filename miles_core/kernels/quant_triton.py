@@ -122,8 +122,10 @@ def _load_int4(
     UNPACK: tl.constexpr,
     BF16: tl.constexpr = False,
     ASM: tl.constexpr = False,
+    BT: tl.constexpr = 0,
 ):
     # -> [BN, BK] int32 in [-8, 7] for input columns k0 .. k0+BK; column 8j+i is nibble i of word j.
+    # BT > 0 (UNPACK 0, 2, 4): W in `w4a16_mma.repack_tiles(packed, BT)`'s layout (see _load_words).
     # UNPACK 0: load [BN, BK/8] words, shift into [BN, BK/8, 8], reshape.
     # UNPACK 1: load the word of every column (each word 8 times, from L1), shift by column.
     # UNPACK 2: load [BN, BK/8] words, repeat each 8 times with tl.interleave, shift by column.
@@ -138,12 +140,7 @@ def _load_int4(
         )
         nib = (wp >> ((tl.arange(0, BK) % 8) * 4)[None, :]) & 0xF
     else:
-        words = k0 // 8 + tl.arange(0, BK // 8)
-        wp = tl.load(
-            W + cols[:, None] * stride_wn + words[None, :],
-            mask=(cols[:, None] < N) & ((words[None, :] < k_words) | EVEN_K),
-            other=0,
-        )
+        wp = _load_words(W, cols, stride_wn, k0, N, k_words, BK, EVEN_K, True, BT)
         if UNPACK == 4:
             out = _magic_join(wp, BF16, ASM)
         elif UNPACK == 0:
@@ -207,8 +204,10 @@ def w4a16_kernel(
     UNPACK: tl.constexpr,
     ASM: tl.constexpr = False,
     SWAP: tl.constexpr = False,
+    BT: tl.constexpr = 0,
 ):
-    # X: [M, K] bf16 (fp16/fp32 also run: the interpreter tests); W: [N, ceil(K/8)] int32;
+    # X: [M, K] bf16 (fp16/fp32 also run: the interpreter tests); W: [N, ceil(K/8)] int32 (or, BT > 0 and
+    # UNPACK != 1, `w4a16_mma.repack_tiles(W, BT)`'s layout);
     # S: [N, ceil(K/GROUP)]; Y: [M, N]; P: [SPLIT_K, M, N] fp32 partials, LOCKS: tile counters (SPLIT_K > 1).
     # SWAP (BM >= 16): y^T = W x^T per tile, the weights on the MMA's M side.
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -228,7 +227,7 @@ def w4a16_kernel(
             mask=(rows[:, None] < M) & ((ks[None, :] < K) | EVEN_K),
             other=0.0,
         )
-        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK, BM > 1, ASM)  # exact
+        w = _load_int4(W, cols, stride_wn, k0, N, k_words, BN, BK, EVEN_K, UNPACK, BM > 1, ASM, BT)  # exact
         s = tl.load(S + cols * stride_sn + (k0 // GROUP) * stride_sg, mask=(cols < N) & (k0 < K), other=0.0)
         s = s.to(tl.float32)  # masked past K: a split that runs past the end adds 0, not 0 * garbage
         acc = _mac(acc, x, w, s, 136.0 if UNPACK == 4 else 0.0, SWAP)

@@ -189,14 +189,14 @@ def w4a16_linear_triton(
     x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int, cfg: W4A16Config
 ) -> torch.Tensor:
     """The kernel launch alone (any device the Triton backend runs on, the interpreter included).
-    x2: [M, K] -> [M, N] in x2.dtype. bm == 1 with unpack == 4 runs the GEMV kernel. The GEMV also takes
-    `packed` as `w4a16_mma.repack_tiles(packed, bt)` [N/bt, K/128, bt, 16] (group 128, K steps of whole
-    groups): the same bits."""
+    x2: [M, K] -> [M, N] in x2.dtype. bm == 1 with unpack == 4 runs the GEMV kernel. `packed` may also be
+    `w4a16_mma.repack_tiles(packed, bt)` [N/bt, K/128, bt, 16] (group 128, K steps of whole groups, unpack
+    0, 2 or 4): the same bits."""
     m, k = x2.shape
     tiled = packed.dim() == 4
     n, bt = (packed.shape[0] * packed.shape[2], packed.shape[2]) if tiled else (packed.shape[0], 0)
-    if tiled and not (_gemv_ok(cfg, group_size) and group_size == 128 and cfg.bk % 128 == 0 and k % 128 == 0):
-        raise ValueError(f"repacked INT4 tiles need the GEMV (bm 1, unpack 4), group 128 and K steps of 128s: {cfg}")
+    if tiled and not (group_size == 128 and cfg.bk % 128 == 0 and k % 128 == 0 and cfg.unpack != 1):
+        raise ValueError(f"repacked INT4 tiles need group 128, K steps of 128s and unpack 0, 2 or 4: {cfg}")
     x2 = x2.contiguous()
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     gemv = _gemv_ok(cfg, group_size)
@@ -210,7 +210,7 @@ def w4a16_linear_triton(
     if gemv:
         kernel, extra = kernels.w4a16_gemv_kernel, {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages, "BT": bt}
     else:
-        kernel, extra = kernels.w4a16_kernel, {"BM": cfg.bm, "UNPACK": cfg.unpack, "SWAP": cfg.swap}
+        kernel, extra = kernels.w4a16_kernel, {"BM": cfg.bm, "UNPACK": cfg.unpack, "SWAP": cfg.swap, "BT": bt}
     kernel[grid](
         x2,
         packed,
