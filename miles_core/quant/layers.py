@@ -108,14 +108,13 @@ def refresh_kernel_caches_(module: nn.Module) -> None:
     rewrite the scale copies its kernels read in place too: INT4's group-major scales (`kernel_scales`) and
     Fp8Linear's cuBLAS scale layout (`_scale_b`). In place, so that CUDA graphs captured before the update,
     which read those copies' storage, see the new scales as eager calls do."""
-    for name, cached in module.__dict__.get("_group_major", {}).items():
-        from miles_core.kernels.w4a16_gemm import group_major
+    from miles_core.kernels.fp8_gemm import prepare_weight_scale
+    from miles_core.kernels.w4a16_gemm import group_major
 
+    for name, cached in module.__dict__.get("_group_major", {}).items():
         cached.copy_(group_major(getattr(module, name)))
     scale_b = getattr(module, "_scale_b", None)
     if scale_b is not None:
-        from miles_core.kernels.fp8_gemm import prepare_weight_scale
-
         scale_b.copy_(prepare_weight_scale(module.weight_scale_inv))
 
 
