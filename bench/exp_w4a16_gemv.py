@@ -4,6 +4,7 @@
     PYTHONPATH=. python bench/exp_w4a16_gemv.py [--quick]   # the GEMV's K loop pipelined (tl.range stages)
     PYTHONPATH=. python bench/exp_w4a16_gemv.py --ladder    # where the GEMV's time goes over a plain read
     PYTHONPATH=. python bench/exp_w4a16_gemv.py --mma-tiled # tensor cores on the row layout vs repacked tiles
+    PYTHONPATH=. python bench/exp_w4a16_gemv.py --tiled-dispatch # w4a16_linear on repacked tiles, 1-256 rows
 
 The default mode: Triton pipelines loads that feed no dot only in a loop that carries its own num_stages, so
 the GEMV's weight loads were never staged through shared memory (PREFETCH held one step ahead in registers);
@@ -240,6 +241,36 @@ def mma_tiled_rows(n: int, k: int, m: int, packed, wbs, tiled) -> None:
               f"{base / us_tiles:.2f}x | {'yes' if same else 'NO'} |", flush=True)  # fmt: skip
 
 
+def tiled_dispatch(rows=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256), bts=(64, 32)) -> None:
+    """`w4a16_linear` on the weights as they are and on `w4a16_mma.repack_tiles(packed, bt)` (its default kernel
+    and tiles for each row count, the tensor-core kernel's bn taken from the tiles), against bf16 in the same
+    run: whether one repacked copy serves every row count."""
+    tiles = " | ".join(f"tiles of {bt} us" for bt in bts)
+    print(f"| shape | M | bf16 us | rows layout us | {tiles} | same bits |")
+    print("|---|---|---|---|" + "---|" * len(bts) + "---|")
+    for n, k in ((14336, 4096), (4096, 14336)):
+        packed, wbs = weight_copies(n, k)
+        tiled = {bt: [w4a16_mma.repack_tiles(p, bt) for p, _ in packed] for bt in bts}
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = bench_graph([lambda x=x, wb=wb: x @ wb.t() for wb in wbs[:2]])
+            plain = bench_graph([lambda x=x, p=p, sc=sc: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in packed])
+            want = w4a16_gemm.w4a16_linear(x, *packed[0], 128)
+            cells, same = [], True
+            for bt in bts:
+                run = [
+                    lambda x=x, t=t, sc=sc: w4a16_gemm.w4a16_linear(x, t, sc, 128)
+                    for t, (_, sc) in zip(tiled[bt], packed, strict=True)
+                ]
+                same &= torch.equal(run[0](), want)
+                us = bench_graph(run)
+                cells.append(f"{us:.1f} ({base / us:.2f}x)")
+            print(f"| {n}x{k} | {m} | {base:.1f} | {plain:.1f} ({base / plain:.2f}x) | {' | '.join(cells)} | "
+                  f"{'yes' if same else 'NO'} |", flush=True)  # fmt: skip
+        del packed, wbs, tiled
+        torch.cuda.empty_cache()
+
+
 def maxnreg() -> None:
     """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
     GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
@@ -410,12 +441,16 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="also time plain reads of the packed weights by tile shape")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
     ap.add_argument("--mma-tiled", action="store_true", help="the tensor-core kernel on repacked weight tiles")
+    ap.add_argument("--tiled-dispatch", action="store_true", help="w4a16_linear on repacked tiles, 1-256 rows")
     ap.add_argument("--ladder", action="store_true", help="the GEMV's work added piece by piece over a plain read")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
     if args.ladder:
         ladder()
+        return
+    if args.tiled_dispatch:
+        tiled_dispatch()
         return
     if args.mma_tiled:
         mma_tiled()

@@ -596,6 +596,21 @@ def test_repack_tiles_is_a_permutation_of_the_words_by_column_tile_and_group():
         assert torch.equal(t, packed[rows, words]), bn
     with pytest.raises(ValueError, match="multiple of bn=64"):
         w4a16_mma.repack_tiles(packed, 64)
+    for bn in (32, 96):
+        assert torch.equal(w4a16_mma.unpack_tiles(w4a16_mma.repack_tiles(packed, bn)), packed), bn
+
+
+def test_w4a16_linear_on_repacked_tiles_gives_the_rows_layouts_bits_on_the_cpu():
+    # the CPU path (and any fallback to the reference or to cuBLAS) reads the tiles through `unpack_tiles`
+    from miles_core.kernels import w4a16_mma
+
+    g = torch.Generator().manual_seed(17)
+    q, s = int4_group_quantize(torch.randn(96, 384, generator=g), 128)
+    p = pack_int4(q)
+    for x in (torch.randn(3, 384, generator=g), torch.randn(2, 5, 384, generator=g).bfloat16()):
+        want = w4a16_gemm.w4a16_linear(x, p, s, 128)
+        got = w4a16_gemm.w4a16_linear(x, w4a16_mma.repack_tiles(p, 32), s, 128)
+        assert got.shape == want.shape == (*x.shape[:-1], 96) and torch.equal(got, want)
 
 
 @cuda
@@ -615,6 +630,27 @@ def test_gpu_w4a16_mma_on_repacked_tiles_gives_the_rows_layouts_bits():
             assert not got.isnan().any() and torch.equal(got, want), (m, n, k, bn, nw, split)
         with pytest.raises(ValueError, match="repacked for bn=64"):
             w4a16_mma.w4a16_mma(x, w4a16_mma.repack_tiles(p, 64), sg, 128, 4)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_w4a16_linear_on_repacked_tiles_gives_the_rows_layouts_bits_at_every_row_count():
+    # one repacked copy serves the GEMV (1 row), the tensor-core kernel (2-32) and the Triton kernel (33-256)
+    from miles_core.kernels import w4a16_mma
+
+    g = torch.Generator().manual_seed(18)
+    for n, k in [(512, 2048), (4096, 1024)]:
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, 128)
+        p, sg = pack_int4(q).cuda(), w4a16_gemm.group_major(s).cuda()
+        tiles = {bt: w4a16_mma.repack_tiles(p, bt) for bt in (32, 64)}
+        for m in (1, 2, 9, 16, 27, 32, 33, 64, 100, 256, 300):
+            x = torch.randn(m, k, generator=g).bfloat16().cuda()
+            want = w4a16_gemm.w4a16_linear(x, p, sg, 128)
+            assert _rel(want, w4a16_gemm.w4a16_linear_reference(x, p, sg, 128)) < 2e-2, (n, k, m)
+            for bt, t in tiles.items():
+                _poison()
+                got = w4a16_gemm.w4a16_linear(x, t, sg, 128)
+                assert not got.isnan().any() and torch.equal(got, want), (n, k, m, bt)
 
 
 @cuda

@@ -129,9 +129,12 @@ def w4a16_linear(
     bias: torch.Tensor | None = None,
     config: W4A16Config | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(W)^T (+ bias). Triton for bf16 CUDA inputs with M <= MAX_M."""
+    """y = x @ dequant(W)^T (+ bias). Triton for bf16 CUDA inputs with M <= MAX_M. `packed`: [N, K/8] int32,
+    or with group 128 `w4a16_mma.repack_tiles(packed, bt)` [N/bt, K/128, bt, 16], which every kernel here
+    reads (the same bits) and the tensor-core kernel reads fastest (bench/RESULTS.md, "Quantized GEMMs")."""
     k = x.shape[-1]
-    n = packed.shape[0]
+    tiled = packed.dim() == 4
+    n = packed.shape[0] * packed.shape[2] if tiled else packed.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if config is None and 2 <= m <= MMA_MAX_ROWS and _mma_ok(x2, packed, group_size):
@@ -143,10 +146,11 @@ def w4a16_linear(
     cfg = config or default_config(m, n, k)
     if group_size % cfg.bk and not _gemv_ok(cfg, group_size):
         cfg = W4A16Config(**{**cfg.__dict__, "bk": min(cfg.bk, group_size)})
+    rows = w4a16_mma.unpack_tiles if tiled else lambda p: p
     if not _kernel_ok(x, group_size, cfg.bk) or group_size < 16:
-        return w4a16_linear_reference(x, packed, scale, group_size, bias)
+        return w4a16_linear_reference(x, rows(packed), scale, group_size, bias)
     if m > MAX_M:
-        w = dequantize_packed(packed, scale, k, group_size, torch.bfloat16)
+        w = dequantize_packed(rows(packed), scale, k, group_size, torch.bfloat16)
         return F.linear(x, w, bias)
     y = w4a16_linear_triton(x2, packed, scale, group_size, cfg)
     if bias is not None:
@@ -164,8 +168,11 @@ def _mma_ok(x2: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
 def _w4a16_mma(x2, packed, scale, n: int, k: int) -> torch.Tensor | None:
     """The Gluon kernel, or None (with one warning, and `kernels.W4A16_MMA` set False) where it fails to
     compile: Gluon is experimental and may not build on another Triton."""
+    cfg = w4a16_mma.mma_config(n, k, x2.shape[0])
+    if packed.dim() == 4:  # repacked tiles: their width is the program's
+        cfg["bn"] = packed.shape[2]
     try:
-        return w4a16_mma.w4a16_mma(x2.contiguous(), packed, scale, **w4a16_mma.mma_config(n, k, x2.shape[0]))
+        return w4a16_mma.w4a16_mma(x2.contiguous(), packed, scale, **cfg)
     except Exception as exc:  # any compile failure falls back to the Triton kernels
         if torch.cuda.is_current_stream_capturing():
             raise

@@ -36,7 +36,7 @@ try:
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["w4a16_mma", "mma_ok", "mma_config", "repack_tiles"]
+__all__ = ["w4a16_mma", "mma_ok", "mma_config", "repack_tiles", "unpack_tiles"]
 
 GROUP = 128
 MAX_ROWS = 64
@@ -261,6 +261,12 @@ def repack_tiles(packed: torch.Tensor, bn: int) -> torch.Tensor:
     if n % bn or kw % 16:
         raise ValueError(f"repack_tiles needs N a multiple of bn={bn} and K a multiple of {GROUP}; got {n} x {kw * 8}")
     return packed.reshape(n // bn, bn, kw // 16, 16).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_tiles(tiled: torch.Tensor) -> torch.Tensor:
+    """`repack_tiles`' inverse: [N/bn, K/128, bn, 16] -> the rows layout [N, K/8] (a new tensor)."""
+    nt, groups, bn, words = tiled.shape
+    return tiled.permute(0, 2, 1, 3).reshape(nt * bn, groups * words).contiguous()
 
 
 def w4a16_mma(
