@@ -5,6 +5,7 @@
     PYTHONPATH=. python bench/exp_w4a16_gemv.py --ladder    # where the GEMV's time goes over a plain read
     PYTHONPATH=. python bench/exp_w4a16_gemv.py --mma-tiled # tensor cores on the row layout vs repacked tiles
     PYTHONPATH=. python bench/exp_w4a16_gemv.py --tiled-dispatch # w4a16_linear on repacked tiles, 1-256 rows
+    PYTHONPATH=. python bench/exp_w4a16_gemv.py --tiled-sweep [--rows 1 64] # each kernel's tiles on them
 
 The default mode: Triton pipelines loads that feed no dot only in a loop that carries its own num_stages, so
 the GEMV's weight loads were never staged through shared memory (PREFETCH held one step ahead in registers);
@@ -271,6 +272,94 @@ def tiled_dispatch(rows=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256), bts=(64, 32)
         torch.cuda.empty_cache()
 
 
+def tiled_configs(n: int, k: int, m: int) -> list:
+    """`tiled_sweep`'s candidates at m rows: W4A16Config (the Triton kernels) or dicts (the Gluon kernel)."""
+    cfg = W4A16Config
+    if m == 1:
+        out = [w4a16_gemm.default_config(1, n, k)]
+        for bn, bk, warps, pre, target in [
+            (16, 2048, 4, False, 0), (16, 1024, 2, False, 0), (16, 1024, 4, False, 0), (32, 1024, 4, False, 0),
+            (32, 2048, 4, False, 0), (32, 512, 2, False, 0), (64, 512, 4, False, 0), (64, 1024, 4, False, 0),
+            (64, 256, 2, True, 1024), (32, 256, 1, True, 1024), (64, 128, 2, True, 1024), (64, 256, 4, True, 512),
+            (16, 256, 1, True, 1024), (32, 512, 2, True, 512), (64, 128, 1, True, 2048), (64, 512, 4, True, 512),
+        ]:  # fmt: skip
+            split = split_for(_cdiv(n, bn), _cdiv(k, bk), target) if target else 1
+            out.append(cfg(bm=1, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=1, unpack=4, prefetch=pre))
+        return out
+    if m <= 64:
+        out = [w4a16_gemm.default_config(m, n, k)]
+        for bn, bk, warps, stages, unpack, split in [
+            (64, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 2), (64, 128, 4, 4, 4, 4), (64, 256, 4, 3, 4, 1),
+            (128, 128, 4, 3, 4, 1), (128, 128, 8, 3, 4, 1), (64, 128, 4, 3, 2, 1), (128, 128, 4, 3, 2, 2),
+        ]:  # fmt: skip
+            out.append(cfg(bm=64, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=stages, unpack=unpack))
+        out += [dict(bn=64, num_warps=nw, target=t) for nw in (2, 4) for t in (256, 512, 1024)]
+        return out
+    out = [w4a16_gemm.default_config(m, n, k)]
+    for bm, bn, bk, warps, stages, unpack, split, swap in [
+        (128, 64, 128, 4, 3, 2, 2, False), (128, 64, 128, 4, 3, 2, 4, False), (64, 64, 128, 4, 3, 2, 2, False),
+        (64, 128, 128, 4, 3, 2, 2, False), (64, 128, 128, 8, 3, 2, 1, False), (128, 128, 128, 8, 3, 2, 1, False),
+        (128, 128, 128, 8, 3, 2, 2, False), (64, 128, 128, 4, 4, 4, 1, False), (128, 64, 128, 4, 4, 4, 2, False),
+        (64, 128, 128, 4, 3, 2, 1, True), (128, 128, 128, 4, 3, 2, 2, True), (64, 64, 128, 4, 4, 2, 4, False),
+    ]:  # fmt: skip
+        out.append(cfg(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=stages, unpack=unpack,
+                       swap=swap))  # fmt: skip
+    return out
+
+
+def _tiled_baselines(x, k: int, m: int, packed, tiled) -> list:
+    """`tiled_sweep`'s reference rows: `w4a16_linear` on each layout, and at >= 128 rows dequantize + cuBLAS."""
+    lin = w4a16_gemm.w4a16_linear
+    named = [
+        ("w4a16_linear, rows layout", [lambda p=p, sc=sc: lin(x, p, sc, 128) for p, sc in packed]),
+        ("w4a16_linear, tiles", [lambda t=t, sc=sc: lin(x, t, sc, 128) for t, sc in tiled]),
+    ]
+    if m >= 128:
+        deq = w4a16_gemm.dequantize_packed
+        calls = [lambda p=p, sc=sc: x @ deq(p, sc, k, 128, torch.bfloat16).t() for p, sc in packed]
+        named.append(("dequantize + cuBLAS", calls))
+    return named
+
+
+def tiled_sweep(rows=(1, 48, 64, 128, 256), bt: int = 64) -> None:
+    """Tile choices for each W4A16 kernel on `repack_tiles(packed, bt)`, against `w4a16_linear` on the rows
+    layout and on the tiles (their defaults) and bf16 (and at >= 128 rows dequantize + cuBLAS), same run."""
+    print("| shape | M | kernel on tiles | us | bf16 us | speed-up | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k in ((14336, 4096), (4096, 14336)):
+        packed, wbs = weight_copies(n, k)
+        tiled = [(w4a16_mma.repack_tiles(p, bt), sc) for p, sc in packed]
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wbs[0].float().t()
+            base = bench_graph([lambda wb=wb, x=x: x @ wb.t() for wb in wbs[:2]])
+            named = _tiled_baselines(x, k, m, packed, tiled)
+            for c in tiled_configs(n, k, m):
+                if isinstance(c, dict):
+                    split = split_for(_cdiv(n, c["bn"]), k // 128, c["target"])
+                    kw = dict(bn=c["bn"], num_warps=c["num_warps"], split_k=split)
+                    name = f"mma bn {c['bn']} warps {c['num_warps']} split {split}"
+                    named.append((name, [lambda t=t, sc=sc, x=x, kw=kw: w4a16_mma.w4a16_mma(x, t, sc, **kw)
+                                         for t, sc in tiled]))  # fmt: skip
+                else:
+                    name = (f"bm {c.bm} bn {c.bn} bk {c.bk} split {c.split_k} warps {c.num_warps} st {c.num_stages} "
+                            f"unpack {c.unpack}{' swap' if c.swap else ''}{' pre' if c.prefetch else ''}")  # fmt: skip
+                    named.append((name, [lambda t=t, sc=sc, x=x, c=c: w4a16_gemm.w4a16_linear_triton(x, t, sc, 128, c)
+                                         for t, sc in tiled]))  # fmt: skip
+            for name, calls in named:
+                try:
+                    y = calls[0]()
+                    y.fill_(float("nan"))
+                    err = rel(calls[0](), ref)
+                    us = bench_graph(calls)
+                except Exception as exc:
+                    print(f"| {n}x{k} | {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:160]} |")
+                    continue
+                print(f"| {n}x{k} | {m} | {name} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
+        del packed, wbs, tiled
+        torch.cuda.empty_cache()
+
+
 def maxnreg() -> None:
     """The GEMV under a register cap (Triton's `maxnreg` launch option): Nsight Compute showed the M = 1
     GEMV at 13.9-14.5 us limited by occupancy (14336 x 4096: 128 registers, 4 blocks per SM, 1.7 waves;
@@ -442,12 +531,17 @@ def main() -> None:
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel only")
     ap.add_argument("--mma-tiled", action="store_true", help="the tensor-core kernel on repacked weight tiles")
     ap.add_argument("--tiled-dispatch", action="store_true", help="w4a16_linear on repacked tiles, 1-256 rows")
+    ap.add_argument("--tiled-sweep", action="store_true", help="tile choices of each kernel on repacked tiles")
+    ap.add_argument("--rows", type=int, nargs="+", default=None, help="--tiled-sweep's row counts")
     ap.add_argument("--ladder", action="store_true", help="the GEMV's work added piece by piece over a plain read")
     ap.add_argument("--maxnreg", action="store_true", help="the GEMV under register caps instead")
     ap.add_argument("--profile-once", action="store_true", help="run each default kernel 3 times (for ncu)")
     args = ap.parse_args()
     if args.ladder:
         ladder()
+        return
+    if args.tiled_sweep:
+        tiled_sweep(*(args.rows and [tuple(args.rows)] or []))
         return
     if args.tiled_dispatch:
         tiled_dispatch()
