@@ -317,7 +317,10 @@ def _tiled_baselines(x, k: int, m: int, packed, tiled) -> list:
     if m >= 128:
         deq = w4a16_gemm.dequantize_packed
         calls = [lambda p=p, sc=sc: x @ deq(p, sc, k, 128, torch.bfloat16).t() for p, sc in packed]
-        named.append(("dequantize + cuBLAS", calls))
+        named.append(("dequantize (torch) + cuBLAS", calls))
+        fast = w4a16_gemm.dequantize_packed_triton
+        calls = [lambda t=t, sc=sc: x @ fast(t, sc, k, 128, torch.bfloat16).t() for t, sc in tiled]
+        named.append(("dequantize (Triton, tiles) + cuBLAS", calls))
     return named
 
 

@@ -130,6 +130,28 @@ def interp_w4a16() -> None:
         w4a16_gemm.w4a16_linear_triton(x, repack_tiles(p, 16), sg, 128, W4A16Config(bm=16, bn=32, bk=128, unpack=1))
 
 
+def interp_int4_dequant() -> None:
+    # the dequantize kernel (the > MAX_M rows' path): `dequantize_packed`'s bits, fp32, bf16-rounded (fp16
+    # here: the interpreter has no bf16) and on repacked tiles, with N and K past the tile edges
+    from miles_core.kernels.w4a16_mma import repack_tiles
+
+    g = torch.Generator().manual_seed(19)
+    for n, k, group, tiles in [(96, 640, 128, (32, 96)), (40, 300, 64, ()), (33, 1000, 32, ())]:
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g), group, torch.float32)
+        p = pack_int4(q)
+        for dtype in (torch.float32, torch.float16):
+            want = w4a16_gemm.dequantize_packed(p, s, k, group, dtype)
+            for sc in (s, w4a16_gemm.group_major(s)):
+                got = w4a16_gemm.dequantize_packed_triton(p, sc, k, group, dtype)
+                assert got.dtype == dtype and torch.equal(got, want), (n, k, group, dtype)
+            for bt in tiles:
+                got = w4a16_gemm.dequantize_packed_triton(repack_tiles(p, bt), s, k, group, dtype)
+                assert torch.equal(got, want), (n, k, bt, dtype)
+    p = pack_int4(torch.zeros(64, 256, dtype=torch.int8))
+    with pytest.raises(ValueError, match="need group 128"):
+        w4a16_gemm.dequantize_packed_triton(repack_tiles(p, 32), torch.ones(64, 8), 256, 32)
+
+
 def interp_grouped() -> None:
     g = torch.Generator().manual_seed(3)
     counts = torch.tensor([3, 0, 17, 1, 0])
@@ -188,7 +210,7 @@ def _run_interpreted(check: str, module: str = "tests.test_kernels_quant") -> No
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("check", ["interp_act_quant", "interp_w4a16", "interp_grouped"])
+@pytest.mark.parametrize("check", ["interp_act_quant", "interp_w4a16", "interp_grouped", "interp_int4_dequant"])
 def test_triton_kernels_match_reference_in_interpreter(check):
     _run_interpreted(check)
 
@@ -485,7 +507,8 @@ def test_gpu_weight_update_reaches_quantized_layers_in_eager_calls_and_in_graphs
     from miles_core.rollout.weights import copy_weights_
 
     g = torch.Generator().manual_seed(17)
-    for make, rows in ((Int4Linear.from_linear, 1), (Int4Linear.from_linear, 16), (Fp8Linear.from_linear, 256)):
+    int4 = Int4Linear.from_linear
+    for make, rows in ((int4, 1), (int4, 16), (int4, 64), (int4, 200), (Fp8Linear.from_linear, 256)):
         old, new = (torch.nn.Linear(1024, 2048, bias=False) for _ in range(2))
         with torch.no_grad():
             new.weight.copy_(torch.randn(2048, 1024, generator=g) * 0.05)
@@ -506,6 +529,26 @@ def test_gpu_weight_update_reaches_quantized_layers_in_eager_calls_and_in_graphs
             assert torch.equal(layer(x), want), (make, rows)
             graph.replay()
             assert torch.equal(captured, want), (make, rows)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_int4_dequant_kernel_gives_the_torch_dequantizations_bits():
+    # the > MAX_M rows' dequantize + cuBLAS path: one Triton launch, the bits of `dequantize_packed`
+    from miles_core.kernels import w4a16_mma
+
+    g = torch.Generator().manual_seed(20)
+    for n, k, group in [(4096, 14336, 128), (1000, 3000, 64), (384, 1024, 128)]:
+        q, s = int4_group_quantize(torch.randn(n, k, generator=g) * 0.05, group)
+        p, s = pack_int4(q).cuda(), s.cuda()
+        for dtype in (torch.bfloat16, torch.float32):
+            want = w4a16_gemm.dequantize_packed(p, s, k, group, dtype)
+            layouts = [p] + ([w4a16_mma.repack_tiles(p, 64)] if group == 128 and n % 64 == 0 else [])
+            for packed in layouts:
+                for sc in (s, w4a16_gemm.group_major(s)):
+                    _poison()
+                    got = w4a16_gemm.dequantize_packed_triton(packed, sc, k, group, dtype)
+                    assert got.dtype == dtype and torch.equal(got, want), (n, k, group, dtype, packed.dim())
 
 
 @cuda

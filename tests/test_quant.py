@@ -213,6 +213,39 @@ def test_int4_linear_equals_dense_linear_on_dequantized_weights():
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, lin.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_int4_linear_stores_column_tiles_and_hands_out_the_checkpoint_layout():
+    # group 128, N a multiple of 64: the words are stored in `repack_tiles` order (what the decode kernels read
+    # fastest), same shape; state_dict, `packed_rows`, loading and weight updates all speak the checkpoint's rows
+    from miles_core.kernels.w4a16_gemm import w4a16_linear_reference
+    from miles_core.rollout.weights import copy_weights_
+
+    torch.manual_seed(0)
+    lin, other = torch.nn.Linear(256, 128), torch.nn.Linear(256, 128)
+    q, s = int4_group_quantize(lin.weight.detach(), 128)
+    rows = pack_int4(q)
+    layer = Int4Linear.from_linear(lin, 128)
+    assert layer.tile == 64 and layer.weight_packed.shape == rows.shape
+    assert not torch.equal(layer.weight_packed, rows)
+    assert torch.equal(layer.weight_packed.flatten().sort()[0], rows.flatten().sort()[0])
+    assert torch.equal(layer.packed_rows(), rows) and torch.equal(layer.state_dict()["weight_packed"], rows)
+    x = torch.randn(5, 256)
+    want = w4a16_linear_reference(x, rows, s, 128, lin.bias)
+    assert torch.equal(layer(x), want)
+    for assign in (False, True):  # a checkpoint slice (rows layout) loads into the tiles
+        fresh = Int4Linear.from_linear(other, 128)
+        fresh.load_state_dict(layer.state_dict(), assign=assign)
+        assert torch.equal(fresh.weight_packed, layer.weight_packed) and torch.equal(fresh(x), want), assign
+    for source in (lin, layer, layer.state_dict()):  # weight updates: bf16 (requantized), an INT4 module, a dict
+        fresh = Int4Linear.from_linear(other, 128)
+        graph_storage = fresh.weight_packed.data_ptr()
+        copy_weights_(fresh, source)
+        assert fresh.weight_packed.data_ptr() == graph_storage, type(source)
+        assert torch.equal(fresh.weight_packed, layer.weight_packed) and torch.equal(fresh(x), want), type(source)
+    for shape, group in (((256, 96), 128), ((200, 128), 128), ((256, 128), 64)):  # no whole tiles: rows kept
+        small = Int4Linear.from_linear(torch.nn.Linear(*shape), group)
+        assert small.tile == 0 and torch.equal(small.weight_packed, small.state_dict()["weight_packed"])
+
+
 def test_quantize_model_swaps_linear_keeps_router_and_head():
     model = torch.nn.ModuleDict({
         "q_proj": torch.nn.Linear(128, 128), "lm_head": torch.nn.Linear(128, 10),

@@ -354,6 +354,46 @@ def _magic_join(wp, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def int4_dequant_kernel(
+    W,
+    S,
+    OUT,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_sg,
+    stride_on,
+    GROUP: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BT: tl.constexpr = 0,
+):
+    # OUT[n, k] = q[n, k] * S[n, k // GROUP] in fp32, stored in OUT's dtype: the bits of
+    # `int4.int4_group_dequantize` (one fp32 product, one rounding). W [N, ceil(K/8)] int32, or (BT > 0) in
+    # `w4a16_mma.repack_tiles(W, BT)`'s layout. A [BN, BK] tile per program; BK a multiple of 8.
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    k0 = pid_k * BK
+    wp = _load_words(W, cols, stride_wn, k0, N, (K + 7) // 8, BK, EVEN_K, True, BT)
+    w = _magic_join(wp, False, ASM) - 136.0  # [BN, BK] q, exact
+    ks = k0 + tl.arange(0, BK)
+    mask = (cols[:, None] < N) & (ks[None, :] < K)
+    if BK % GROUP == 0:  # one scale per (column, group), broadcast over the group's K
+        g = k0 // GROUP + tl.arange(0, BK // GROUP)
+        smask = (cols[:, None] < N) & (g[None, :] * GROUP < K)
+        s = tl.load(S + cols[:, None] * stride_sn + g[None, :] * stride_sg, mask=smask, other=0.0)
+        w3 = tl.reshape(w, (BN, BK // GROUP, GROUP)) * s.to(tl.float32)[:, :, None]
+        out = tl.reshape(w3, (BN, BK))
+    else:
+        s = tl.load(S + cols[:, None] * stride_sn + (ks[None, :] // GROUP) * stride_sg, mask=mask, other=0.0)
+        out = w * s.to(tl.float32)
+    tl.store(OUT + cols[:, None].to(tl.int64) * stride_on + ks[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def w4a16_gemv_kernel(
     X,
     W,

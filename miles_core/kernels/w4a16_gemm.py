@@ -6,10 +6,14 @@ kernel that reads 4-bit weights and dequantizes them in registers can approach 4
 quant_triton.w4a16_gemv_kernel (int4 -> fp32 by magic numbers: a shift, one LOP3 and the FMA per
 weight); 2-32 rows (`MMA_MAX_ROWS`) with group 128 run kernels.w4a16_mma (Gluon: the dequantized weights
 reach mma.sync without shared memory); other M > 1 run quant_triton.w4a16_kernel on tensor cores. All split
-K with a one-launch reduction (the last split of a tile sums the partials). Measured on an H100 (bench/RESULTS.md, CUDA
-graphs) against bf16 cuBLAS: see the "Quantized GEMMs" section. Above `MAX_M` rows the weights are
-dequantized into a bf16 matrix for cuBLAS instead (at M=256 the kernel is already 0.4x of bf16: for
-prefill, dequantize once and keep the bf16 copy).
+K with a one-launch reduction (the last split of a tile sums the partials). Measured against bf16 cuBLAS in
+CUDA graphs: bench/RESULTS.md, "Quantized GEMMs". Above `MAX_M` rows the weights are dequantized into a bf16
+matrix (`dequantize_packed_triton`, one launch) for cuBLAS instead: from ~256 rows that is faster than the
+kernels (0.34x of bf16 at 256 rows); for long prefills, dequantize once and keep the bf16 copy.
+
+Weights come in the checkpoint's rows layout ([N, K/8]) or, with group 128, repacked into column tiles
+(`w4a16_mma.repack_tiles`, what `Int4Linear` stores): every kernel here reads both with the same bits, and
+the tiles read faster at 2-64 rows (sixteenth session: 1.60-1.85x of bf16 at 2-16 rows against 1.46-1.69x).
 
 The `*_reference` functions dequantize exactly (fp32) and matmul in fp32: the CPU path and the
 definition the GPU tests hold the kernels to.
@@ -40,6 +44,7 @@ __all__ = [
     "W4A16Config",
     "MAX_M",
     "dequantize_packed",
+    "dequantize_packed_triton",
     "group_major",
     "w4a16_linear",
     "w4a16_linear_reference",
@@ -47,7 +52,7 @@ __all__ = [
     "grouped_w4a16_linear_reference",
 ]
 
-MAX_M = 256  # the Triton kernel's range; beyond it, dequantize + cuBLAS
+MAX_M = 128  # the Triton kernels' range; beyond it, dequantize (one Triton launch) + cuBLAS
 MMA_MAX_ROWS = 32  # the Gluon kernel's range in w4a16_linear (at 64 rows the Triton kernel is faster)
 
 
@@ -65,7 +70,7 @@ class W4A16Config:
     prefetch: bool = False  # gemv kernel: the next K step's weights loaded before this step's math
 
 
-def default_config(m: int, n: int, k: int) -> W4A16Config:
+def default_config(m: int, n: int, k: int, tiled: bool = False) -> W4A16Config:
     """Tile sizes by M, from the CUDA-graph sweeps of bench/quant.py on an H100 (bench/RESULTS.md).
 
     M = 1: the GEMV kernel (magic-number dequant, fp32 FMAs). Narrow N: one warp per program, 32 columns,
@@ -74,8 +79,15 @@ def default_config(m: int, n: int, k: int) -> W4A16Config:
     14336 x 4096 GEMV took 13.9 us against 15.4-15.5 with the previous 64 x 256 tiles split 4 ways
     (`bench/exp_w4a16_gemv.py --long`; long row stretches also read fastest in its `--probe`).
     M <= 16: tensor cores, split-K to about 900 programs. M <= 64: magic-number dequant, split-K only
-    when N gives few programs. Above: one K pass per program (prefill sizes go to cuBLAS past MAX_M)."""
+    when N gives few programs. 65-128 rows (sixteenth session, H200): split 2 where N gives few programs,
+    else 64 x 128 tiles (72.5 / 65.3 us at 128 rows against 153 / 71 before). Prefill sizes go to cuBLAS past
+    MAX_M. `tiled`: the weights in `w4a16_mma.repack_tiles`' layout, where the GEMV reads 32 columns x 512 K
+    per step (2 warps, split-K to ~512 programs: 14.3 / 14.6 us against 14.8 / 14.8 with the rows layout's
+    tiles) and wide N at 33-64 rows takes 64 x 128 tiles split 2 (`bench/exp_w4a16_gemv.py --tiled-sweep`)."""
     few = _cdiv(n, 64) < 192
+    if m == 1 and tiled:
+        split = split_for(_cdiv(n, 32), _cdiv(k, 512), 512)
+        return W4A16Config(bm=1, bn=32, bk=512, split_k=split, num_warps=2, num_stages=1, unpack=4, prefetch=True)
     if m == 1 and few:
         split = split_for(_cdiv(n, 32), _cdiv(k, 256), 1024)
         return W4A16Config(bm=1, bn=32, bk=256, split_k=split, num_warps=1, num_stages=1, unpack=4, prefetch=True)
@@ -85,8 +97,14 @@ def default_config(m: int, n: int, k: int) -> W4A16Config:
     if m <= 16:
         split = split_for(_cdiv(n, 64), _cdiv(k, 128), 900)
         return W4A16Config(bm=16, bn=64, bk=128, split_k=split, num_stages=3)
+    if m <= 64 and tiled and not few:
+        return W4A16Config(bm=64, bn=128, bk=128, split_k=2, num_stages=3, unpack=2)
     if m <= 64:
         return W4A16Config(bm=64, bn=64, bk=128, split_k=4 if few else 1, unpack=4)
+    if m <= 128 and few:
+        return W4A16Config(bm=64, bn=64, bk=128, split_k=2, num_stages=3, unpack=2)
+    if m <= 128:
+        return W4A16Config(bm=64, bn=128, bk=128, num_stages=4, unpack=4)
     if few:
         return W4A16Config(bm=128, bn=64, bk=128, num_stages=3)
     return W4A16Config(bm=64, bn=128, bk=128, num_stages=3)
@@ -102,6 +120,40 @@ def group_major(scale: torch.Tensor) -> torch.Tensor:
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, k: int, group_size: int, dtype=torch.float32):
     """packed: [..., N, ceil(K/8)] int32, scale: [..., N, ceil(K/g)] -> [..., N, K] dense weights."""
     return int4_group_dequantize(unpack_int4(packed, k), scale, group_size, dtype)
+
+
+def dequantize_packed_triton(
+    packed: torch.Tensor, scale: torch.Tensor, k: int, group_size: int, dtype=torch.bfloat16
+) -> torch.Tensor:
+    """`dequantize_packed` (the same bits) in one Triton launch, for one weight: packed [N, ceil(K/8)] or
+    `w4a16_mma.repack_tiles(packed, bt)`, scale [N, ceil(K/g)] -> [N, K]. On an H200 a 4096 x 14336 weight
+    takes ~40 us here against ~1 ms for the torch ops (bench/exp_w4a16_gemv.py --tiled-sweep), which made
+    the > MAX_M rows' dequantize + cuBLAS path slower than the kernels it stood in for."""
+    tiled = packed.dim() == 4
+    n, bt = (packed.shape[0] * packed.shape[2], packed.shape[2]) if tiled else (packed.shape[0], 0)
+    if tiled and (group_size != 128 or k % 128):
+        raise ValueError(f"repacked INT4 tiles need group 128 and K a multiple of 128, got {group_size}, {k}")
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    bn, bk = 32, 256
+    load_triton_kernels().int4_dequant_kernel[(_cdiv(n, bn), _cdiv(k, bk))](
+        packed,
+        scale,
+        out,
+        n,
+        k,
+        packed.stride(0),
+        scale.stride(0),
+        scale.stride(1),
+        out.stride(0),
+        GROUP=group_size,
+        BN=bn,
+        BK=bk,
+        ASM=_asm_ok(packed),
+        EVEN_K=k % bk == 0,
+        BT=bt,
+        num_warps=4,
+    )
+    return out
 
 
 def w4a16_linear_reference(
@@ -143,14 +195,14 @@ def w4a16_linear(
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], n)
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, tiled)
     if group_size % cfg.bk and not _gemv_ok(cfg, group_size):
         cfg = W4A16Config(**{**cfg.__dict__, "bk": min(cfg.bk, group_size)})
     rows = w4a16_mma.unpack_tiles if tiled else lambda p: p
     if not _kernel_ok(x, group_size, cfg.bk) or group_size < 16:
         return w4a16_linear_reference(x, rows(packed), scale, group_size, bias)
     if m > MAX_M:
-        w = dequantize_packed(rows(packed), scale, k, group_size, torch.bfloat16)
+        w = dequantize_packed_triton(packed, scale, k, group_size, torch.bfloat16)
         return F.linear(x, w, bias)
     y = w4a16_linear_triton(x2, packed, scale, group_size, cfg)
     if bias is not None:
@@ -204,9 +256,11 @@ def w4a16_linear_triton(
     n, bt = (packed.shape[0] * packed.shape[2], packed.shape[2]) if tiled else (packed.shape[0], 0)
     if tiled and not (group_size == 128 and cfg.bk % 128 == 0 and k % 128 == 0 and cfg.unpack != 1):
         raise ValueError(f"repacked INT4 tiles need group 128, K steps of 128s and unpack 0, 2 or 4: {cfg}")
+    gemv = _gemv_ok(cfg, group_size)
+    if not gemv and group_size % cfg.bk:  # the tensor-core kernel scales per K step: one group at most
+        raise ValueError(f"K steps of {cfg.bk} across groups of {group_size} need the GEMV (bm 1, unpack 4)")
     x2 = x2.contiguous()
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    gemv = _gemv_ok(cfg, group_size)
     grid = (_cdiv(m, cfg.bm), _cdiv(n, cfg.bn), cfg.split_k)
     if cfg.split_k > 1:
         partials = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x2.device)  # no fill needed

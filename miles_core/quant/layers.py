@@ -5,7 +5,9 @@
   sizes act-quant + the dense Triton FP8 kernel (fp8_gemm.fp8_linear); CPU: the reference (dequantize,
   matmul in fp32). An attention's q/k/v Fp8Linear fuse into one GEMM (`GQAttention.fuse_projections_`).
 - `Int4Linear`: W4A16, `weight_packed` int32 + `weight_scale` (compressed-tensors layout). CUDA bf16:
-  Triton GEMM dequantizing in-kernel (M <= 256); CPU: the reference.
+  kernels dequantizing in-kernel (M <= 128, `w4a16_gemm.w4a16_linear`); CPU: the reference. With group 128
+  it stores its words in column tiles of `INT4_TILE` (`w4a16_mma.repack_tiles`, read faster by the decode
+  kernels; one copy, the same shape); its state_dict and `packed_rows()` give the checkpoint's layout.
 - `QuantExperts`: the routed experts of one MoE layer (stacked gate_up [E, 2I, H], down [E, H, I])
   in FP8 or INT4, with the same interface as the model core's `Experts` (`forward(x, weights,
   experts)`, `sorted_forward(xs, counts, src)`), running the grouped kernels.
@@ -27,7 +29,15 @@ from miles_core.quant.fp8 import fp8_block_quantize
 from miles_core.quant.hf_format import DEFAULT_KEEP
 from miles_core.quant.int4 import int4_group_quantize, pack_int4
 
-__all__ = ["Fp8Linear", "Int4Linear", "QuantExperts", "kernel_scales", "quantize_model_", "refresh_kernel_caches_"]
+__all__ = [
+    "Fp8Linear",
+    "Int4Linear",
+    "INT4_TILE",
+    "QuantExperts",
+    "kernel_scales",
+    "quantize_model_",
+    "refresh_kernel_caches_",
+]
 
 
 class Fp8Linear(nn.Module):
@@ -57,6 +67,9 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128"
 
 
+INT4_TILE = 64  # Int4Linear's column tiles: the width of the tensor-core kernel's programs (w4a16_mma)
+
+
 class Int4Linear(nn.Module):
     def __init__(
         self,
@@ -67,10 +80,52 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None = None,
     ):
         super().__init__()
-        self.out_features, self.in_features, self.group_size = weight_packed.shape[0], in_features, group_size
-        self.register_buffer("weight_packed", weight_packed)  # [N, ceil(K/8)] int32
+        n, words = weight_packed.shape
+        self.out_features, self.in_features, self.group_size = n, in_features, group_size
+        tiles_fit = group_size == 128 and in_features % 128 == 0 and words * 8 == in_features and n % INT4_TILE == 0
+        self.tile = INT4_TILE if tiles_fit else 0
+        # [N, ceil(K/8)] int32: the checkpoint's words, in `repack_tiles(., tile)`'s order when tile > 0
+        self.register_buffer("weight_packed", self._tiles(weight_packed))
         self.register_buffer("weight_scale", weight_scale)  # [N, ceil(K/g)]
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def _tiles(self, rows: torch.Tensor) -> torch.Tensor:
+        # the checkpoint's [N, K/8] words -> the stored order, same shape (a permutation of the words)
+        from miles_core.kernels.w4a16_mma import repack_tiles
+
+        return repack_tiles(rows, self.tile).view(rows.shape) if self.tile else rows
+
+    def _kernel_packed(self) -> torch.Tensor:
+        # what w4a16_linear reads: the stored words as [N/tile, K/128, tile, 16] tiles, or the rows
+        if not self.tile:
+            return self.weight_packed
+        return self.weight_packed.view(self.out_features // self.tile, -1, self.tile, 16)
+
+    def packed_rows(self) -> torch.Tensor:
+        """`weight_packed` in the checkpoint's (compressed-tensors) layout [N, ceil(K/8)]."""
+        if not self.tile:
+            return self.weight_packed
+        from miles_core.kernels.w4a16_mma import unpack_tiles
+
+        return unpack_tiles(self._kernel_packed())
+
+    @torch.no_grad()
+    def set_packed_(self, rows: torch.Tensor) -> None:
+        """Write new packed weights (the checkpoint's layout) into the stored words in place, so CUDA graphs
+        captured before read them."""
+        self.weight_packed.copy_(self._tiles(rows.to(self.weight_packed.device)))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tile:
+            destination[prefix + "weight_packed"] = self.packed_rows()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_packed"
+        rows = state_dict.get(key)
+        if self.tile and rows is not None and rows.shape == self.weight_packed.shape:
+            state_dict = {**state_dict, key: self._tiles(rows.contiguous())}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, scale_dtype=torch.bfloat16) -> Int4Linear:
@@ -80,7 +135,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from miles_core.kernels.w4a16_gemm import w4a16_linear
 
-        return w4a16_linear(x, self.weight_packed, _kernel_scales(self, x), self.group_size, self.bias)
+        return w4a16_linear(x, self._kernel_packed(), _kernel_scales(self, x), self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"

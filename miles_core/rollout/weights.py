@@ -25,7 +25,11 @@ WeightSource = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torc
 def _named_tensors(source: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(source, nn.Module):
         yield from source.named_parameters()
-        yield from source.named_buffers()
+        for name, buf in source.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            module = source.get_submodule(owner)
+            rows = attr == "weight_packed" and hasattr(module, "packed_rows")  # Int4Linear's stored tile order
+            yield name, module.packed_rows() if rows else buf
     elif isinstance(source, Mapping):
         yield from source.items()
     else:
@@ -46,6 +50,10 @@ def _requantize(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
         from miles_core.quant.layers import refresh_kernel_caches_
     except ImportError:
         return False
+    if isinstance(module, Int4Linear) and attr == "weight_packed" and value.shape == module.weight_packed.shape:
+        # packed words from an INT4 source, in the checkpoint's layout
+        module.set_packed_(value.detach())
+        return True
     if isinstance(module, Fp8Linear | Int4Linear) and attr == "weight":
         prefix = ""
         fmt = "fp8" if isinstance(module, Fp8Linear) else "int4"
@@ -61,7 +69,10 @@ def _requantize(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
         getattr(module, f"{prefix}weight").copy_(q)
     else:
         q, s = int4_group_quantize(w, module.group_size, scale.dtype)
-        getattr(module, f"{prefix}weight_packed").copy_(pack_int4(q))
+        if isinstance(module, Int4Linear):
+            module.set_packed_(pack_int4(q))  # in its stored tile order
+        else:
+            getattr(module, f"{prefix}weight_packed").copy_(pack_int4(q))
     scale.copy_(s)
     refresh_kernel_caches_(module)  # the scale layouts the GPU kernels read, in place (graphs keep them)
     return True
