@@ -41,7 +41,6 @@ from miles_core.kernels import fp8_gemm, w4a16_gemm, w4a16_mma
 from miles_core.kernels.fp8_gemm import Fp8Config
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
-from miles_core.quant.layers import INT4_TILE
 
 ROWS: list[tuple] = []
 
@@ -291,7 +290,8 @@ def graph_decode(sweep: bool):
         packed = [(pack_int4(q), w4a16_gemm.group_major(sc)) for q, sc in qs]
         wbs = [w4a16_gemm.dequantize_packed(p, sc, k, 128, torch.bfloat16) for p, sc in packed]
         del ws, qs
-        tiled = [(w4a16_mma.repack_tiles(p, INT4_TILE), sc) for p, sc in packed]  # what Int4Linear stores
+        bt = w4a16_mma.repack_width(n)
+        tiled = [(w4a16_mma.repack_tiles(p, bt), sc) for p, sc in packed]  # what Int4Linear stores
         for m in (1, 4, 16, 32, 64, 128, 256) if not sweep else (1, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = bench_graph([lambda wb=wb: x @ wb.t() for wb in wbs[:2]])
@@ -314,7 +314,7 @@ def graph_decode(sweep: bool):
             if not sweep:  # the same call on Int4Linear's repacked column tiles
                 err = rel(w4a16_gemm.w4a16_linear(x, *tiled[0], 128), ref)
                 t = bench_graph([lambda p=p, sc=sc: w4a16_gemm.w4a16_linear(x, p, sc, 128) for p, sc in tiled])
-                row("w4a16 tiles (CUDA graph)", f"M={m} {n}x{k}", base, t, err, f"tiles of {INT4_TILE}")
+                row("w4a16 tiles (CUDA graph)", f"M={m} {n}x{k}", base, t, err, f"tiles of {bt}")
     g = torch.Generator().manual_seed(0)
     for name, e, n, k, rows in [
         ("Qwen3-30B gate_up, 512 rows", 128, 1536, 2048, 512),

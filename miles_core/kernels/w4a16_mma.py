@@ -36,7 +36,7 @@ try:
 except ImportError:  # the CPU install has no triton
     gluon = None
 
-__all__ = ["w4a16_mma", "mma_ok", "mma_config", "repack_tiles", "unpack_tiles"]
+__all__ = ["w4a16_mma", "mma_ok", "mma_config", "repack_tiles", "repack_width", "unpack_tiles"]
 
 GROUP = 128
 MAX_ROWS = 64
@@ -61,15 +61,25 @@ def _bm(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def mma_config(n: int, k: int, m: int = 16) -> dict:
+def repack_width(n: int) -> int:
+    """The column tile to repack an N-row weight in (`repack_tiles`), for the tensor-core kernel's programs:
+    64 where N gives >= 128 such tiles, else 32 (sixteenth session, H200, 4096 x 14336 at 16 rows: 19.7 us on
+    tiles of 32, 1 warp, split 8, against 21.1 on tiles of 64; 14336 x 4096: 18.5 on 64 against 22.3)."""
+    return 64 if -(-n // 64) >= 128 else 32
+
+
+def mma_config(n: int, k: int, m: int = 16, bn: int = 64) -> dict:
     """Tiles for N x K at M rows (2-32), from `bench/exp_w4a16_gemv.py --mma` on an H200 (bench/RESULTS.md).
     2-16 rows (ninth session): 64 columns per program, one warp where N gives >= 128 column tiles (14336 x 4096
     at M = 16: 19.7 us, split 4) and two otherwise (4096 x 14336: 21.6 us, split 8), against bf16 31.0 / 33.0.
     17-32 rows (tenth session): 64 columns and two warps, split-K to about 512 programs (M = 32: 34.4 / 32.8 us
     against the Triton kernel's 41.6 / 41.0). More warps per program or more programs (split-K partials cost
-    M x N x 4 bytes each way) were slower."""
+    M x N x 4 bytes each way) were slower. bn 32 (weights on `repack_tiles(., 32)`, sixteenth session): one warp,
+    split-K to about 1,024 programs at 2-32 rows (4096 x 14336: 17.8-19.7 us at 2-16 rows, 26.5 at 24)."""
     from miles_core.kernels.fp8_gemm import _cdiv, split_for
 
+    if bn == 32:
+        return {"bn": 32, "num_warps": 1, "split_k": split_for(_cdiv(n, 32), k // GROUP, 1024)}
     tiles = _cdiv(n, 64)
     nw = 1 if tiles >= 128 and m <= 16 else 2
     return {"bn": 64, "num_warps": nw, "split_k": split_for(tiles, k // GROUP, 1024 if nw == 1 else 512)}

@@ -6,8 +6,9 @@
   matmul in fp32). An attention's q/k/v Fp8Linear fuse into one GEMM (`GQAttention.fuse_projections_`).
 - `Int4Linear`: W4A16, `weight_packed` int32 + `weight_scale` (compressed-tensors layout). CUDA bf16:
   kernels dequantizing in-kernel (M <= 128, `w4a16_gemm.w4a16_linear`); CPU: the reference. With group 128
-  it stores its words in column tiles of `INT4_TILE` (`w4a16_mma.repack_tiles`, read faster by the decode
-  kernels; one copy, the same shape); its state_dict and `packed_rows()` give the checkpoint's layout.
+  it stores its words in column tiles (`w4a16_mma.repack_tiles`, 32 or 64 wide by `repack_width(N)`), which
+  the decode kernels read faster (one copy, the same shape); its state_dict and `packed_rows()` give the
+  checkpoint's layout.
 - `QuantExperts`: the routed experts of one MoE layer (stacked gate_up [E, 2I, H], down [E, H, I])
   in FP8 or INT4, with the same interface as the model core's `Experts` (`forward(x, weights,
   experts)`, `sorted_forward(xs, counts, src)`), running the grouped kernels.
@@ -32,7 +33,6 @@ from miles_core.quant.int4 import int4_group_quantize, pack_int4
 __all__ = [
     "Fp8Linear",
     "Int4Linear",
-    "INT4_TILE",
     "QuantExperts",
     "kernel_scales",
     "quantize_model_",
@@ -67,9 +67,6 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128"
 
 
-INT4_TILE = 64  # Int4Linear's column tiles: the width of the tensor-core kernel's programs (w4a16_mma)
-
-
 class Int4Linear(nn.Module):
     def __init__(
         self,
@@ -82,8 +79,11 @@ class Int4Linear(nn.Module):
         super().__init__()
         n, words = weight_packed.shape
         self.out_features, self.in_features, self.group_size = n, in_features, group_size
-        tiles_fit = group_size == 128 and in_features % 128 == 0 and words * 8 == in_features and n % INT4_TILE == 0
-        self.tile = INT4_TILE if tiles_fit else 0
+        from miles_core.kernels.w4a16_mma import repack_width
+
+        tile = repack_width(n)
+        tiles_fit = group_size == 128 and in_features % 128 == 0 and words * 8 == in_features and n % tile == 0
+        self.tile = tile if tiles_fit else 0
         # [N, ceil(K/8)] int32: the checkpoint's words, in `repack_tiles(., tile)`'s order when tile > 0
         self.register_buffer("weight_packed", self._tiles(weight_packed))
         self.register_buffer("weight_scale", weight_scale)  # [N, ceil(K/g)]
