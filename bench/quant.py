@@ -303,6 +303,8 @@ def graph_decode(sweep: bool):
                 )
                 mma = c is None and 2 <= m <= w4a16_gemm.MMA_MAX_ROWS and kernels.W4A16_MMA
                 note = f"mma {w4a16_mma.mma_config(n, k, m)}" if mma else c
+                if c is None and m > w4a16_gemm.MAX_M:
+                    note = "dequantize (Triton) + cuBLAS"
                 row(
                     "w4a16 (CUDA graph)",
                     f"M={m} {n}x{k}",
