@@ -128,6 +128,8 @@ def interp_w4a16() -> None:
             assert y.shape == rows.shape and torch.equal(y, rows), (m, n, k, cfg, bt)
     with pytest.raises(ValueError, match="unpack 0, 2 or 4"):
         w4a16_gemm.w4a16_linear_triton(x, repack_tiles(p, 16), sg, 128, W4A16Config(bm=16, bn=32, bk=128, unpack=1))
+    with pytest.raises(ValueError, match="across groups"):  # the tensor-core kernel scales once per K step
+        w4a16_gemm.w4a16_linear_triton(x, p, sg, 128, W4A16Config(bm=16, bn=32, bk=256))
 
 
 def interp_int4_dequant() -> None:
@@ -453,6 +455,15 @@ _SM90_CASES = [
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "BN": 16, "BK": 2048, "SPLIT_K": 1, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 1,
       "BT": 32}, 4, False),
+    # the GEMV tiles on repacked words that w4a16_linear picks for them (default_config(..., tiled=True))
+    ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
+     {"GROUP": 128, "BN": 32, "BK": 512, "SPLIT_K": 4, "EVEN_K": True, "PREFETCH": True, "ASM": True, "STAGES": 1,
+      "BT": 32}, 2, False),
+    # the dequantize above MAX_M rows, on either layout: 16-byte word loads and stores
+    ("int4_dequant_kernel", {"W": "*i32", "S": "*bf16", "OUT": "*bf16"},
+     {"GROUP": 128, "BN": 32, "BK": 256, "ASM": True, "EVEN_K": True, "BT": 64}, (4, 1), False),
+    ("int4_dequant_kernel", {"W": "*i32", "S": "*bf16", "OUT": "*bf16"},
+     {"GROUP": 128, "BN": 32, "BK": 256, "ASM": True, "EVEN_K": True, "BT": 0}, (4, 1), False),
     # the GEMV's K loop pipelined through shared memory (its own num_stages): cp.async copies
     ("w4a16_gemv_kernel", {**_PTRS, "Y": "*bf16"},
      {"GROUP": 128, "BN": 128, "BK": 256, "SPLIT_K": 2, "EVEN_K": True, "PREFETCH": False, "ASM": True, "STAGES": 4,
