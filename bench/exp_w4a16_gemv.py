@@ -152,6 +152,19 @@ MMA_TILES = {  # (bn, warps): at 32-64 rows, 16 columns per warp keep x, the acc
 }
 
 
+def _time_row(head: str, calls, ref: torch.Tensor, base: float) -> None:
+    """Print `head` + `calls`' time in a CUDA graph, its speed-up over `base` and its error against `ref` (the
+    output poisoned first), or why it failed."""
+    try:
+        calls[0]().fill_(float("nan"))
+        err = rel(calls[0](), ref)
+        us = bench_graph(calls)
+    except Exception as exc:
+        print(f"{head} failed: {type(exc).__name__}: {str(exc)[:200]} |")
+        return
+    print(f"{head} {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
+
+
 def gluon_sweep(kernel, rows, configs, shapes=((14336, 4096), (4096, 14336))) -> None:
     """`kernel` (a `kernels.w4a16_mma` entry point) with each of `configs(m)` (keyword dicts) at each row count,
     against bf16 and what `w4a16_linear` runs now, checked against the fp32 reference (output poisoned first)."""
@@ -169,16 +182,8 @@ def gluon_sweep(kernel, rows, configs, shapes=((14336, 4096), (4096, 14336))) ->
             for c in configs(m):
                 split = split_for(_cdiv(n, c["bn"]), k // 128, c["target"])
                 name = " ".join(f"{key} {val}" for key, val in c.items() if key != "target") + f" split {split}"
-                try:
-                    run = [lambda p=p, sc=sc, x=x, c=c: kernel(x, p, sc, **c) for p, sc in packed]
-                    y = run[0]()
-                    y.fill_(float("nan"))
-                    err = rel(run[0](), ref)
-                    us = bench_graph(run)
-                except Exception as exc:
-                    print(f"| {n}x{k} | {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
-                    continue
-                print(f"| {n}x{k} | {m} | {name} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
+                run = [lambda p=p, sc=sc, x=x, c=c: kernel(x, p, sc, **c) for p, sc in packed]
+                _time_row(f"| {n}x{k} | {m} | {name} |", run, ref, base)
         del packed, wbs
         torch.cuda.empty_cache()
 
@@ -350,15 +355,7 @@ def tiled_sweep(rows=(1, 48, 64, 128, 256), bt: int = 64) -> None:
                     named.append((name, [lambda t=t, sc=sc, x=x, c=c: w4a16_gemm.w4a16_linear_triton(x, t, sc, 128, c)
                                          for t, sc in tiled]))  # fmt: skip
             for name, calls in named:
-                try:
-                    y = calls[0]()
-                    y.fill_(float("nan"))
-                    err = rel(calls[0](), ref)
-                    us = bench_graph(calls)
-                except Exception as exc:
-                    print(f"| {n}x{k} | {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:160]} |")
-                    continue
-                print(f"| {n}x{k} | {m} | {name} | {us:.1f} | {base:.1f} | {base / us:.2f}x | {err:.1e} |", flush=True)
+                _time_row(f"| {n}x{k} | {m} | {name} |", calls, ref, base)
         del packed, wbs, tiled
         torch.cuda.empty_cache()
 
