@@ -138,7 +138,8 @@ class Int4Linear(nn.Module):
         return w4a16_linear(x, self._kernel_packed(), _kernel_scales(self, x), self.group_size, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+        tiles = f", column tiles of {self.tile}" if self.tile else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}{tiles}"
 
 
 def _kernel_scales(module: nn.Module, x: torch.Tensor, name: str = "weight_scale") -> torch.Tensor:
