@@ -220,8 +220,8 @@ def _mma_ok(x2: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
 def _w4a16_mma(x2, packed, scale, n: int, k: int) -> torch.Tensor | None:
     """The Gluon kernel, or None (with one warning, and `kernels.W4A16_MMA` set False) where it fails to
     compile: Gluon is experimental and may not build on another Triton."""
-    cfg = w4a16_mma.mma_config(n, k, x2.shape[0], packed.shape[2] if packed.dim() == 4 else 64)
-    cfg["bn"] = packed.shape[2] if packed.dim() == 4 else cfg["bn"]  # repacked tiles: their width is the program's
+    bn = packed.shape[2] if packed.dim() == 4 else 64  # repacked tiles: their width is the program's
+    cfg = {**w4a16_mma.mma_config(n, k, x2.shape[0], bn), "bn": bn}
     try:
         return w4a16_mma.w4a16_mma(x2.contiguous(), packed, scale, **cfg)
     except Exception as exc:  # any compile failure falls back to the Triton kernels

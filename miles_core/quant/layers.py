@@ -30,14 +30,7 @@ from miles_core.quant.fp8 import fp8_block_quantize
 from miles_core.quant.hf_format import DEFAULT_KEEP
 from miles_core.quant.int4 import int4_group_quantize, pack_int4
 
-__all__ = [
-    "Fp8Linear",
-    "Int4Linear",
-    "QuantExperts",
-    "kernel_scales",
-    "quantize_model_",
-    "refresh_kernel_caches_",
-]
+__all__ = ["Fp8Linear", "Int4Linear", "QuantExperts", "kernel_scales", "quantize_model_", "refresh_kernel_caches_"]
 
 
 class Fp8Linear(nn.Module):
