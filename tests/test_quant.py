@@ -214,7 +214,7 @@ def test_int4_linear_equals_dense_linear_on_dequantized_weights():
 
 
 def test_int4_linear_stores_column_tiles_and_hands_out_the_checkpoint_layout():
-    # group 128, N a multiple of 64: the words are stored in `repack_tiles` order (what the decode kernels read
+    # group 128, whole column tiles: the words are stored in `repack_tiles` order (what the decode kernels read
     # fastest), same shape; state_dict, `packed_rows`, loading and weight updates all speak the checkpoint's rows
     from miles_core.kernels.w4a16_gemm import w4a16_linear_reference
     from miles_core.rollout.weights import copy_weights_
