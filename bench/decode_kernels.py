@@ -18,6 +18,8 @@ batches of 64 and 256 tokens. Each variant is captured in a CUDA graph of 20 cal
   (`moe_combine.combine`, `x + c`, F.rms_norm) vs `add_norm.add_rms_norm` / `combine_add_rms_norm`.
 - experts: the MoE experts' launch fusions (row gather, SwiGLU) vs the launches they replace
   (bench/decode_experts.py).
+- gluon: the grouped FP8 expert GEMMs on pre-quantized rows, the Triton decode kernel (its default tiles) against
+  the persistent TMA-fed Gluon kernel (`fp8_wgmma_grouped`) over its tile options, bits compared.
 - rope: `rope_cache.rope_norm_cache` (q/k norm + rope + KV-cache write, 32 q / 4 KV heads of 128) at the
   decode batches and at a prefill chunk of 32,768 rows, by heads per program (bits compared with one
   head per program), against the bytes it moves at the measured copy rate.
@@ -193,6 +195,60 @@ def fp8_grouped(batches, bw: float) -> None:
                   f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
         if name == "gate_up":
             _swiglu_epilogue(fp8_gemm, x, wq, ws, counts, nbytes, bw)
+
+
+def fp8_grouped_gluon(batches, bw: float) -> None:
+    """The decode expert GEMMs on FP8 rows quantized before: the Triton kernel with its decode tiles against
+    the persistent Gluon kernel (a TMA ring of weight tiles per SM that does not drain between tiles) by tile,
+    as bandwidth over the touched experts' fp8 weights; each output against the fp32 reference."""
+    from miles_core.kernels.fp8_wgmma_grouped import GroupedConfig
+
+    print(f"\n| GEMM | rows | kernel | us | GB/s | x copy bw ({bw / 1e9:.0f}) | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    # the prefill kernel (rows on wgmma's M side): 64 x 256 tiles were its best at 512 and 2,048 rows, 0.89-0.92x
+    # of the copy rate on gate_up (64 x 128: 0.74-0.83x; bench/RESULTS.md, seventeenth session)
+    cfgs = [GroupedConfig(64, 256, 3, 8), GroupedConfig(128, 256, 4, 8)]
+    for n_tok, (name, n, k) in itertools.product(batches, (("gate_up", 1536, 2048), ("down", 2048, 768))):
+        _gluon_case(name, n_tok * 8, n, k, cfgs, bw)
+
+
+def _gluon_case(name: str, rows: int, n: int, k: int, cfgs, bw: float) -> None:
+    from miles_core.kernels import fp8_gemm, fp8_wgmma_decode, fp8_wgmma_grouped
+    from miles_core.quant import fp8_block_quantize
+
+    g = torch.Generator().manual_seed(rows)
+    counts = torch.bincount(torch.randint(0, 128, (rows,), generator=g), minlength=128).cuda()
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)  # [M4, K] e4m3, [M4, K/128]
+    a, sa_rows = a[:rows], sa[:rows].contiguous()
+    wq, ws = fp8_block_quantize(torch.randn(128, n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    nbytes = int((counts > 0).sum()) * n * k
+    ref = fp8_wgmma_grouped.grouped_fp8_block_gemm_reference(a, sa_rows, wq, ws, counts, torch.float32)
+    t = fp8_gemm.grouped_fp8_config(rows, 128)
+    tiles = dict(bm=t.bm, bn=t.bn, num_warps=t.num_warps, num_stages=t.num_stages, swap=t.swap)
+    runs = {
+        f"Triton {t.bm}x{t.bn} w{t.num_warps} s{t.num_stages}": lambda: fp8_gemm.grouped_fp8_linear_triton(
+            a, wq, ws, counts, x_scale=sa_rows, out_dtype=torch.bfloat16, **tiles
+        )
+    }
+    for d in fp8_wgmma_decode.decode_configs():
+        runs[f"Gluon decode {d.consumers}x64 w, {d.block_r} rows, s{d.stages}, {d.ctas} CTA/SM"] = lambda d=d: (
+            fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, wq, ws, counts, config=d)
+        )
+    for c in cfgs:
+        extra = ("" if c.fence else " nofence") + ("" if c.coalesce else " regstore")
+        runs[f"Gluon {c.block_m}x{c.block_n} s{c.stages}{extra}"] = lambda c=c: (
+            fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, wq, ws, counts, config=c)
+        )
+    for label, run in runs.items():
+        try:
+            err = float((run().float() - ref).norm() / ref.norm())
+            us = graph_us(run)
+        except Exception as exc:  # a tile that does not compile or launch is a row of the table
+            print(f"| {name} | {rows} | {label} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | |")
+            continue
+        print(f"| {name} | {rows} | {label} | {us:.1f} | {nbytes / us / 1e3:.0f} | "
+              f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
 
 
 def fp8_dense(batches, sweep: bool, bw: float) -> None:
@@ -431,7 +487,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    parts = ["routing", "grouped", "flash", "fp8", "dense", "sampling", "addnorm", "experts", "rope"]
+    parts = ["routing", "grouped", "flash", "fp8", "gluon", "dense", "sampling", "addnorm", "experts", "rope"]
     ap.add_argument("--only", choices=parts, default=None)
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -445,6 +501,9 @@ def main() -> None:
         flash(args.batch, bw)
     if args.only in (None, "fp8"):
         fp8_grouped(args.batch, bw)
+    if args.only in (None, "gluon"):
+        with torch.inference_mode():
+            fp8_grouped_gluon(args.batch, bw)
     if args.only in (None, "dense"):
         with torch.inference_mode():
             fp8_dense(args.batch, args.sweep, bw)

@@ -270,6 +270,7 @@ def test_gpu_fp8_experts_take_the_grouped_gluon_gemm_at_prefill_sizes_and_agree_
         pre = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src, xq=fp8_gemm.fp8_act_quant(x))
         assert len(calls) == 4 and torch.equal(pre, y)
         monkeypatch.setattr(fp8_gemm, "GLUON_GROUPED_MIN_M", src.shape[0] + 1)
+        monkeypatch.setattr(fp8_gemm, "DECODE_GLUON_MIN_M", src.shape[0] + 1)  # the decode kernel's range too
         below = fp8_gemm.grouped_fp8_experts(x, counts, w1, s1, w2, s2, src)
         assert len(calls) == 4  # one row below the threshold: the Triton kernel
         monkeypatch.setattr(kernels, "FP8_GLUON", False)

@@ -306,16 +306,25 @@ def _fp8_gluon(a, sa, w, scale_inv) -> torch.Tensor | None:
 # an H200 (Qwen3-30B-A3B experts, bench/RESULTS.md, twelfth session) it beat the Triton grouped kernel by 1.21-1.43x
 # at 32k and 262k rows and tied or lost at 4,096 (down: 88 against 74 us)
 GLUON_GROUPED_MIN_M = 32768
+# rows from which (up to GLUON_GROUPED_MIN_M) the two GEMMs run on `fp8_wgmma_decode` (weights on wgmma's M side,
+# 3 CTAs per SM): at 2,048 rows (batch 256 x top-8) on an H200 gate_up 103.0 us against the Triton kernel's 113.0,
+# down 56.4 against 58.5; at 512 rows a tie on gate_up (95.5 / 96.7) and slower on down (52.2 / 50.5), which the
+# row gather it needs first would not pay for (bench/RESULTS.md, seventeenth session)
+DECODE_GLUON_MIN_M = 2048
 _GLUON_GROUPED_FAILED = False
 
 
 def _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq) -> torch.Tensor | None:
-    """`grouped_fp8_experts` over m rows with both GEMMs on the Gluon grouped kernel: the rows gathered and
-    quantized first (TMA reads contiguous rows, so the GEMM cannot gather them), bf16 gate_up, SwiGLU +
-    act-quant, down. None (with one warning, never trying again) where the kernel does not compile or take the
-    shapes."""
+    """`grouped_fp8_experts` over m rows with both GEMMs on a Gluon grouped kernel (`fp8_wgmma_decode` below
+    GLUON_GROUPED_MIN_M rows, else `fp8_wgmma_grouped`): the rows gathered and quantized first (TMA reads
+    contiguous rows, so the GEMM cannot gather them), bf16 gate_up, SwiGLU + act-quant, down. None (with one
+    warning, never trying again) where the kernel does not compile or take the shapes."""
     global _GLUON_GROUPED_FAILED
-    from miles_core.kernels import fp8_wgmma_grouped
+    from miles_core.kernels import fp8_wgmma_decode, fp8_wgmma_grouped
+
+    gemm = fp8_wgmma_grouped.grouped_fp8_block_gemm
+    if m < GLUON_GROUPED_MIN_M:
+        gemm = fp8_wgmma_decode.grouped_fp8_decode_gemm
 
     try:
         if xq is not None and src is not None:  # token rows quantized by the norm: gather them (bytes, not values)
@@ -324,9 +333,9 @@ def _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq) -> torch.Tenso
             a, sa = xq
         else:
             a, sa = fp8_act_quant_triton(x, pad_rows_to=4, col_major_scale=True, src=src)
-        y = fp8_wgmma_grouped.grouped_fp8_block_gemm(a[:m], sa, w1, s1, counts)  # [M, 2I] bf16
+        y = gemm(a[:m], sa, w1, s1, counts)  # [M, 2I] bf16
         a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
-        return fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, w2, s2, counts)  # [M, H] bf16
+        return gemm(a, sa, w2, s2, counts)  # [M, H] bf16
     except Exception as exc:
         if torch.cuda.is_current_stream_capturing():
             raise
@@ -574,7 +583,7 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
     same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
     m = x.shape[0] if src is None else src.shape[0]
-    if m >= GLUON_GROUPED_MIN_M and x.dtype == torch.bfloat16 and not _GLUON_GROUPED_FAILED and _gluon_ok(x):
+    if m >= DECODE_GLUON_MIN_M and x.dtype == torch.bfloat16 and not _GLUON_GROUPED_FAILED and _gluon_ok(x):
         y = _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq)
         if y is not None:
             return y
