@@ -21,11 +21,11 @@ False and falls back.
 GEMM (`fp8_wgmma`) instead of cuBLAS's: the same bits on the H200 and 0.98-1.05x of cuBLAS's speed over
 two runs of four shapes, seven of the eight faster (bench/RESULTS.md, tenth session), and the FP8 MoE
 experts from `fp8_gemm.GLUON_GROUPED_MIN_M` rows on its grouped form (`fp8_wgmma_grouped`) instead of the
-Triton grouped kernel (1.35-1.42x faster at a prefill chunk's 262k rows; twelfth session), and from
-`fp8_gemm.DECODE_GLUON_MIN_M` rows (batch 256 x top-8) below that on its decode form (`fp8_wgmma_decode`: the
-weights on wgmma's M side; gate_up 1.10x of the Triton kernel at 2,048 rows; seventeenth session). `MILES_FP8_GLUON=0`
-keeps cuBLAS and Triton. A compile failure warns once and falls back for the rest of the process (the dense
-kernel sets `FP8_GLUON` False, the grouped one its own flag).
+Triton grouped kernel (1.35-1.42x faster at a prefill chunk's 262k rows, twelfth session; 1.05-1.52x at 4k-16k
+rows, seventeenth), and from `fp8_gemm.DECODE_GLUON_MIN_M` rows (batch 256 x top-8) below that on its decode
+form (`fp8_wgmma_decode`: the weights on wgmma's M side; gate_up 1.10x of the Triton kernel at 2,048 rows).
+`MILES_FP8_GLUON=0` keeps cuBLAS and Triton. A compile failure warns once and falls back for the rest of the
+process (the dense kernel sets `FP8_GLUON` False, the grouped ones their own flag).
 """
 
 import contextlib

@@ -303,13 +303,14 @@ def _fp8_gluon(a, sa, w, scale_inv) -> torch.Tensor | None:
 
 
 # rows from which `grouped_fp8_experts` runs its two GEMMs on `fp8_wgmma_grouped` (sm_90, `kernels.FP8_GLUON`): on
-# an H200 (Qwen3-30B-A3B experts, bench/RESULTS.md, twelfth session) it beat the Triton grouped kernel by 1.21-1.43x
-# at 32k and 262k rows and tied or lost at 4,096 (down: 88 against 74 us)
-GLUON_GROUPED_MIN_M = 32768
+# an H200 in CUDA graphs (Qwen3-30B-A3B experts, bench/RESULTS.md, seventeenth session) it beat the Triton grouped
+# kernel at 4,096 rows (gate_up 111.4 against 125.2 us, down 64.5 against 67.6) and at 16,384 (163.0 / 96.1 against
+# 247.8 / 137.0), and by 1.35-1.42x at a prefill chunk's 262k rows (twelfth session)
+GLUON_GROUPED_MIN_M = 4096
 # rows from which (up to GLUON_GROUPED_MIN_M) the two GEMMs run on `fp8_wgmma_decode` (weights on wgmma's M side,
-# 3 CTAs per SM): at 2,048 rows (batch 256 x top-8) on an H200 gate_up 103.0 us against the Triton kernel's 113.0,
-# down 56.4 against 58.5; at 512 rows a tie on gate_up (95.5 / 96.7) and slower on down (52.2 / 50.5), which the
-# row gather it needs first would not pay for (bench/RESULTS.md, seventeenth session)
+# 3 CTAs per SM): at 2,048 rows (batch 256 x top-8) gate_up 103.0 us against the Triton kernel's 113.0, down 56.4
+# against 58.5; at 512 rows a tie on gate_up (95.5 / 96.7) and slower on down (52.2 / 50.5), which the row gather
+# it needs first would not pay for; from 4,096 rows slower than `fp8_wgmma_grouped` (seventeenth session)
 DECODE_GLUON_MIN_M = 2048
 _GLUON_GROUPED_FAILED = False
 

@@ -105,7 +105,8 @@ def grouped_configs() -> list[GroupedConfig]:
 def grouped_default_config(m: int, n: int, k: int, e: int) -> GroupedConfig:
     """128 x 256 tiles, 4 stages, coalesced stores: the fastest of `grouped_configs()` on an H200 at every size
     from 32k rows (Qwen3-30B-A3B experts, 262,144 rows: gate_up 1.60-1.67x of bf16 `_grouped_mm`, down
-    1.48-1.53x; the next config 1.43x / 1.13x; bench/RESULTS.md, twelfth session)."""
+    1.48-1.53x; the next config 1.43x / 1.13x; bench/RESULTS.md, twelfth session); at 4,096 rows within 1% of
+    64 x 256 tiles and at 16,384 rows 1.13-1.20x faster (seventeenth session)."""
     return GroupedConfig()
 
 
