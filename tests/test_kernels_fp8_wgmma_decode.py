@@ -21,7 +21,7 @@ import torch
 from miles_core.kernels import fp8_wgmma_decode
 from miles_core.kernels.fp8_wgmma_decode import DecodeConfig
 from tests.test_kernels_fp8_wgmma import BOUND, _rel, cuda
-from tests.test_kernels_fp8_wgmma_grouped import _operands, _reference, _routed
+from tests.test_kernels_fp8_wgmma_grouped import _operands, _reference, _routed, graph_follows_device_counts
 from tests.test_kernels_quant import _poison, _resources
 
 triton = pytest.importorskip("triton")
@@ -147,22 +147,7 @@ def test_gpu_decode_gemm_matches_reference_on_qwen3_30b_experts(rows, n, k):
 @cuda
 @pytest.mark.gpu
 def test_gpu_decode_gemm_in_a_cuda_graph_follows_the_device_counts_between_replays():
-    g = torch.Generator().manual_seed(5)
-    e, m, n, k = 16, 256, 768, 512
-    a, sa, w, ws, c = _operands(_routed(e, m, g), n, k, g)
-    fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, w, ws, c)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, w, ws, c)
-    skewed = [m - 3 * (e - 1)] + [3] * (e - 1)
-    for counts in (_routed(e, m, g), [0] * (e - 1) + [m], skewed, [m // e] * e):
-        c.copy_(torch.tensor(counts, dtype=torch.int32))
-        y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = _reference(a, sa, w, ws, c)
-        assert not y.isnan().any() and _rel(y, ref) < BOUND, (counts, _rel(y, ref))
+    graph_follows_device_counts(fp8_wgmma_decode.grouped_fp8_decode_gemm, 256)
 
 
 @cuda

@@ -224,14 +224,19 @@ def test_gpu_grouped_takes_256_experts_and_int64_counts():
 def test_gpu_grouped_in_a_cuda_graph_follows_the_device_counts_between_replays():
     """Captured once; the counts tensor is overwritten in place before each replay (the same rows, other
     experts): each replay's output is the reference for the counts it found on the device."""
+    graph_follows_device_counts(fp8_wgmma_grouped.grouped_fp8_block_gemm, 2048)
+
+
+def graph_follows_device_counts(gemm, m: int, e: int = 16, n: int = 768, k: int = 512) -> None:
+    """`gemm` (a grouped GEMM taking (a, sa, w, ws, counts)) captured in a CUDA graph, replayed after the counts
+    were overwritten with random, one-expert, skewed and even routings: each output against its reference."""
     g = torch.Generator().manual_seed(5)
-    e, m, n, k = 16, 2048, 768, 512
     a, sa, w, ws, c = _operands(_routed(e, m, g), n, k, g)
-    fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, w, ws, c)  # compile outside the capture
+    gemm(a, sa, w, ws, c)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, w, ws, c)
+        y = gemm(a, sa, w, ws, c)
     skewed = [m - 3 * (e - 1)] + [3] * (e - 1)
     for counts in (_routed(e, m, g), [0] * (e - 1) + [m], skewed, [m // e] * e):
         c.copy_(torch.tensor(counts, dtype=torch.int32))

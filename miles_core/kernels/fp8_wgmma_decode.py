@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from miles_core.kernels.fp8_wgmma import BK, SMEM_BYTES, WG_ROWS, gluon
+from miles_core.kernels.fp8_wgmma_grouped import check_grouped_operands
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -41,8 +42,6 @@ if gluon is not None:
     from miles_core.kernels.fp8_wgmma_grouped import _grouped_tile, _total_tiles
 
 __all__ = ["DecodeConfig", "decode_configs", "decode_descriptor_blocks", "grouped_fp8_decode_gemm"]
-
-MAX_EXPERTS = 256
 
 
 @dataclass(frozen=True)
@@ -252,17 +251,7 @@ def grouped_fp8_decode_gemm(
     disagree."""
     m, k = a.shape
     e, n = w.shape[:2]
-    if k % BK:
-        raise ValueError(f"grouped_fp8_decode_gemm needs K a multiple of {BK}, got K={k}")
-    if w.dim() != 3 or w.shape[2] != k or a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"need e4m3 a [M, K], w [E, N, K]; got {a.dtype} {tuple(a.shape)}, {w.dtype} {tuple(w.shape)}")
-    kb = k // BK
-    if a_scale.shape[0] < m or a_scale.shape[1] < kb or tuple(w_scale.shape[:2]) != (e, -(-n // BK)):
-        raise ValueError(f"scales {tuple(a_scale.shape)}, {tuple(w_scale.shape)} don't fit a {m}x{k} @ {e}x{n}x{k}")
-    if w_scale.shape[2] < kb or tuple(counts.shape) != (e,) or counts.device != a.device:
-        raise ValueError(f"need w_scale [E, N/128, >= {kb}] and counts [{e}] on {a.device}")
-    if e > MAX_EXPERTS:
-        raise ValueError(f"grouped_fp8_decode_gemm schedules up to {MAX_EXPERTS} experts, got {e}")
+    check_grouped_operands("grouped_fp8_decode_gemm", a, a_scale, w, w_scale, counts)
     cfg = config or default_decode_config(m, e)
     cfg.check()
     y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)  # [M, N]

@@ -41,6 +41,7 @@ if gluon is not None:
 
 __all__ = [
     "GroupedConfig",
+    "check_grouped_operands",
     "grouped_configs",
     "grouped_default_config",
     "grouped_descriptor_blocks",
@@ -325,6 +326,28 @@ def grouped_descriptor_blocks(cfg: GroupedConfig) -> dict:
     return {name: blocks[name] for name in ("a_desc", "w_desc", "sa_desc")}
 
 
+def check_grouped_operands(name: str, a, a_scale, w, w_scale, counts) -> int:
+    """Raise ValueError where the grouped GEMM `name` cannot take these operands (K not a multiple of 128, not
+    e4m3, shapes or devices that disagree, more than MAX_EXPERTS experts); -> K / 128."""
+    m, k = a.shape
+    e, n = w.shape[:2]
+    if k % BK:
+        raise ValueError(f"{name} needs K a multiple of {BK} (one scale block per K step), got K={k}")
+    if w.dim() != 3 or w.shape[2] != k or a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"need e4m3 a [M, K], w [E, N, K]; got {a.dtype} {tuple(a.shape)}, {w.dtype} {tuple(w.shape)}")
+    kb = k // BK
+    if a_scale.shape[0] < m or a_scale.shape[1] < kb or tuple(w_scale.shape[:2]) != (e, -(-n // BK)):
+        raise ValueError(
+            f"scales {tuple(a_scale.shape)}, {tuple(w_scale.shape)} don't fit a {m}x{k} @ {e}x{n}x{k} GEMM"
+        )
+    if w_scale.shape[2] < kb or tuple(counts.shape) != (e,) or counts.device != a.device:
+        got = f"{tuple(w_scale.shape)}, {tuple(counts.shape)} on {counts.device}"
+        raise ValueError(f"need w_scale [E, N/128, >= {kb}] and counts [{e}] on {a.device}, got {got}")
+    if e > MAX_EXPERTS:
+        raise ValueError(f"{name} schedules up to {MAX_EXPERTS} experts in the kernel, got {e}")
+    return kb
+
+
 def grouped_fp8_block_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -343,20 +366,7 @@ def grouped_fp8_block_gemm(
     disagree."""
     m, k = a.shape
     e, n = w.shape[:2]
-    if k % BK:
-        raise ValueError(f"grouped_fp8_block_gemm needs K a multiple of {BK} (one scale block per K step), got K={k}")
-    if w.dim() != 3 or w.shape[2] != k or a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"need e4m3 a [M, K], w [E, N, K]; got {a.dtype} {tuple(a.shape)}, {w.dtype} {tuple(w.shape)}")
-    kb = k // BK
-    if a_scale.shape[0] < m or a_scale.shape[1] < kb or tuple(w_scale.shape[:2]) != (e, -(-n // BK)):
-        raise ValueError(
-            f"scales {tuple(a_scale.shape)}, {tuple(w_scale.shape)} don't fit a {m}x{k} @ {e}x{n}x{k} GEMM"
-        )
-    if w_scale.shape[2] < kb or tuple(counts.shape) != (e,) or counts.device != a.device:
-        got = f"{tuple(w_scale.shape)}, {tuple(counts.shape)} on {counts.device}"
-        raise ValueError(f"need w_scale [E, N/128, >= {kb}] and counts [{e}] on {a.device}, got {got}")
-    if e > MAX_EXPERTS:
-        raise ValueError(f"grouped_fp8_block_gemm schedules up to {MAX_EXPERTS} experts in the kernel, got {e}")
+    kb = check_grouped_operands("grouped_fp8_block_gemm", a, a_scale, w, w_scale, counts)
     cfg = config or grouped_default_config(m, n, k, e)
     cfg.check()
     y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)  # [M, N]
