@@ -581,8 +581,10 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     (by the norm before the MoE, `add_norm.add_rms_norm(quant=True)`): one launch fewer, the gate_up GEMM
     reading q[src] in place. `SWIGLU_EPILOGUE`: SwiGLU + act-quant in the gate_up GEMM's epilogue.
 
-    The bits of index_select -> grouped_fp8_linear -> swiglu -> grouped_fp8_linear (act-quant first, the
-    same tiles), without the gathered copy of x, the [M, I] SwiGLU output and two launches."""
+    Below DECODE_GLUON_MIN_M rows (or off sm_90): the bits of index_select -> grouped_fp8_linear -> swiglu ->
+    grouped_fp8_linear (act-quant first, the same tiles), without the gathered copy of x, the [M, I] SwiGLU
+    output and two launches. From there the GEMMs run on the Gluon grouped kernels (`_grouped_experts_gluon`:
+    the same quantized operands, fp32 accumulation in another order)."""
     m = x.shape[0] if src is None else src.shape[0]
     if m >= DECODE_GLUON_MIN_M and x.dtype == torch.bfloat16 and not _GLUON_GROUPED_FAILED and _gluon_ok(x):
         y = _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq)
