@@ -294,25 +294,6 @@ def fp8_dense(batches, sweep: bool, bw: float) -> None:
                 continue
             print(f"| {name} | {b} | on fp8 rows {(bm, bn, nw, st, sp, ku)} | {us:.1f} | {base / us:.2f} | "
                   f"{nbytes / (us * 1e-6) / bw:.2f} | {err:.1e} |", flush=True)  # fmt: skip
-        _dense_gluon(name, b, xq, qs, ref, base, nbytes, bw)
-
-
-def _dense_gluon(name, b, xq, qs, ref, base, nbytes, bw) -> None:
-    """`fp8_decode_linear` (the grouped decode kernel as one expert: weights on wgmma's M side, row tiles that
-    share each weight tile through the L2) on the same rows, by tile."""
-    from miles_core.kernels import fp8_wgmma_decode
-
-    for d in fp8_wgmma_decode.dense_decode_configs():
-        runs = [lambda q=q, d=d: fp8_wgmma_decode.fp8_decode_linear(xq[0], xq[1], *q, config=d) for q in qs]
-        label = f"Gluon {d.consumers}x64 w, {d.block_r} rows, s{d.stages}, {d.ctas} CTA/SM"
-        try:
-            err = float((runs[0]().float() - ref).norm() / ref.norm())
-            us = graph_us(_cycle(runs))
-        except Exception as exc:  # a tile that does not compile or launch is a row of the table
-            print(f"| {name} | {b} | {label} | failed: {type(exc).__name__}: {str(exc)[:100]} | | | |")
-            continue
-        print(f"| {name} | {b} | {label} | {us:.1f} | {base / us:.2f} | {nbytes / (us * 1e-6) / bw:.2f} | "
-              f"{err:.1e} |", flush=True)  # fmt: skip
 
 
 def _cycle(fns):
