@@ -33,11 +33,8 @@ triton = pytest.importorskip("triton")
 def test_decode_configs_fit_shared_memory_and_bad_tiles_are_refused():
     for cfg in fp8_wgmma_decode.decode_configs():
         cfg.check()
-    for cfg in fp8_wgmma_decode.dense_decode_configs():
-        cfg.check()
-    bad_tiles = (DecodeConfig(3), DecodeConfig(block_r=128), DecodeConfig(2, 32, 12, ctas=1), DecodeConfig(2, 16, 4))
-    bad_tiles += (DecodeConfig(2, 64, 3, ctas=2),)
-    for bad in bad_tiles:  # 3 consumers; 128 rows; 12 stages of 20 KB; 3 CTAs of 4 stages; 64 rows x 2 x 2 spill
+    bad_tiles = (DecodeConfig(3), DecodeConfig(block_r=64), DecodeConfig(2, 32, 12, ctas=1), DecodeConfig(2, 16, 4))
+    for bad in bad_tiles:  # 3 consumers; 64 rows; 12 stages of 20 KB; 3 CTAs of 4 stages
         with pytest.raises(ValueError):
             bad.check()
 
@@ -58,18 +55,7 @@ def test_decode_gemm_rejects_bad_operands():
         fp8_wgmma_decode.grouped_fp8_decode_gemm(a.float(), torch.ones(4, 2), w, torch.ones(2, 1, 2), counts)
 
 
-def test_dense_decode_linear_rejects_bad_operands():
-    e4m3 = torch.float8_e4m3fn
-    a, w = torch.zeros(4, 256, dtype=e4m3), torch.zeros(8, 256, dtype=e4m3)
-    with pytest.raises(ValueError, match=r"w \[N, K\]"):
-        fp8_wgmma_decode.fp8_decode_linear(a, torch.ones(4, 2), w[None], torch.ones(1, 1, 2))
-    with pytest.raises(ValueError, match="fit"):
-        fp8_wgmma_decode.fp8_decode_linear(a, torch.ones(3, 2), w, torch.ones(1, 2))
-    with pytest.raises(ValueError, match="multiple of 128"):
-        fp8_wgmma_decode.fp8_decode_linear(a[:, :200], torch.ones(4, 2), w[:, :200], torch.ones(1, 2))
-
-
-def _compile(cfg: DecodeConfig, e_p2: int, counts: str, dense: bool = False):
+def _compile(cfg: DecodeConfig, e_p2: int, counts: str):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -79,7 +65,7 @@ def _compile(cfg: DecodeConfig, e_p2: int, counts: str, dense: bool = False):
     types |= {"SA": "*fp32", "Y": "*bf16", "SB": "*fp32", "COUNTS": counts}
     maxnreg, consumer, producer = cfg.registers()
     consts = {"BR": cfg.block_r, "STAGES": cfg.stages, "CONSUMERS": cfg.consumers, "GROUP_M": cfg.group_m}
-    consts |= {"E_P2": e_p2, "CONSUMER_REGS": consumer, "PRODUCER_REGS": producer, "DENSE": dense}
+    consts |= {"E_P2": e_p2, "CONSUMER_REGS": consumer, "PRODUCER_REGS": producer}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     aligned = ("SA", "Y", "SB", "COUNTS", "stride_ym", "stride_se", "stride_sbn", "M", "N", "K", "E")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
@@ -90,14 +76,11 @@ def _compile(cfg: DecodeConfig, e_p2: int, counts: str, dense: bool = False):
 
 COMPILED = [(DecodeConfig(2, 16, 3, ctas=3), 256, "*i64"), (DecodeConfig(1, 16, 3, ctas=4), 128, "*i32")]
 COMPILED += [(DecodeConfig(2, 32, 4, ctas=2), 256, "*i32")]
-COMPILED += [(cfg, 32, "*bf16") for cfg in fp8_wgmma_decode.dense_decode_configs()]  # dense: COUNTS unread
-IDS = ["2x16s3c3-E256-i64", "1x16s3c4-E128-i32", "2x32s4c2-E256"]
-IDS += [f"dense-{c.consumers}x{c.block_r}s{c.stages}c{c.ctas}" for c in fp8_wgmma_decode.dense_decode_configs()]
 
 
-@pytest.mark.parametrize("cfg,e_p2,counts", COMPILED, ids=IDS)
+@pytest.mark.parametrize("cfg,e_p2,counts", COMPILED, ids=["2x16s3c3-E256-i64", "1x16s3c4-E128-i32", "2x32s4c2-E256"])
 def test_decode_kernel_compiles_for_hopper_with_small_wgmma_tma_and_no_spills(cfg, e_p2, counts):
-    kernel = _compile(cfg, e_p2, counts, dense=counts == "*bf16")
+    kernel = _compile(cfg, e_p2, counts)
     ptx = kernel.asm["ptx"]
     wgmma = ptx.count(f"wgmma.mma_async.sync.aligned.m64n{cfg.block_r}k32.f32.e4m3.e4m3")
     assert wgmma == 8 * cfg.consumers, wgmma  # 4 k32 steps for the first K block, 4 in the loop
@@ -159,32 +142,6 @@ def test_gpu_decode_gemm_matches_reference_on_qwen3_30b_experts(rows, n, k):
     # SwiGLU's act-quant gives) are read in place: the same bits
     assert torch.equal(fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, w, ws, c.long()), y)
     assert torch.equal(fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa.contiguous(), w, ws, c), y)
-
-
-@cuda
-@pytest.mark.gpu
-def test_gpu_dense_decode_linear_matches_reference_every_config():
-    """One row to 256 (row tiles partial, one, several), N a multiple of neither the weight tile nor 128 (200, 1004),
-    Qwen3-30B-A3B's fused q/k/v (5120 x 2048) and o_proj (2048 x 4096); the norm's row-major scales and the
-    act-quant's column-major ones give the same bits."""
-    from miles_core.kernels import fp8_gemm
-    from miles_core.kernels.fp8_wgmma import fp8_block_gemm_reference
-    from miles_core.quant import fp8_block_quantize
-
-    g = torch.Generator().manual_seed(4)
-    cases = [(1, 640, 512), (7, 200, 128), (64, 1004, 384), (100, 5120, 2048), (128, 2048, 4096), (256, 640, 256)]
-    for m, n, k in cases:
-        x = torch.randn(m, k, generator=g).bfloat16().cuda()
-        w, ws = fp8_block_quantize(torch.randn(n, k, generator=g).cuda() * 0.05)
-        a, sa = fp8_gemm.fp8_act_quant(x, pad_rows_to=4, col_major_scale=True)
-        a = a[:m]
-        ref = fp8_block_gemm_reference(a, sa, w, ws, torch.float32)
-        for cfg in [None, *fp8_wgmma_decode.dense_decode_configs()]:
-            _poison()
-            y = fp8_wgmma_decode.fp8_decode_linear(a, sa, w, ws, config=cfg)
-            assert y.shape == (m, n) and y.dtype == torch.bfloat16 and not y.isnan().any(), (m, n, cfg)
-            assert _rel(y, ref) < BOUND, (m, n, cfg, _rel(y, ref))
-            assert torch.equal(fp8_wgmma_decode.fp8_decode_linear(a, sa[:m].contiguous(), w, ws, config=cfg), y)
 
 
 @cuda

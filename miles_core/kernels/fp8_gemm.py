@@ -30,7 +30,6 @@ in 1x128 tiles (the DeepSeek-V3 recipe, see miles_core/quant/fp8.py).
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -246,39 +245,10 @@ def fp8_linear(
         y = _fp8_linear_cublas(x2, w, scale_inv, scale_b, gluon=backend == "auto")
     else:
         xq = xq if small and xq is not None and xq[0].shape == x2.shape else None
-        y = _fp8_decode_gluon(x2, w, scale_inv, xq) if small and backend == "auto" else None
-        if y is None:
-            y = fp8_dense_triton(x2, w, scale_inv, dense_fp8_config(m, n, k) if small else Fp8Config(), xq=xq)
+        y = fp8_dense_triton(x2, w, scale_inv, dense_fp8_config(m, n, k) if small else Fp8Config(), xq=xq)
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
-
-
-# fp8_linear at decode sizes (up to DENSE_TRITON_MAX_M rows, bf16) on `fp8_wgmma_decode.fp8_decode_linear` (sm_90,
-# `kernels.FP8_GLUON`) instead of the dense Triton kernel; `MILES_FP8_DECODE_GLUON=0` keeps Triton
-DENSE_DECODE_GLUON = os.environ.get("MILES_FP8_DECODE_GLUON", "1") != "0"
-_DENSE_GLUON_FAILED = False
-
-
-def _fp8_decode_gluon(x2, w, scale_inv, xq) -> torch.Tensor | None:
-    """x2 [M, K] bf16 (or its rows quantized, `xq`) @ w^T on the Gluon decode kernel; None where it does not apply
-    (not sm_90, K not a multiple of 128, not bf16) or, with one warning and never again, does not compile."""
-    global _DENSE_GLUON_FAILED
-    if not DENSE_DECODE_GLUON or _DENSE_GLUON_FAILED or x2.dtype != torch.bfloat16 or x2.shape[1] % BLOCK:
-        return None
-    if not _gluon_ok(x2):
-        return None
-    from miles_core.kernels import fp8_wgmma_decode
-
-    try:
-        a, sa = xq if xq is not None else fp8_act_quant_triton(x2)
-        return fp8_wgmma_decode.fp8_decode_linear(a, sa, w, scale_inv)
-    except Exception as exc:
-        if torch.cuda.is_current_stream_capturing():
-            raise
-        _DENSE_GLUON_FAILED = True
-        warnings.warn(f"FP8 Gluon decode GEMM unavailable, using Triton: {type(exc).__name__}: {exc}", stacklevel=3)
-        return None
 
 
 def dense_takes_fp8_rows(rows: int, w: torch.Tensor) -> bool:

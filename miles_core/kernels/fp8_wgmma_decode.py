@@ -38,18 +38,10 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from miles_core.kernels.fp8_wgmma import _BK, _ROWS, _tile_coords
+    from miles_core.kernels.fp8_wgmma import _BK, _ROWS
     from miles_core.kernels.fp8_wgmma_grouped import _grouped_tile, _total_tiles
 
-__all__ = [
-    "DecodeConfig",
-    "decode_configs",
-    "decode_descriptor_blocks",
-    "dense_decode_config",
-    "dense_decode_configs",
-    "fp8_decode_linear",
-    "grouped_fp8_decode_gemm",
-]
+__all__ = ["DecodeConfig", "decode_configs", "decode_descriptor_blocks", "grouped_fp8_decode_gemm"]
 
 
 @dataclass(frozen=True)
@@ -84,10 +76,8 @@ class DecodeConfig:
 
     def check(self) -> None:
         """Raise ValueError for tiles the kernel does not take or shared memory cannot hold."""
-        if self.consumers not in (1, 2) or self.block_r not in (8, 16, 32, 64) or self.ctas not in (1, 2, 3, 4):
-            raise ValueError(f"{self}: consumers 1-2, block_r 8/16/32/64, ctas 1-4")
-        if self.block_r == 64 and self.consumers * self.ctas > 2:  # two [64, 64] fp32 tiles in flight: spills
-            raise ValueError(f"{self}: 64-row tiles take one consumer at 2 CTAs per SM or two at one")
+        if self.consumers not in (1, 2) or self.block_r not in (8, 16, 32) or self.ctas not in (1, 2, 3, 4):
+            raise ValueError(f"{self}: consumers 1-2, block_r 8/16/32, ctas 1-4")
         if self.stages < 2 or self.smem_bytes() * self.ctas > SMEM_BYTES:
             raise ValueError(f"{self}: needs {self.smem_bytes()} x {self.ctas} bytes of shared memory")
 
@@ -113,28 +103,7 @@ def default_decode_config(m: int, e: int) -> DecodeConfig:
 if gluon is not None:
 
     @gluon.jit
-    def _decode_total(sched, BR: gl.constexpr, BW: gl.constexpr, E_P2: gl.constexpr, WARPS: gl.constexpr,
-                      DENSE: gl.constexpr):  # fmt: skip
-        """The tiles of the launch: a dense GEMM's ceil(M / BR) x ceil(N / BW), else every expert's."""
-        COUNTS, E, M, N = sched
-        if DENSE:
-            return gl.cdiv(M, BR) * gl.cdiv(N, BW)
-        return _total_tiles(sched, BR, BW, E_P2, WARPS)
-
-    @gluon.jit
-    def _decode_tile(sched, tile, BR: gl.constexpr, BW: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                     WARPS: gl.constexpr, DENSE: gl.constexpr):  # fmt: skip
-        """Tile -> (expert, first row, the expert's row end, weight tile): a dense GEMM is one expert of M rows
-        (no counts read), in the same GROUP_M order."""
-        COUNTS, E, M, N = sched
-        if DENSE:
-            pid_m, pid_n = _tile_coords(tile, gl.cdiv(M, BR), gl.cdiv(N, BW), GROUP_M)
-            return 0, pid_m * BR, M, pid_n
-        return _grouped_tile(sched, tile, BR, BW, GROUP_M, E_P2, WARPS)
-
-    @gluon.jit
-    def _decode_producer(descs, ring, sched, K, BR: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                         DENSE: gl.constexpr):  # fmt: skip
+    def _decode_producer(descs, ring, sched, K, BR: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr):
         """One warp: each tile's K blocks into the ring, once every consumer has released the slot."""
         a_desc, w_desc = descs
         a_ring, w_ring, ready, empty = ring
@@ -144,10 +113,10 @@ if gluon is not None:
         BW: gl.constexpr = CONSUMERS * _ROWS
         NBYTES: gl.constexpr = BW * _BK + BR * _BK
         kbs = K // _BK
-        total = _decode_total(sched, BR, BW, E_P2, 1, DENSE)
+        total = _total_tiles(sched, BR, BW, E_P2, 1)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, m0, row_end, pid_n = _decode_tile(sched, tile, BR, BW, GROUP_M, E_P2, 1, DENSE)
+            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BR, BW, GROUP_M, E_P2, 1)
             w_row = e * N + pid_n * BW
             for kb in range(kbs):
                 slot = step % STAGES
@@ -163,7 +132,7 @@ if gluon is not None:
 
     @gluon.jit
     def _decode_consumer(ring, sched, out, scales, K, WG: gl.constexpr, BR: gl.constexpr, GROUP_M: gl.constexpr,
-                         E_P2: gl.constexpr, DENSE: gl.constexpr):  # fmt: skip
+                         E_P2: gl.constexpr):  # fmt: skip
         """One warpgroup: weight rows [64 WG, 64 WG + 64) of each tile against its BR rows."""
         a_ring, w_ring, ready, empty = ring
         COUNTS, E, M, N = sched
@@ -178,10 +147,10 @@ if gluon is not None:
         store_l: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
         zero = gl.zeros([_ROWS, BR], gl.float32, mma)
         kbs = K // _BK
-        total = _decode_total(sched, BR, BW, E_P2, 4, DENSE)
+        total = _total_tiles(sched, BR, BW, E_P2, 4)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, m0, row_end, pid_n = _decode_tile(sched, tile, BR, BW, GROUP_M, E_P2, 4, DENSE)
+            e, m0, row_end, pid_n = _grouped_tile(sched, tile, BR, BW, GROUP_M, E_P2, 4)
             n0 = pid_n * BW + WG * _ROWS
             # the slice's weight scales (one 128-row block; a slice past N reads the last block: masked on store)
             sb_row = SB + e.to(gl.int64) * stride_se + gl.minimum(n0 // 128, gl.cdiv(N, 128) - 1) * stride_sbn
@@ -225,8 +194,7 @@ if gluon is not None:
     def fp8_wgmma_decode_kernel(a_desc, w_desc, SA, Y, SB, COUNTS, stride_ym, stride_sam, stride_sak, sa_rows,
                                 stride_se, stride_sbn, stride_sbk, M, N, K, E, BR: gl.constexpr, STAGES: gl.constexpr,
                                 CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                                DENSE: gl.constexpr = False):  # fmt: skip
+                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
         """y[rows of expert e] = (A * sa)[those rows] @ (W[e] * sw[e])^T, tiles of 64 CONSUMERS weight rows by BR
         rows over a persistent grid (module docstring)."""
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BR, _BK], a_desc.layout)
@@ -244,9 +212,9 @@ if gluon is not None:
         if CONSUMERS == 2:
             gl.warp_specialize(
                 [
-                    (_decode_consumer, (ring, sched, out, scales, K, 0, BR, GROUP_M, E_P2, DENSE)),
-                    (_decode_consumer, (ring, sched, out, scales, K, 1, BR, GROUP_M, E_P2, DENSE)),
-                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2, DENSE)),
+                    (_decode_consumer, (ring, sched, out, scales, K, 0, BR, GROUP_M, E_P2)),
+                    (_decode_consumer, (ring, sched, out, scales, K, 1, BR, GROUP_M, E_P2)),
+                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -254,8 +222,8 @@ if gluon is not None:
         else:
             gl.warp_specialize(
                 [
-                    (_decode_consumer, (ring, sched, out, scales, K, 0, BR, GROUP_M, E_P2, DENSE)),
-                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2, DENSE)),
+                    (_decode_consumer, (ring, sched, out, scales, K, 0, BR, GROUP_M, E_P2)),
+                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2)),
                 ],
                 [1],
                 [PRODUCER_REGS],
@@ -281,55 +249,10 @@ def grouped_fp8_decode_gemm(
     times w[e]^T, both block-scaled; the operands of `fp8_wgmma_grouped.grouped_fp8_block_gemm`, on sm_90.
     Rows from sum(counts) to M are not written. Raises ValueError when K is not a multiple of 128 or the shapes
     disagree."""
-    m = a.shape[0]
-    e = w.shape[0]
-    check_grouped_operands("grouped_fp8_decode_gemm", a, a_scale, w, w_scale, counts)
-    return _launch(a, a_scale, w, w_scale, counts, config or default_decode_config(m, e))
-
-
-def dense_decode_configs() -> list[DecodeConfig]:
-    """The candidates `bench/decode_kernels.py --only dense` sweeps for `fp8_decode_linear`."""
-    return [
-        DecodeConfig(1, 16, 4, ctas=3),
-        DecodeConfig(1, 16, 6, ctas=2),
-        DecodeConfig(2, 16, 3, ctas=3),
-        DecodeConfig(1, 32, 4, ctas=3),
-        DecodeConfig(2, 32, 4, ctas=2),
-        DecodeConfig(1, 64, 4, ctas=2),
-        DecodeConfig(1, 64, 8, ctas=1),
-        DecodeConfig(2, 64, 4, ctas=1),
-    ]
-
-
-def dense_decode_config(m: int, n: int) -> DecodeConfig:
-    """Tiles of `fp8_decode_linear`: placeholder until measured."""
-    return DecodeConfig(1, 16, 4, ctas=3)
-
-
-def fp8_decode_linear(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    config: DecodeConfig | None = None,
-) -> torch.Tensor:
-    """y [M, N] bf16 = (a * a_scale) @ (w * w_scale)^T at decode sizes, on sm_90: the grouped kernel as one
-    expert of M rows (no counts), each weight tile read by ceil(M / block_r) row tiles (from the L2 after the
-    first). a [M, K] e4m3, a_scale [>= M, K/128] fp32 (row- or column-major, read by its strides), w [N, K] e4m3,
-    w_scale [ceil(N/128), >= K/128] (the `fp8_block_quantize` layout). Raises ValueError when K is not a
-    multiple of 128 or the shapes disagree."""
-    if w.dim() != 2 or w_scale.dim() != 2:
-        got = f"{tuple(w.shape)}, {tuple(w_scale.shape)}"
-        raise ValueError(f"fp8_decode_linear: w [N, K] and w_scale [NB, KB], got {got}")
-    m, n = a.shape[0], w.shape[0]
-    check_grouped_operands("fp8_decode_linear", a, a_scale, w[None], w_scale[None], None)
-    return _launch(a, a_scale, w[None], w_scale[None], None, config or dense_decode_config(m, n))
-
-
-def _launch(a, a_scale, w, w_scale, counts, cfg: DecodeConfig) -> torch.Tensor:
-    """The kernel over checked operands; counts None: one dense expert of M rows."""
     m, k = a.shape
     e, n = w.shape[:2]
+    check_grouped_operands("grouped_fp8_decode_gemm", a, a_scale, w, w_scale, counts)
+    cfg = config or default_decode_config(m, e)
     cfg.check()
     y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)  # [M, N]
     if m == 0 or n == 0 or e == 0:
@@ -337,21 +260,19 @@ def _launch(a, a_scale, w, w_scale, counts, cfg: DecodeConfig) -> torch.Tensor:
     a = a if a.stride(1) == 1 and a.stride(0) % 16 == 0 else a.contiguous()
     w = w.contiguous()
     sa = a_scale if a_scale.dtype == torch.float32 else a_scale.float()  # [>= M, KB], read by its strides
-    ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
+    ws = w_scale.float()
     blocks = decode_descriptor_blocks(cfg)
     a_desc = TensorDescriptor.from_tensor(a, *blocks["a_desc"])
     w_desc = TensorDescriptor.from_tensor(w.view(e * n, k), *blocks["w_desc"])
-    dense = counts is None
-    row_tiles = -(-m // cfg.block_r) if dense else -(-m // cfg.block_r) + min(e, m)
-    bound = row_tiles * -(-n // cfg.block_w)  # tiles, from the shapes alone
+    bound = (-(-m // cfg.block_r) + min(e, m)) * -(-n // cfg.block_w)  # tiles, from the shapes alone
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     grid = (min(bound, sms * cfg.ctas),)
     maxnreg, consumer, producer = cfg.registers()
     fp8_wgmma_decode_kernel[grid](
-        a_desc, w_desc, sa, y, ws, y if dense else counts, y.stride(0), sa.stride(0), sa.stride(1), sa.shape[0],
+        a_desc, w_desc, sa, y, ws, counts, y.stride(0), sa.stride(0), sa.stride(1), sa.shape[0],
         ws.stride(0), ws.stride(1), ws.stride(2), m, n, k, e,
         BR=cfg.block_r, STAGES=cfg.stages, CONSUMERS=cfg.consumers, GROUP_M=cfg.group_m,
-        E_P2=max(32, 1 << (e - 1).bit_length()), CONSUMER_REGS=consumer, PRODUCER_REGS=producer, DENSE=dense,
-        num_warps=4, maxnreg=maxnreg,
+        E_P2=max(32, 1 << (e - 1).bit_length()), CONSUMER_REGS=consumer, PRODUCER_REGS=producer, num_warps=4,
+        maxnreg=maxnreg,
     )  # fmt: skip
     return y

@@ -328,8 +328,7 @@ def grouped_descriptor_blocks(cfg: GroupedConfig) -> dict:
 
 def check_grouped_operands(name: str, a, a_scale, w, w_scale, counts) -> int:
     """Raise ValueError where the grouped GEMM `name` cannot take these operands (K not a multiple of 128, not
-    e4m3, shapes or devices that disagree, more than MAX_EXPERTS experts); counts None: a dense GEMM (E = 1, no
-    counts); -> K / 128."""
+    e4m3, shapes or devices that disagree, more than MAX_EXPERTS experts); -> K / 128."""
     m, k = a.shape
     e, n = w.shape[:2]
     if k % BK:
@@ -341,9 +340,8 @@ def check_grouped_operands(name: str, a, a_scale, w, w_scale, counts) -> int:
         raise ValueError(
             f"scales {tuple(a_scale.shape)}, {tuple(w_scale.shape)} don't fit a {m}x{k} @ {e}x{n}x{k} GEMM"
         )
-    bad_counts = counts is not None and (tuple(counts.shape) != (e,) or counts.device != a.device)
-    if w_scale.shape[2] < kb or bad_counts:
-        got = f"{tuple(w_scale.shape)}, {None if counts is None else (tuple(counts.shape), counts.device)}"
+    if w_scale.shape[2] < kb or tuple(counts.shape) != (e,) or counts.device != a.device:
+        got = f"{tuple(w_scale.shape)}, {tuple(counts.shape)} on {counts.device}"
         raise ValueError(f"need w_scale [E, N/128, >= {kb}] and counts [{e}] on {a.device}, got {got}")
     if e > MAX_EXPERTS:
         raise ValueError(f"{name} schedules up to {MAX_EXPERTS} experts in the kernel, got {e}")
