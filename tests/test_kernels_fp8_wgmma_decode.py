@@ -55,7 +55,7 @@ def test_decode_gemm_rejects_bad_operands():
         fp8_wgmma_decode.grouped_fp8_decode_gemm(a.float(), torch.ones(4, 2), w, torch.ones(2, 1, 2), counts)
 
 
-def _compile(cfg: DecodeConfig, e_p2: int, counts: str):
+def _compile(cfg: DecodeConfig, e_p2: int, counts: str, tiled: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -65,7 +65,7 @@ def _compile(cfg: DecodeConfig, e_p2: int, counts: str):
     types |= {"SA": "*fp32", "Y": "*bf16", "SB": "*fp32", "COUNTS": counts}
     maxnreg, consumer, producer = cfg.registers()
     consts = {"BR": cfg.block_r, "STAGES": cfg.stages, "CONSUMERS": cfg.consumers, "GROUP_M": cfg.group_m}
-    consts |= {"E_P2": e_p2, "CONSUMER_REGS": consumer, "PRODUCER_REGS": producer}
+    consts |= {"E_P2": e_p2, "CONSUMER_REGS": consumer, "PRODUCER_REGS": producer, "TILED": tiled}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     aligned = ("SA", "Y", "SB", "COUNTS", "stride_ym", "stride_se", "stride_sbn", "M", "N", "K", "E")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
@@ -142,6 +142,31 @@ def test_gpu_decode_gemm_matches_reference_on_qwen3_30b_experts(rows, n, k):
     # SwiGLU's act-quant gives) are read in place: the same bits
     assert torch.equal(fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, w, ws, c.long()), y)
     assert torch.equal(fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa.contiguous(), w, ws, c), y)
+
+
+def test_tile_weights_is_a_permutation_into_8kb_boxes():
+    w = torch.randint(-100, 100, (3, 192, 384), dtype=torch.int8).view(torch.float8_e4m3fn)
+    t = fp8_wgmma_decode.tile_weights(w).view(torch.int8).view(-1, 128)
+    wi = w.view(torch.int8)
+    for e, n, kb in [(0, 0, 0), (1, 70, 2), (2, 191, 1), (2, 64, 0)]:
+        row = ((e * 192 + n) // 64 * 3 + kb) * 64 + n % 64
+        assert torch.equal(t[row], wi[e, n, kb * 128 : (kb + 1) * 128])
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fp8_wgmma_decode.tile_weights(w[:, :100])
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_decode_gemm_on_tiled_weights_gives_the_same_bits():
+    g = torch.Generator().manual_seed(5)
+    for counts, n, k in [([0, 17, 1, 0, 16, 70, 0, 3], 640, 512), (_routed(128, 512, g), 1536, 2048)]:
+        a, sa, w, ws, c = _operands(counts, n, k, g)
+        wt = fp8_wgmma_decode.tile_weights(w)
+        for cfg in fp8_wgmma_decode.decode_configs():
+            y = fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, w, ws, c, config=cfg)
+            _poison()
+            yt = fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, wt, ws, c, config=cfg, tiled=True)
+            assert torch.equal(yt, y), (n, k, cfg)
 
 
 @cuda

@@ -103,7 +103,8 @@ def default_decode_config(m: int, e: int) -> DecodeConfig:
 if gluon is not None:
 
     @gluon.jit
-    def _decode_producer(descs, ring, sched, K, BR: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr):
+    def _decode_producer(descs, ring, sched, K, BR: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
+                         TILED: gl.constexpr):  # fmt: skip
         """One warp: each tile's K blocks into the ring, once every consumer has released the slot."""
         a_desc, w_desc = descs
         a_ring, w_ring, ready, empty = ring
@@ -126,8 +127,11 @@ if gluon is not None:
                 mbarrier.expect(bar, NBYTES)
                 tma.async_copy_global_to_shared(a_desc, [m0, kb * _BK], bar, a_ring.index(slot))
                 for i in gl.static_range(CONSUMERS):
-                    tma.async_copy_global_to_shared(w_desc, [w_row + i * _ROWS, kb * _BK], bar,
-                                                    w_ring.index(slot * CONSUMERS + i))  # fmt: skip
+                    if TILED:  # `tile_weights` layout: box (64-row slice, K block) is one contiguous 8 KB run
+                        coord = [((w_row + i * _ROWS) // _ROWS * kbs + kb) * _ROWS, 0]
+                    else:
+                        coord = [w_row + i * _ROWS, kb * _BK]
+                    tma.async_copy_global_to_shared(w_desc, coord, bar, w_ring.index(slot * CONSUMERS + i))
                 step += 1
 
     @gluon.jit
@@ -194,7 +198,8 @@ if gluon is not None:
     def fp8_wgmma_decode_kernel(a_desc, w_desc, SA, Y, SB, COUNTS, stride_ym, stride_sam, stride_sak, sa_rows,
                                 stride_se, stride_sbn, stride_sbk, M, N, K, E, BR: gl.constexpr, STAGES: gl.constexpr,
                                 CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
-                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                TILED: gl.constexpr = False):  # fmt: skip
         """y[rows of expert e] = (A * sa)[those rows] @ (W[e] * sw[e])^T, tiles of 64 CONSUMERS weight rows by BR
         rows over a persistent grid (module docstring)."""
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BR, _BK], a_desc.layout)
@@ -214,7 +219,7 @@ if gluon is not None:
                 [
                     (_decode_consumer, (ring, sched, out, scales, K, 0, BR, GROUP_M, E_P2)),
                     (_decode_consumer, (ring, sched, out, scales, K, 1, BR, GROUP_M, E_P2)),
-                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2)),
+                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2, TILED)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -223,7 +228,7 @@ if gluon is not None:
             gl.warp_specialize(
                 [
                     (_decode_consumer, (ring, sched, out, scales, K, 0, BR, GROUP_M, E_P2)),
-                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2)),
+                    (_decode_producer, (descs, ring, sched, K, BR, GROUP_M, E_P2, TILED)),
                 ],
                 [1],
                 [PRODUCER_REGS],
@@ -237,6 +242,17 @@ def decode_descriptor_blocks(cfg: DecodeConfig) -> dict:
     return {"a_desc": ([cfg.block_r, BK], op), "w_desc": ([WG_ROWS, BK], op)}
 
 
+def tile_weights(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] e4m3 -> the same bytes, [E, N, K] in shape, stored as (64-row slice, K block of 128) boxes of
+    8 KB each, slice-major: w_t.view(-1, 128)[((e * N + n) // 64 * K / 128 + kb) * 64 + n % 64] is row n's K block
+    kb. N a multiple of 64, K of 128."""
+    e, n, k = w.shape
+    if n % WG_ROWS or k % BK:
+        raise ValueError(f"tile_weights needs N a multiple of {WG_ROWS} and K of {BK}, got {tuple(w.shape)}")
+    t = w.view(e, n // WG_ROWS, WG_ROWS, k // BK, BK).permute(0, 1, 3, 2, 4).contiguous()
+    return t.view(e, n, k)
+
+
 def grouped_fp8_decode_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -244,6 +260,7 @@ def grouped_fp8_decode_gemm(
     w_scale: torch.Tensor,
     counts: torch.Tensor,
     config: DecodeConfig | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """y [M, N] bf16: expert e's rows of a (sorted by expert, counts [E] on a's device, never read on the host)
     times w[e]^T, both block-scaled; the operands of `fp8_wgmma_grouped.grouped_fp8_block_gemm`, on sm_90.
@@ -263,7 +280,10 @@ def grouped_fp8_decode_gemm(
     ws = w_scale.float()
     blocks = decode_descriptor_blocks(cfg)
     a_desc = TensorDescriptor.from_tensor(a, *blocks["a_desc"])
-    w_desc = TensorDescriptor.from_tensor(w.view(e * n, k), *blocks["w_desc"])
+    if tiled and n % WG_ROWS:
+        raise ValueError(f"tiled weights need N a multiple of {WG_ROWS}, got {n}")
+    w2d = w.view(-1, BK) if tiled else w.view(e * n, k)
+    w_desc = TensorDescriptor.from_tensor(w2d, *blocks["w_desc"])
     bound = (-(-m // cfg.block_r) + min(e, m)) * -(-n // cfg.block_w)  # tiles, from the shapes alone
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     grid = (min(bound, sms * cfg.ctas),)
@@ -272,7 +292,8 @@ def grouped_fp8_decode_gemm(
         a_desc, w_desc, sa, y, ws, counts, y.stride(0), sa.stride(0), sa.stride(1), sa.shape[0],
         ws.stride(0), ws.stride(1), ws.stride(2), m, n, k, e,
         BR=cfg.block_r, STAGES=cfg.stages, CONSUMERS=cfg.consumers, GROUP_M=cfg.group_m,
-        E_P2=max(32, 1 << (e - 1).bit_length()), CONSUMER_REGS=consumer, PRODUCER_REGS=producer, num_warps=4,
+        E_P2=max(32, 1 << (e - 1).bit_length()), CONSUMER_REGS=consumer, PRODUCER_REGS=producer, TILED=tiled,
+        num_warps=4,
         maxnreg=maxnreg,
     )  # fmt: skip
     return y
