@@ -236,10 +236,19 @@ def _gluon_case(name: str, rows: int, n: int, k: int, cfgs, bw: float) -> None:
             fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, wq, ws, counts, config=d)
         )
     wt = fp8_wgmma_decode.tile_weights(wq)  # (64-row slice, K block) boxes, each 8 KB contiguous
-    for d in fp8_wgmma_decode.decode_configs():
-        runs[f"Gluon decode {d.consumers}x64 w, {d.block_r} rows, s{d.stages}, {d.ctas} CTA/SM, tiled w"] = lambda d=d: (
-            fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, wt, ws, counts, config=d, tiled=True)
+    runs[f"Triton {t.bm}x{t.bn} w{t.num_warps} s{t.num_stages}, tiled w"] = lambda: fp8_gemm.grouped_fp8_linear_triton(
+        a, wt, ws, counts, x_scale=sa_rows, out_dtype=torch.bfloat16, tiled=True, **tiles
+    )
+    for st in (4, 5):
+        alt = {**tiles, "num_stages": st}
+        runs[f"Triton {t.bm}x{t.bn} w{t.num_warps} s{st}, tiled w"] = lambda alt=alt: (
+            fp8_gemm.grouped_fp8_linear_triton(
+                a, wt, ws, counts, x_scale=sa_rows, out_dtype=torch.bfloat16, tiled=True, **alt
+            )
         )
+    for d in fp8_wgmma_decode.decode_configs():
+        label = f"Gluon decode {d.consumers}x64 w, {d.block_r} rows, s{d.stages}, {d.ctas} CTA/SM, tiled w"
+        runs[label] = lambda d=d: fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, wt, ws, counts, config=d, tiled=True)
     for c in cfgs:
         extra = ("" if c.fence else " nofence") + ("" if c.coalesce else " regstore")
         runs[f"Gluon {c.block_m}x{c.block_n} s{c.stages}{extra}"] = lambda c=c: (

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from miles_core.kernels import fp8_gemm, w4a16_gemm
+from miles_core.kernels import fp8_gemm, fp8_wgmma_decode, w4a16_gemm
 from miles_core.kernels.fp8_gemm import Fp8Config
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
@@ -37,7 +37,7 @@ _COUNTS = [
 def interp_grouped_fp8_fused() -> None:
     g = torch.Generator().manual_seed(20)
     cfgs = [Fp8Config(bm=16, bn=64), Fp8Config(bm=16, bn=128, swap=True), Fp8Config(bm=32, bn=32, swap=True)]
-    shapes = [(256, 96, torch.float32), (200, 64, torch.float16), (384, 160, torch.float32)]  # K = 200: partial block
+    shapes = [(256, 128, torch.float32), (200, 64, torch.float16), (384, 160, torch.float32)]  # K = 200: partial block
     for counts, (k, n, dtype) in zip(_COUNTS, shapes, strict=True):
         m, e = int(counts.sum()), counts.numel()
         wq, ws = fp8_block_quantize(torch.randn(e, n, k, generator=g))
@@ -51,6 +51,10 @@ def interp_grouped_fp8_fused() -> None:
             nfast = fp8_gemm.grouped_fp8_linear_triton(*args, swap=c.swap, nfast=True)  # grid axes swapped
             assert torch.equal(fused, two) and torch.equal(fused, prep) and torch.equal(nfast, two), (counts, c)
             assert _rel(fused, ref) < (1e-5 if dtype == torch.float32 else 1e-3), (counts, c, _rel(fused, ref))
+            if c.bn <= 64 and k % 128 == 0 and n % 64 == 0:  # weights in 8 KB boxes: the same bits
+                wt = fp8_wgmma_decode.tile_weights(wq)
+                tiled = fp8_gemm.grouped_fp8_linear_triton(xs, wt, ws, counts, c.bm, c.bn, swap=c.swap, tiled=True)
+                assert torch.equal(tiled, two), (counts, c)
 
 
 def interp_dense_fp8_fused() -> None:

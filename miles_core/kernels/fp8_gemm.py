@@ -509,6 +509,7 @@ def grouped_fp8_linear_triton(
     ku: int = 1,
     src: torch.Tensor | None = None,
     swiglu_quant: bool = False,
+    tiled: bool = False,
 ):
     """The grouped kernel launch alone (any Triton device, the interpreter included). `fuse`: the
     activations quantized in the kernel (one launch; the same bits as act-quant first). `prep`: the
@@ -518,7 +519,10 @@ def grouped_fp8_linear_triton(
     `Fp8Config`). `src` [M] (with `x_scale`): xs [T, K] are token rows and sorted row r reads xs[src[r]]
     in the kernel (no gathered copy). `swiglu_quant` (w: [E, 2I, K] gate rows then up rows, bn == 128):
     -> (q [M, I] e4m3, scale [M, I/128] fp32), SwiGLU and its act-quant in the epilogue, the bits of this
-    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]."""
+    GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]. `tiled`: w in
+    `fp8_wgmma_decode.tile_weights`' layout (bn dividing 64, K a multiple of 128): the same bits."""
+    if tiled and (64 % bn or xs.shape[1] % BLOCK or w.shape[1] % 64 or swiglu_quant):
+        raise ValueError(f"tiled weights need bn dividing 64, K a multiple of {BLOCK}, N of 64, no swiglu_quant")
     if swiglu_quant and (bn != BLOCK or w.shape[1] % (2 * BLOCK)):
         raise ValueError(f"swiglu_quant needs bn == {BLOCK} and I a multiple of {BLOCK}; got bn={bn}, 2I={w.shape[1]}")
     if ku not in (1, 2):
@@ -549,7 +553,7 @@ def grouped_fp8_linear_triton(
         a, sa, w, scale_inv, y, tile_end, row_start, c, e, n, k,
         a.stride(0), sa.stride(0), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1), y.stride(0),
         ACT_EPS, E_P2=triton_next_pow2(e), BM=bm, BN=bn, BK=BLOCK, EVEN_K=k % BLOCK == 0,
-        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, **swiglu,
+        QUANT=fuse, SWAP=swap, PREP=prep, NFAST=nfast, KU=ku, SRC=src, GATHER=src is not None, TILED=tiled, **swiglu,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (y, ys) if swiglu_quant else y

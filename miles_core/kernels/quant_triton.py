@@ -572,6 +572,7 @@ def _fp8_block_dot(
     SWAP: tl.constexpr,
     KU: tl.constexpr = 1,
     a_rows=None,
+    TILED: tl.constexpr = False,
 ):
     # -> sum over K blocks [kb_lo, kb_hi) of (a_kb @ b_kb^T) * sa_kb * sb_kb, fp32 [BM, BN] ([BN, BM] if SWAP),
     # for the output columns col0 .. col0 + BN.
@@ -581,7 +582,8 @@ def _fp8_block_dot(
     # loop's bookkeeping per byte; a missing last block reads as zeros). The sum runs in K-block order
     # either way, so KU does not change the result's bits.
     # Rows >= row_end read as zeros (their outputs are not stored). `a_rows`: the rows of A (and SA) that
-    # tile rows `rows` read (a gather), else `rows` themselves.
+    # tile rows `rows` read (a gather), else `rows` themselves. TILED: B in `fp8_wgmma_decode.tile_weights`'
+    # layout (8 KB boxes of 64 rows x one K block; BN divides 64, K a multiple of 128; stride_bn unused).
     if a_rows is None:
         a_rows = rows
     if SWAP:
@@ -593,12 +595,12 @@ def _fp8_block_dot(
     for kb in range(kb_lo, kb_hi, KU):
         acc = _fp8_kstep(
             acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb, True,
-            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
+            stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP, TILED,
         )  # fmt: skip
         if KU == 2:
             acc = _fp8_kstep(
                 acc, A, SA, B, SB, a_rows, rmask, cols, col0, N, K, kb + 1, kb + 1 < kb_hi,
-                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP,
+                stride_am, stride_sam, stride_bn, stride_sbn, EPS, BK, EVEN_K, QUANT, SWAP, TILED,
             )  # fmt: skip
     return acc
 
@@ -627,6 +629,7 @@ def _fp8_kstep(
     EVEN_K: tl.constexpr,
     QUANT: tl.constexpr,
     SWAP: tl.constexpr,
+    TILED: tl.constexpr = False,
 ):
     # acc + (a_kb @ b_kb^T) * sa_kb * sb_kb (see _fp8_block_dot), A's rows `rows` (masked by rmask);
     # `live` False: acc unchanged (zeros read)
@@ -638,7 +641,12 @@ def _fp8_kstep(
         a = q.to(tl.float8e4nv)
     else:
         sa = tl.load(SA + rows * stride_sam + kb, mask=rmask & live, other=0.0)
-    b = tl.load(B + cols[:, None] * stride_bn + ks[None, :], mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
+    if TILED:  # row n's K block kb at ((n // 64) * KB + kb) * 8192 + (n % 64) * 128
+        box = ((cols // 64).to(tl.int64) * tl.cdiv(K, BK) + kb) * (64 * BK) + (cols % 64) * BK
+        b_ptrs = B + box[:, None] + tl.arange(0, BK)[None, :]
+    else:
+        b_ptrs = B + cols[:, None] * stride_bn + ks[None, :]
+    b = tl.load(b_ptrs, mask=(cols[:, None] < N) & kmask[None, :], other=0.0)
     sb = tl.load(SB + (col0 // 128) * stride_sbn + kb, mask=live, other=0.0)  # the tile lies in one scale block
     if SWAP:
         acc += tl.dot(b, tl.trans(a)) * (sb * sa[None, :])
@@ -683,7 +691,9 @@ def grouped_fp8_kernel(
     YS=None,
     stride_ysm=0,
     SWIGLU_DT: tl.constexpr = None,
+    TILED: tl.constexpr = False,
 ):
+    # TILED: B in `fp8_wgmma_decode.tile_weights`' layout (see _fp8_block_dot).
     # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
     # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
     # up columns, rounds both to SWIGLU_DT (the unfused GEMM's output dtype), h = silu(gate) * up rounded
@@ -712,7 +722,7 @@ def grouped_fp8_kernel(
     SB += e_safe.to(tl.int64) * stride_sbe
     acc = _fp8_block_dot(
         A, SA, B, SB, rows, r1, pid_n * BN, N, K, 0, tl.cdiv(K, BK),
-        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows,
+        stride_am, stride_sam, stride_bn, stride_sbn, EPS, BM, BN, BK, EVEN_K, QUANT, SWAP, KU, a_rows, TILED,
     )  # fmt: skip
     if SWAP:
         acc = tl.trans(acc)
