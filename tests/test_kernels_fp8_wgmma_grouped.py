@@ -88,18 +88,21 @@ def test_grouped_configs_fit_shared_memory_and_bad_tiles_are_refused():
 # ---- ahead-of-time compile for Hopper (CPU; no GPU needed) ---------------------------------------------------
 
 
-def _compile(cfg: GroupedConfig, e_p2: int, counts: str = "*i32"):
+def _compile(cfg: GroupedConfig, e_p2: int, counts: str = "*i32", tiled: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = fp8_wgmma_grouped.fp8_wgmma_grouped_kernel
     dtypes = {"a_desc": "fp8e4nv", "w_desc": "fp8e4nv", "sa_desc": "fp32"}
     blocks = fp8_wgmma_grouped.grouped_descriptor_blocks(cfg)
+    if tiled:  # `tile_weights`' layout: the weights in 64-row boxes
+        blocks["w_desc"] = ([64, 128], blocks["w_desc"][1])
     types = {name: f"tensordesc<{dtypes[name]}{list(block)},{layout!r}>" for name, (block, layout) in blocks.items()}
     types |= {"SA": "*fp32", "Y": "*bf16", "SB": "*fp32", "COUNTS": counts}
     maxnreg, consumer, producer = cfg.registers()
     consts = {"BM": cfg.block_m, "STAGES": cfg.stages, "GROUP_M": cfg.group_m, "E_P2": e_p2, "FENCE": cfg.fence}
     consts |= {"COALESCE": cfg.coalesce, "CONSUMER_REGS": consumer, "PRODUCER_REGS": producer}
+    consts |= {"TILED_BN": cfg.block_n if tiled else 0}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     # what the launcher specializes for the Qwen3-30B-A3B shapes (pointers and sizes divisible by 16)
     aligned = ("SA", "Y", "SB", "COUNTS", "stride_ym", "stride_se", "stride_sbn", "M", "N", "K", "E", "sa_stride")
@@ -133,6 +136,16 @@ def test_grouped_kernel_compiles_for_hopper_with_wgmma_tma_masked_stores_and_no_
     store = r"@%p\d+ st\.global\.v4\.b32" if cfg.coalesce else r"@%p\d+ st\.global\.b32"  # 16 B rows / 4 B pairs
     stores = len(re.findall(store, ptx))
     assert stores == cfg.consumers * (cfg.block_n // 128) * (8 if cfg.coalesce else 32), stores  # all predicated
+
+
+@pytest.mark.parametrize("cfg", [GroupedConfig(128, 256, 4, 8), GroupedConfig(64, 256, 3, 8)], ids=_label)
+def test_grouped_kernel_on_tiled_weights_loads_64_row_boxes(cfg):
+    """`tile_weights`' layout: a tile's weight rows come as block_n / 64 TMA loads of one 8 KB box each (the
+    plain layout: one [block_n, 128] box), the rest of the pipeline unchanged and no spills."""
+    plain, tiled = _compile(cfg, 128, "*i32").asm["ptx"], _compile(cfg, 128, "*i32", tiled=True)
+    load = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+    assert tiled.asm["ptx"].count(load) == plain.count(load) + cfg.block_n // 64 - 1
+    assert_pipeline(tiled, cfg, sa_tma=False)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------
@@ -169,6 +182,22 @@ def _check(a, sa, w, ws, counts, cfg, case) -> None:
 def _routed(e: int, rows: int, g: torch.Generator) -> list[int]:
     """Rows per expert of `rows` rows routed uniformly at random (as the benchmark routes them)."""
     return torch.bincount(torch.randint(0, e, (rows,), generator=g), minlength=e).tolist()
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_grouped_on_tiled_weights_gives_the_same_bits():
+    from miles_core.kernels.fp8_wgmma_decode import tile_weights
+
+    g = torch.Generator().manual_seed(9)
+    for counts, n, k in [([0, 130, 1, 0, 64, 257, 0, 3], 640, 512), (_routed(128, 4096, g), 1536, 2048)]:
+        a, sa, w, ws, c = _operands(counts, n, k, g)
+        wt = tile_weights(w)
+        for cfg in fp8_wgmma_grouped.grouped_configs():
+            y = fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, w, ws, c, config=cfg)
+            _poison()
+            yt = fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, wt, ws, c, config=cfg, tiled=True)
+            assert torch.equal(yt, y), (n, k, cfg)
 
 
 @cuda

@@ -164,16 +164,19 @@ if gluon is not None:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @gluon.jit
-    def _load_kblock(descs, ring, step, m0, w_row0, pid_n, kb, sa_stride, SA_TMA: gl.constexpr = True):
+    def _load_kblock(descs, ring, step, m0, w_row0, pid_n, kb, sa_stride, SA_TMA: gl.constexpr = True,
+                     TILED: gl.constexpr = False, kbs=0):  # fmt: skip
         """The TMA loads of one K block into ring slot `step % STAGES`, once the consumers have released it: the A
         rows [m0, m0 + BM) and their scales (one 64-row box per consumer, slot `stage * CONSUMERS + consumer` of
-        a_ring / sa_ring) and the W rows from w_row0 + pid_n * BN (slot `stage` of w_ring), on its ready barrier."""
+        a_ring / sa_ring) and the W rows from w_row0 + pid_n * BN (slot `stage` of w_ring), on its ready barrier.
+        TILED: w in `fp8_wgmma_decode.tile_weights`' layout (the descriptor over [*, 128] in 64-row boxes, kbs K
+        blocks per row): the tile's rows as BN / 64 boxes of 8 KB."""
         a_desc, w_desc, sa_desc = descs
         a_ring, w_ring, sa_ring, ready, empty = ring
         STAGES: gl.constexpr = w_ring.shape[0]
         CONSUMERS: gl.constexpr = a_ring.shape[0] // STAGES
         BM: gl.constexpr = CONSUMERS * _ROWS
-        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BN: gl.constexpr = w_ring.shape[1]
         NBYTES: gl.constexpr = BM * _BK + BN * _BK + (BM * 4 if SA_TMA else 0)
         slot = step % STAGES
         # a fresh mbarrier counts as having completed the phase before phase 0: the first pass is free
@@ -186,7 +189,12 @@ if gluon is not None:
             if SA_TMA:
                 tma.async_copy_global_to_shared(sa_desc, [kb * sa_stride + row], bar,
                                                 sa_ring.index(slot * CONSUMERS + i))  # fmt: skip
-        tma.async_copy_global_to_shared(w_desc, [w_row0 + pid_n * BN, kb * _BK], bar, w_ring.index(slot))
+        if TILED:
+            for j in gl.static_range(BN // _ROWS):
+                box = ((w_row0 + pid_n * BN + j * _ROWS) // _ROWS * kbs + kb) * _ROWS
+                tma.async_copy_global_to_shared(w_desc, [box, 0], bar, w_ring.index(slot).slice(j * _ROWS, _ROWS))
+        else:
+            tma.async_copy_global_to_shared(w_desc, [w_row0 + pid_n * BN, kb * _BK], bar, w_ring.index(slot))
 
     @gluon.jit
     def _producer(descs, smem, shape, sa_stride, GROUP_M: gl.constexpr):

@@ -172,7 +172,8 @@ if gluon is not None:
         return e, row0 + pid_m * BM, gl.minimum(row0 + count, M), pid_n
 
     @gluon.jit
-    def _grouped_producer(descs, ring, sched, K, sa_stride, GROUP_M: gl.constexpr, E_P2: gl.constexpr):
+    def _grouped_producer(descs, ring, sched, K, sa_stride, GROUP_M: gl.constexpr, E_P2: gl.constexpr,
+                          TILED: gl.constexpr):  # fmt: skip
         """One warp: each tile's K blocks into the ring (`_load_kblock`): A from the tile's first row (rows past
         the expert's end are loaded and multiplied, never stored), W from row e * N + the tile's columns of w
         viewed as [E * N, K]."""
@@ -181,14 +182,14 @@ if gluon is not None:
         COUNTS, E, M, N = sched
         STAGES: gl.constexpr = w_ring.shape[0]
         BM: gl.constexpr = a_ring.shape[0] // STAGES * _ROWS
-        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BN: gl.constexpr = w_ring.shape[1]
         kbs = K // _BK
         total = _total_tiles(sched, BM, BN, E_P2, 1)
         step = 0
         for tile in range(gl.program_id(0), total, gl.num_programs(0)):
             e, m0, row_end, pid_n = _grouped_tile(sched, tile, BM, BN, GROUP_M, E_P2, 1)
             for kb in range(kbs):
-                _load_kblock(descs, ring, step, m0, e * N, pid_n, kb, sa_stride, False)
+                _load_kblock(descs, ring, step, m0, e * N, pid_n, kb, sa_stride, False, TILED, kbs)
                 step += 1
 
     @gluon.jit
@@ -268,13 +269,17 @@ if gluon is not None:
                                  stride_sbk, M, N, K, E, sa_stride, BM: gl.constexpr, STAGES: gl.constexpr,
                                  GROUP_M: gl.constexpr, E_P2: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                  PRODUCER_REGS: gl.constexpr, FENCE: gl.constexpr = True,
-                                 COALESCE: gl.constexpr = False):  # fmt: skip
+                                 COALESCE: gl.constexpr = False, TILED_BN: gl.constexpr = 0):  # fmt: skip
         """y[rows of expert e] = (A * sa)[those rows] @ (W[e] * sw[e])^T over a persistent grid of BM x BN tiles,
-        scheduled from the device's counts (`_grouped_tile`); the ring and partitions of `fp8_wgmma_kernel`."""
-        BN: gl.constexpr = w_desc.block_type.shape[0]
+        scheduled from the device's counts (`_grouped_tile`); the ring and partitions of `fp8_wgmma_kernel`.
+        TILED_BN > 0: w in `fp8_wgmma_decode.tile_weights`' layout, tiles of TILED_BN weight rows (64-row boxes)."""
         CONSUMERS: gl.constexpr = BM // _ROWS
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, _ROWS, _BK], a_desc.layout)
-        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, _BK], w_desc.layout)
+        BOX: gl.constexpr = w_desc.block_type.shape[0]
+        if TILED_BN > 0:
+            w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILED_BN, _BK], w_desc.layout)
+        else:
+            w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BOX, _BK], w_desc.layout)
         sa_ring = gl.allocate_shared_memory(sa_desc.dtype, [STAGES * CONSUMERS, _ROWS], sa_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -294,7 +299,7 @@ if gluon is not None:
                     (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
                     (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE)),
                     (_grouped_consumer, (common, 2, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, TILED_BN > 0)),
                 ],
                 [4, 4, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -304,7 +309,7 @@ if gluon is not None:
                 [
                     (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
                     (_grouped_consumer, (common, 1, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, TILED_BN > 0)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -313,7 +318,7 @@ if gluon is not None:
             gl.warp_specialize(
                 [
                     (_grouped_consumer, (common, 0, GROUP_M, E_P2, FENCE, COALESCE)),
-                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2)),
+                    (_grouped_producer, (descs, ring, sched, K, sa_stride, GROUP_M, E_P2, TILED_BN > 0)),
                 ],
                 [1],
                 [PRODUCER_REGS],
@@ -355,9 +360,11 @@ def grouped_fp8_block_gemm(
     w_scale: torch.Tensor,
     counts: torch.Tensor,
     config: GroupedConfig | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """y [M, N] bf16: expert e's rows of a (rows sorted by expert, counts [E] rows each) times w[e]^T, both
-    block-scaled as in `fp8_block_gemm`, on sm_90.
+    block-scaled as in `fp8_block_gemm`, on sm_90. `tiled`: w in `fp8_wgmma_decode.tile_weights`' layout (N a
+    multiple of 64): the same bits.
 
     a [M, K] e4m3 and a_scale [>= M, K/128] as `fp8_block_gemm` takes them; w [E, N, K] e4m3 with w_scale
     [E, ceil(N/128), >= K/128] fp32 (`fp8_block_quantize` of the 3-D weight); counts [E] int32 / int64 on a's
@@ -377,9 +384,13 @@ def grouped_fp8_block_gemm(
     sa = _scale_rows(a_scale, m, kb)  # [KB, M4]
     ws = w_scale.float()  # [E, NB, >= KB]
     blocks = grouped_descriptor_blocks(cfg)
+    if tiled:
+        if n % WG_ROWS:
+            raise ValueError(f"tiled weights need N a multiple of {WG_ROWS}, got {n}")
+        blocks["w_desc"] = ([WG_ROWS, BK], blocks["w_desc"][1])  # one 8 KB box per load
+    w2d = w.view(-1, BK) if tiled else w.view(e * n, k)
     descs = [
-        TensorDescriptor.from_tensor(t, *blocks[name])
-        for name, t in zip(blocks, (a, w.view(e * n, k), sa.reshape(-1)), strict=True)
+        TensorDescriptor.from_tensor(t, *blocks[name]) for name, t in zip(blocks, (a, w2d, sa.reshape(-1)), strict=True)
     ]
     # an upper bound on the tiles from the shapes alone: sum_e ceil(c_e / BM) <= ceil(M / BM) + (experts with rows)
     bound = (-(-m // cfg.block_m) + min(e, m)) * -(-n // cfg.block_n)
@@ -389,6 +400,6 @@ def grouped_fp8_block_gemm(
         *descs, sa, y, ws, counts, y.stride(0), ws.stride(0), ws.stride(1), ws.stride(2), m, n, k, e, sa.stride(0),
         BM=cfg.block_m, STAGES=cfg.stages, GROUP_M=cfg.group_m, E_P2=max(32, 1 << (e - 1).bit_length()),
         CONSUMER_REGS=consumer, PRODUCER_REGS=producer, FENCE=cfg.fence, COALESCE=cfg.coalesce,
-        num_warps=4, maxnreg=maxnreg,
+        TILED_BN=cfg.block_n if tiled else 0, num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return y

@@ -583,7 +583,7 @@ def _fp8_block_dot(
     # either way, so KU does not change the result's bits.
     # Rows >= row_end read as zeros (their outputs are not stored). `a_rows`: the rows of A (and SA) that
     # tile rows `rows` read (a gather), else `rows` themselves. TILED: B in `fp8_wgmma_decode.tile_weights`'
-    # layout (8 KB boxes of 64 rows x one K block; BN divides 64, K a multiple of 128; stride_bn unused).
+    # layout (8 KB boxes of 64 rows x one K block; N a multiple of 64, K of 128; stride_bn unused).
     if a_rows is None:
         a_rows = rows
     if SWAP:
