@@ -254,6 +254,9 @@ def _gluon_case(name: str, rows: int, n: int, k: int, cfgs, bw: float) -> None:
         runs[f"Gluon {c.block_m}x{c.block_n} s{c.stages}{extra}"] = lambda c=c: (
             fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, wq, ws, counts, config=c)
         )
+        runs[f"Gluon {c.block_m}x{c.block_n} s{c.stages}{extra}, tiled w"] = lambda c=c: (
+            fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, wt, ws, counts, config=c, tiled=True)
+        )
     for label, run in runs.items():
         try:
             err = float((run().float() - ref).norm() / ref.norm())
