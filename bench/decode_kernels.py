@@ -235,7 +235,9 @@ def _gluon_case(name: str, rows: int, n: int, k: int, cfgs, bw: float) -> None:
         runs[f"Gluon decode {d.consumers}x64 w, {d.block_r} rows, s{d.stages}, {d.ctas} CTA/SM"] = lambda d=d: (
             fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, wq, ws, counts, config=d)
         )
-    wt = fp8_wgmma_decode.tile_weights(wq)  # (64-row slice, K block) boxes, each 8 KB contiguous
+    from miles_core.quant.fp8 import tile_fp8_weights
+
+    wt = tile_fp8_weights(wq)  # (64-row slice, K block) boxes, each 8 KB contiguous
     runs[f"Triton {t.bm}x{t.bn} w{t.num_warps} s{t.num_stages}, tiled w"] = lambda: fp8_gemm.grouped_fp8_linear_triton(
         a, wt, ws, counts, x_scale=sa_rows, out_dtype=torch.bfloat16, tiled=True, **tiles
     )

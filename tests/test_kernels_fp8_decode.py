@@ -14,10 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from miles_core.kernels import fp8_gemm, fp8_wgmma_decode, w4a16_gemm
+from miles_core.kernels import fp8_gemm, w4a16_gemm
 from miles_core.kernels.fp8_gemm import Fp8Config
 from miles_core.kernels.w4a16_gemm import W4A16Config
 from miles_core.quant import fp8_block_quantize, int4_group_quantize, pack_int4
+from miles_core.quant.fp8 import tile_fp8_weights
 from tests.test_kernels_quant import _exact_fp8_input, _poison, _rel, _run_interpreted
 
 pytest.importorskip("triton")
@@ -52,7 +53,7 @@ def interp_grouped_fp8_fused() -> None:
             assert torch.equal(fused, two) and torch.equal(fused, prep) and torch.equal(nfast, two), (counts, c)
             assert _rel(fused, ref) < (1e-5 if dtype == torch.float32 else 1e-3), (counts, c, _rel(fused, ref))
             if k % 128 == 0 and n % 64 == 0:  # weights in 8 KB boxes: the same bits
-                wt = fp8_wgmma_decode.tile_weights(wq)
+                wt = tile_fp8_weights(wq)
                 tiled = fp8_gemm.grouped_fp8_linear_triton(xs, wt, ws, counts, c.bm, c.bn, swap=c.swap, tiled=True)
                 assert torch.equal(tiled, two), (counts, c)
 

@@ -20,6 +20,7 @@ import torch
 
 from miles_core.kernels import fp8_wgmma_decode
 from miles_core.kernels.fp8_wgmma_decode import DecodeConfig
+from miles_core.quant.fp8 import tile_fp8_weights, untile_fp8_weights
 from tests.test_kernels_fp8_wgmma import BOUND, _rel, cuda
 from tests.test_kernels_fp8_wgmma_grouped import _operands, _reference, _routed, graph_follows_device_counts
 from tests.test_kernels_quant import _poison, _resources
@@ -144,15 +145,16 @@ def test_gpu_decode_gemm_matches_reference_on_qwen3_30b_experts(rows, n, k):
     assert torch.equal(fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa.contiguous(), w, ws, c), y)
 
 
-def test_tile_weights_is_a_permutation_into_8kb_boxes():
+def test_tile_fp8_weights_is_a_permutation_into_8kb_boxes_and_untiles():
     w = torch.randint(-100, 100, (3, 192, 384), dtype=torch.int8).view(torch.float8_e4m3fn)
-    t = fp8_wgmma_decode.tile_weights(w).view(torch.int8).view(-1, 128)
+    t = tile_fp8_weights(w).view(torch.int8).view(-1, 128)
     wi = w.view(torch.int8)
     for e, n, kb in [(0, 0, 0), (1, 70, 2), (2, 191, 1), (2, 64, 0)]:
         row = ((e * 192 + n) // 64 * 3 + kb) * 64 + n % 64
         assert torch.equal(t[row], wi[e, n, kb * 128 : (kb + 1) * 128])
+    assert torch.equal(untile_fp8_weights(tile_fp8_weights(w)).view(torch.int8), wi)
     with pytest.raises(ValueError, match="multiple of 64"):
-        fp8_wgmma_decode.tile_weights(w[:, :100])
+        tile_fp8_weights(w[:, :100])
 
 
 @cuda
@@ -161,7 +163,7 @@ def test_gpu_decode_gemm_on_tiled_weights_gives_the_same_bits():
     g = torch.Generator().manual_seed(5)
     for counts, n, k in [([0, 17, 1, 0, 16, 70, 0, 3], 640, 512), (_routed(128, 512, g), 1536, 2048)]:
         a, sa, w, ws, c = _operands(counts, n, k, g)
-        wt = fp8_wgmma_decode.tile_weights(w)
+        wt = tile_fp8_weights(w)
         for cfg in fp8_wgmma_decode.decode_configs():
             y = fp8_wgmma_decode.grouped_fp8_decode_gemm(a, sa, w, ws, c, config=cfg)
             _poison()

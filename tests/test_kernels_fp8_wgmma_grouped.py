@@ -95,7 +95,7 @@ def _compile(cfg: GroupedConfig, e_p2: int, counts: str = "*i32", tiled: bool = 
     fn = fp8_wgmma_grouped.fp8_wgmma_grouped_kernel
     dtypes = {"a_desc": "fp8e4nv", "w_desc": "fp8e4nv", "sa_desc": "fp32"}
     blocks = fp8_wgmma_grouped.grouped_descriptor_blocks(cfg)
-    if tiled:  # `tile_weights`' layout: the weights in 64-row boxes
+    if tiled:  # `tile_fp8_weights`' layout: the weights in 64-row boxes
         blocks["w_desc"] = ([64, 128], blocks["w_desc"][1])
     types = {name: f"tensordesc<{dtypes[name]}{list(block)},{layout!r}>" for name, (block, layout) in blocks.items()}
     types |= {"SA": "*fp32", "Y": "*bf16", "SB": "*fp32", "COUNTS": counts}
@@ -140,7 +140,7 @@ def test_grouped_kernel_compiles_for_hopper_with_wgmma_tma_masked_stores_and_no_
 
 @pytest.mark.parametrize("cfg", [GroupedConfig(128, 256, 4, 8), GroupedConfig(64, 256, 3, 8)], ids=_label)
 def test_grouped_kernel_on_tiled_weights_loads_64_row_boxes(cfg):
-    """`tile_weights`' layout: a tile's weight rows come as block_n / 64 TMA loads of one 8 KB box each (the
+    """`tile_fp8_weights`' layout: a tile's weight rows come as block_n / 64 TMA loads of one 8 KB box each (the
     plain layout: one [block_n, 128] box), the rest of the pipeline unchanged and no spills."""
     plain, tiled = _compile(cfg, 128, "*i32").asm["ptx"], _compile(cfg, 128, "*i32", tiled=True)
     load = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
@@ -187,12 +187,12 @@ def _routed(e: int, rows: int, g: torch.Generator) -> list[int]:
 @cuda
 @pytest.mark.gpu
 def test_gpu_grouped_on_tiled_weights_gives_the_same_bits():
-    from miles_core.kernels.fp8_wgmma_decode import tile_weights
+    from miles_core.quant.fp8 import tile_fp8_weights
 
     g = torch.Generator().manual_seed(9)
     for counts, n, k in [([0, 130, 1, 0, 64, 257, 0, 3], 640, 512), (_routed(128, 4096, g), 1536, 2048)]:
         a, sa, w, ws, c = _operands(counts, n, k, g)
-        wt = tile_weights(w)
+        wt = tile_fp8_weights(w)
         for cfg in fp8_wgmma_grouped.grouped_configs():
             y = fp8_wgmma_grouped.grouped_fp8_block_gemm(a, sa, w, ws, c, config=cfg)
             _poison()

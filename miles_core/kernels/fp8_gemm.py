@@ -520,7 +520,7 @@ def grouped_fp8_linear_triton(
     in the kernel (no gathered copy). `swiglu_quant` (w: [E, 2I, K] gate rows then up rows, bn == 128):
     -> (q [M, I] e4m3, scale [M, I/128] fp32), SwiGLU and its act-quant in the epilogue, the bits of this
     GEMM (in `out_dtype`) then `swiglu_fp8_quant_triton`; else -> y [M, N]. `tiled`: w in
-    `fp8_wgmma_decode.tile_weights`' layout (K a multiple of 128, N of 64): the same bits."""
+    `quant.fp8.tile_fp8_weights`' layout (K a multiple of 128, N of 64): the same bits."""
     if tiled and (xs.shape[1] % BLOCK or w.shape[1] % 64):
         raise ValueError(f"tiled weights need K a multiple of {BLOCK} and N of 64, got {tuple(w.shape)}")
     if swiglu_quant and (bn != BLOCK or w.shape[1] % (2 * BLOCK)):

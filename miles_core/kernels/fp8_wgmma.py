@@ -169,7 +169,7 @@ if gluon is not None:
         """The TMA loads of one K block into ring slot `step % STAGES`, once the consumers have released it: the A
         rows [m0, m0 + BM) and their scales (one 64-row box per consumer, slot `stage * CONSUMERS + consumer` of
         a_ring / sa_ring) and the W rows from w_row0 + pid_n * BN (slot `stage` of w_ring), on its ready barrier.
-        TILED: w in `fp8_wgmma_decode.tile_weights`' layout (the descriptor over [*, 128] in 64-row boxes, kbs K
+        TILED: w in `quant.fp8.tile_fp8_weights`' layout (the descriptor over [*, 128] in 64-row boxes, kbs K
         blocks per row): the tile's rows as BN / 64 boxes of 8 KB."""
         a_desc, w_desc, sa_desc = descs
         a_ring, w_ring, sa_ring, ready, empty = ring

@@ -127,7 +127,7 @@ if gluon is not None:
                 mbarrier.expect(bar, NBYTES)
                 tma.async_copy_global_to_shared(a_desc, [m0, kb * _BK], bar, a_ring.index(slot))
                 for i in gl.static_range(CONSUMERS):
-                    if TILED:  # `tile_weights` layout: box (64-row slice, K block) is one contiguous 8 KB run
+                    if TILED:  # `tile_fp8_weights` layout: box (64-row slice, K block) is one contiguous 8 KB run
                         coord = [((w_row + i * _ROWS) // _ROWS * kbs + kb) * _ROWS, 0]
                     else:
                         coord = [w_row + i * _ROWS, kb * _BK]
@@ -240,17 +240,6 @@ def decode_descriptor_blocks(cfg: DecodeConfig) -> dict:
     weights in [64, 128] boxes (one per consumer); 128 e4m3 of K are one 128-byte swizzled row."""
     op = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
     return {"a_desc": ([cfg.block_r, BK], op), "w_desc": ([WG_ROWS, BK], op)}
-
-
-def tile_weights(w: torch.Tensor) -> torch.Tensor:
-    """[E, N, K] e4m3 -> the same bytes, [E, N, K] in shape, stored as (64-row slice, K block of 128) boxes of
-    8 KB each, slice-major: w_t.view(-1, 128)[((e * N + n) // 64 * K / 128 + kb) * 64 + n % 64] is row n's K block
-    kb. N a multiple of 64, K of 128."""
-    e, n, k = w.shape
-    if n % WG_ROWS or k % BK:
-        raise ValueError(f"tile_weights needs N a multiple of {WG_ROWS} and K of {BK}, got {tuple(w.shape)}")
-    t = w.view(e, n // WG_ROWS, WG_ROWS, k // BK, BK).permute(0, 1, 3, 2, 4).contiguous()
-    return t.view(e, n, k)
 
 
 def grouped_fp8_decode_gemm(

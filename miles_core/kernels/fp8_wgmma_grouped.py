@@ -272,7 +272,7 @@ if gluon is not None:
                                  COALESCE: gl.constexpr = False, TILED_BN: gl.constexpr = 0):  # fmt: skip
         """y[rows of expert e] = (A * sa)[those rows] @ (W[e] * sw[e])^T over a persistent grid of BM x BN tiles,
         scheduled from the device's counts (`_grouped_tile`); the ring and partitions of `fp8_wgmma_kernel`.
-        TILED_BN > 0: w in `fp8_wgmma_decode.tile_weights`' layout, tiles of TILED_BN weight rows (64-row boxes)."""
+        TILED_BN > 0: w in `quant.fp8.tile_fp8_weights`' layout, tiles of TILED_BN weight rows (64-row boxes)."""
         CONSUMERS: gl.constexpr = BM // _ROWS
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, _ROWS, _BK], a_desc.layout)
         BOX: gl.constexpr = w_desc.block_type.shape[0]
@@ -363,7 +363,7 @@ def grouped_fp8_block_gemm(
     tiled: bool = False,
 ) -> torch.Tensor:
     """y [M, N] bf16: expert e's rows of a (rows sorted by expert, counts [E] rows each) times w[e]^T, both
-    block-scaled as in `fp8_block_gemm`, on sm_90. `tiled`: w in `fp8_wgmma_decode.tile_weights`' layout (N a
+    block-scaled as in `fp8_block_gemm`, on sm_90. `tiled`: w in `quant.fp8.tile_fp8_weights`' layout (N a
     multiple of 64): the same bits.
 
     a [M, K] e4m3 and a_scale [>= M, K/128] as `fp8_block_gemm` takes them; w [E, N, K] e4m3 with w_scale

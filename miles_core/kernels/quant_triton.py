@@ -582,7 +582,7 @@ def _fp8_block_dot(
     # loop's bookkeeping per byte; a missing last block reads as zeros). The sum runs in K-block order
     # either way, so KU does not change the result's bits.
     # Rows >= row_end read as zeros (their outputs are not stored). `a_rows`: the rows of A (and SA) that
-    # tile rows `rows` read (a gather), else `rows` themselves. TILED: B in `fp8_wgmma_decode.tile_weights`'
+    # tile rows `rows` read (a gather), else `rows` themselves. TILED: B in `quant.fp8.tile_fp8_weights`'
     # layout (8 KB boxes of 64 rows x one K block; N a multiple of 64, K of 128; stride_bn unused).
     if a_rows is None:
         a_rows = rows
@@ -693,7 +693,7 @@ def grouped_fp8_kernel(
     SWIGLU_DT: tl.constexpr = None,
     TILED: tl.constexpr = False,
 ):
-    # TILED: B in `fp8_wgmma_decode.tile_weights`' layout (see _fp8_block_dot).
+    # TILED: B in `quant.fp8.tile_fp8_weights`' layout (see _fp8_block_dot).
     # SWIGLU_DT (a dtype; BN == 128, N = 2I gate rows then up rows): the SwiGLU of the output and its 1x128
     # act-quant in the epilogue. Program pid_n computes gate columns pid_n * 128 + [0, 128) and the same
     # up columns, rounds both to SWIGLU_DT (the unfused GEMM's output dtype), h = silu(gate) * up rounded

@@ -35,7 +35,36 @@ __all__ = [
     "fp8_block_dequantize",
     "fp8_act_quantize_reference",
     "fp8_act_dequantize",
+    "TILE_ROWS",
+    "tile_fp8_weights",
+    "untile_fp8_weights",
+    "tiles_fit",
 ]
+
+TILE_ROWS = 64  # rows of a weight box in `tile_fp8_weights`' layout (one wgmma M slice)
+
+
+def tiles_fit(w: torch.Tensor) -> bool:
+    """[..., N, K] e4m3 weights can be stored in `tile_fp8_weights`' layout: N a multiple of 64, K of 128."""
+    return w.shape[-2] % TILE_ROWS == 0 and w.shape[-1] % BLOCK == 0
+
+
+def tile_fp8_weights(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] -> the same bytes and shape, stored as boxes of 64 rows x one 128-wide K block (8 KB of e4m3),
+    box-major: the flat view [-1, 128] has row n's K block kb at row ((e * N + n) // 64 * K / 128 + kb) * 64 +
+    n % 64. The GPU's expert GEMMs then stream each box as one contiguous run (bench/RESULTS.md, eighteenth
+    session). N a multiple of 64, K of 128 (`tiles_fit`)."""
+    if w.dim() != 3 or not tiles_fit(w):
+        raise ValueError(f"tile_fp8_weights needs [E, N, K] with N a multiple of {TILE_ROWS} and K of {BLOCK}, "
+                         f"got {tuple(w.shape)}")  # fmt: skip
+    e, n, k = w.shape
+    return w.view(e, n // TILE_ROWS, TILE_ROWS, k // BLOCK, BLOCK).transpose(2, 3).contiguous().view(e, n, k)
+
+
+def untile_fp8_weights(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `tile_fp8_weights`: [E, N, K] in the checkpoint's row-major layout."""
+    e, n, k = t.shape
+    return t.view(e, n // TILE_ROWS, k // BLOCK, TILE_ROWS, BLOCK).transpose(2, 3).contiguous().view(e, n, k)
 
 
 def check_finite(t: torch.Tensor, what: str = "tensor") -> None:
