@@ -426,7 +426,7 @@ _FP8 = {
 
 def _g8(**consts) -> dict:
     base = {"E_P2": 128, "BN": 128, "BK": 128, "EVEN_K": True, "PREP": False, "NFAST": False, "KU": 1}
-    return {**base, "GATHER": False, "SWIGLU_DT": None, **consts}
+    return {**base, "GATHER": False, "SWIGLU_DT": None, "TILED": False, **consts}
 
 
 def _d8(**consts) -> dict:
@@ -484,6 +484,9 @@ _SM90_CASES = [
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=64, SWAP=False, QUANT=False, NFAST=True, KU=2), 4, True),
     # the decode tiles reading token rows through SRC (rows quantized by the norm before the MoE)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"}, _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True), 4, True),
+    # the decode tiles on `tile_fp8_weights`' 8 KB boxes
+    ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv"},
+     _g8(BM=16, BN=64, SWAP=True, QUANT=False, GATHER=True, TILED=True), 4, True),
     # gate_up with SwiGLU + act-quant in the epilogue (gate and up accumulators, fp8 output and scales)
     ("grouped_fp8_kernel", {**_FP8, "A": "*fp8e4nv", "Y": "*fp8e4nv", "YS": "*fp32"},
      _g8(BM=16, BN=128, SWAP=True, QUANT=False, GATHER=True, SWIGLU_DT=triton.language.bfloat16), 4, True),

@@ -149,6 +149,60 @@ def test_weight_update_requantizes_int4_experts_in_place():
     assert all(s.status == "truncated" for s in out)
 
 
+def test_fp8_experts_stored_in_boxes_keep_the_checkpoint_layout_outside_and_update_in_place():
+    """FP8 experts store their e4m3 weights in `tile_fp8_weights`' 8 KB boxes (the GPU kernels' layout): the
+    state_dict, `fp8_weight` and a model used as a weight source speak the checkpoint's row-major layout, a
+    trainer's update (requantized) and an FP8 source's e4m3 weights land in the boxes in place, and the CPU
+    forward equals the same experts stored row-major."""
+    from miles_core.quant import QuantExperts, fp8_block_quantize, quantize_model_
+    from miles_core.quant.fp8 import tile_fp8_weights
+
+    _, _, base = tiny("qwen3_moe", moe_intermediate_size=256, hidden_size=256)  # two K blocks: the boxes permute
+    model = copy.deepcopy(base)
+    quantize_model_(model, "fp8", scope="experts")
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, QuantExperts) and experts.tiled
+    plain = base.model.layers[0].mlp.experts
+    q1, _ = fp8_block_quantize(plain.gate_up_proj.detach())
+    as_bytes = lambda t: t.view(torch.uint8)  # noqa: E731 (e4m3 has no equality on the CPU)
+    assert torch.equal(as_bytes(experts.fp8_weight("gate_up")), as_bytes(q1))
+    assert torch.equal(as_bytes(experts.gate_up_weight), as_bytes(tile_fp8_weights(q1)))
+    assert not torch.equal(as_bytes(experts.gate_up_weight), as_bytes(q1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "model.layers.0.mlp.experts.gate_up_weight"
+    assert torch.equal(as_bytes(state[key]), as_bytes(q1))  # the checkpoint's layout
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state)
+    assert torch.equal(as_bytes(clone.model.layers[0].mlp.experts.gate_up_weight), as_bytes(experts.gate_up_weight))
+    # the boxes give the row-major experts' outputs on the CPU
+    rows = QuantExperts(
+        "fp8", experts.act, {"weight": q1, "weight_scale_inv": experts.gate_up_weight_scale_inv},
+        {"weight": experts.fp8_weight("down"), "weight_scale_inv": experts.down_weight_scale_inv},
+        experts.hidden, experts.inter,
+    )  # fmt: skip
+    rows.tiled = False
+    rows.gate_up_weight, rows.down_weight = q1, experts.fp8_weight("down")
+    x = torch.randn(5, experts.hidden)
+    w, e = torch.rand(5, 2), torch.randint(0, experts.num_experts, (5, 2))
+    assert torch.equal(experts(x, w, e), rows(x, w, e))
+    # a trainer's weights: requantized into the boxes, in place
+    trainer = _perturbed(base, seed=4)
+    engine = Engine(model, config=EngineConfig(max_slots=2, max_len=64))
+    ptr = experts.gate_up_weight.data_ptr()
+    engine.update_weights(trainer)
+    q2, s2 = fp8_block_quantize(trainer.model.layers[0].mlp.experts.gate_up_proj.detach())
+    assert experts.gate_up_weight.data_ptr() == ptr and torch.equal(experts.gate_up_weight_scale_inv, s2)
+    assert torch.equal(as_bytes(experts.fp8_weight("gate_up")), as_bytes(q2))
+    # an FP8 source (its state dict, or the model itself): e4m3 weights in the checkpoint's layout
+    engine.update_weights(state)
+    assert torch.equal(as_bytes(experts.fp8_weight("gate_up")), as_bytes(q1))
+    other = Engine(copy.deepcopy(base), config=EngineConfig(max_slots=2, max_len=64))
+    quantize_model_(other.model, "fp8", scope="experts")
+    other.update_weights(model)
+    got = other.model.model.layers[0].mlp.experts
+    assert torch.equal(as_bytes(got.gate_up_weight), as_bytes(experts.gate_up_weight))
+
+
 def test_weight_update_rewrites_the_kernels_scale_copies_in_place():
     """On CUDA, INT4 layers read a cached group-major copy of their scales and an Fp8Linear at cuBLAS sizes a
     cached copy in cuBLAS's layout. A weight update rewrites both copies in place (the same storage, which a

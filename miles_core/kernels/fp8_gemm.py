@@ -44,6 +44,7 @@ from miles_core.quant.fp8 import (
     fp8_act_dequantize,
     fp8_act_quantize_reference,
     fp8_block_dequantize,
+    untile_fp8_weights,
 )
 
 __all__ = [
@@ -315,7 +316,7 @@ DECODE_GLUON_MIN_M = 2048
 _GLUON_GROUPED_FAILED = False
 
 
-def _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq) -> torch.Tensor | None:
+def _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq, tiled=False) -> torch.Tensor | None:
     """`grouped_fp8_experts` over m rows with both GEMMs on a Gluon grouped kernel (`fp8_wgmma_decode` below
     GLUON_GROUPED_MIN_M rows, else `fp8_wgmma_grouped`): the rows gathered and quantized first (TMA reads
     contiguous rows, so the GEMM cannot gather them), bf16 gate_up, SwiGLU + act-quant, down. None (with one
@@ -334,9 +335,9 @@ def _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq) -> torch.Tenso
             a, sa = xq
         else:
             a, sa = fp8_act_quant_triton(x, pad_rows_to=4, col_major_scale=True, src=src)
-        y = gemm(a[:m], sa, w1, s1, counts)  # [M, 2I] bf16
+        y = gemm(a[:m], sa, w1, s1, counts, tiled=tiled)  # [M, 2I] bf16
         a, sa = swiglu_fp8_quant_triton(y)  # [M, I] e4m3, [M, I/128] fp32
-        return gemm(a, sa, w2, s2, counts)  # [M, H] bf16
+        return gemm(a, sa, w2, s2, counts, tiled=tiled)  # [M, H] bf16
     except Exception as exc:
         if torch.cuda.is_current_stream_capturing():
             raise
@@ -478,16 +479,17 @@ def grouped_fp8_linear(
     swap: bool | None = None,
     nfast: bool | None = None,
     ku: int | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """Grouped FP8 expert GEMM: rows of xs sorted by expert (`counts` [E], int32 or int64); Triton on
-    CUDA. Tiles by size (`grouped_fp8_config`) unless given."""
+    CUDA. Tiles by size (`grouped_fp8_config`) unless given. `tiled`: w in `quant.fp8.tile_fp8_weights`' layout."""
     if not xs.is_cuda:
-        return grouped_fp8_linear_reference(xs, w, scale_inv, counts)
+        return grouped_fp8_linear_reference(xs, untile_fp8_weights(w) if tiled else w, scale_inv, counts)
     given = dict(bm=bm, bn=bn, num_warps=num_warps, num_stages=num_stages, fuse=fuse, swap=swap, nfast=nfast, ku=ku)
     cfg = replace(grouped_fp8_config(xs.shape[0], w.shape[0]), **{k: v for k, v in given.items() if v is not None})
     return grouped_fp8_linear_triton(
         xs, w, scale_inv, counts, cfg.bm, cfg.bn, cfg.num_warps, cfg.num_stages, fuse=cfg.fuse, swap=cfg.swap,
-        nfast=cfg.nfast, ku=cfg.ku,
+        nfast=cfg.nfast, ku=cfg.ku, tiled=tiled,
     )  # fmt: skip
 
 
@@ -577,13 +579,14 @@ def experts_fusion_ok(x: torch.Tensor, rows: int, n_experts: int) -> bool:
     return kernels.EXPERT_FUSION and x.is_cuda and _decode_fusion() and not grouped_fp8_config(rows, n_experts).fuse
 
 
-def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.Tensor:
+def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None, tiled: bool = False) -> torch.Tensor:
     """SwiGLU experts on FP8 weights in four launches: act-quant of the rows x[src] -> gate_up ->
     SwiGLU + act-quant -> down. x: [T, H] token rows (without `src`: [M, H] rows sorted by expert);
     w1 [E, 2I, H], w2 [E, H, I] e4m3 with scale_inv s1, s2; counts [E] -> [M, H] in x.dtype.
     `xq` = (q [T, H] e4m3, scale [T, H/128] fp32), x's rows already quantized as `fp8_act_quant` does
     (by the norm before the MoE, `add_norm.add_rms_norm(quant=True)`): one launch fewer, the gate_up GEMM
-    reading q[src] in place. `SWIGLU_EPILOGUE`: SwiGLU + act-quant in the gate_up GEMM's epilogue.
+    reading q[src] in place. `SWIGLU_EPILOGUE`: SwiGLU + act-quant in the gate_up GEMM's epilogue. `tiled`: w1
+    and w2 in `quant.fp8.tile_fp8_weights`' layout (every kernel below reads it; the same bits).
 
     Below DECODE_GLUON_MIN_M rows (or off sm_90): the bits of index_select -> grouped_fp8_linear -> swiglu ->
     grouped_fp8_linear (act-quant first, the same tiles), without the gathered copy of x, the [M, I] SwiGLU
@@ -591,11 +594,12 @@ def grouped_fp8_experts(x, counts, w1, s1, w2, s2, src=None, xq=None) -> torch.T
     the same quantized operands, fp32 accumulation in another order)."""
     m = x.shape[0] if src is None else src.shape[0]
     if m >= DECODE_GLUON_MIN_M and x.dtype == torch.bfloat16 and not _GLUON_GROUPED_FAILED and _gluon_ok(x):
-        y = _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq)
+        y = _grouped_experts_gluon(m, x, counts, w1, s1, w2, s2, src, xq, tiled)
         if y is not None:
             return y
     cfg = grouped_fp8_config(m, w1.shape[0])
     tiles = dict(bm=cfg.bm, bn=cfg.bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, swap=cfg.swap, ku=cfg.ku)
+    tiles["tiled"] = tiled
     if xq is not None and src is not None:  # token rows quantized already: the GEMM gathers them
         a, sa, gather = xq[0], xq[1], src
     else:

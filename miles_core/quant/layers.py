@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miles_core.errors import MilesError
-from miles_core.quant.fp8 import fp8_block_quantize
+from miles_core.quant.fp8 import fp8_block_quantize, tile_fp8_weights, tiles_fit, untile_fp8_weights
 from miles_core.quant.hf_format import DEFAULT_KEEP
 from miles_core.quant.int4 import int4_group_quantize, pack_int4
 
@@ -182,11 +182,45 @@ class QuantExperts(nn.Module):
     ):
         super().__init__()
         self.fmt, self.act, self.hidden, self.inter, self.group_size = fmt, act, hidden, inter, group_size
+        # FP8 weights in `tile_fp8_weights`' 8 KB boxes where the shapes allow (one copy, the same shape): the GPU
+        # kernels stream them faster; the state_dict and `fp8_weight` speak the checkpoint's row-major layout
+        self.tiled = fmt == "fp8" and tiles_fit(gate_up["weight"]) and tiles_fit(down["weight"])
         for name, t in gate_up.items():
-            self.register_buffer(f"gate_up_{name}", t)
+            self.register_buffer(f"gate_up_{name}", self._tile(t) if name == "weight" else t)
         for name, t in down.items():
-            self.register_buffer(f"down_{name}", t)
+            self.register_buffer(f"down_{name}", self._tile(t) if name == "weight" else t)
         self.weight_transform = None  # the Experts interface; quantized weights take no transform
+
+    def _tile(self, rows: torch.Tensor) -> torch.Tensor:
+        return tile_fp8_weights(rows) if self.tiled else rows
+
+    def fp8_weight(self, which: str) -> torch.Tensor:
+        """`which` ('gate_up' / 'down') FP8 weight [E, N, K] in the checkpoint's layout."""
+        w = getattr(self, f"{which}_weight")
+        return untile_fp8_weights(w) if self.tiled else w
+
+    @torch.no_grad()
+    def set_fp8_weight_(self, which: str, rows: torch.Tensor) -> None:
+        """Write new FP8 weights (the checkpoint's layout) into the stored ones in place, so CUDA graphs captured
+        before read them."""
+        w = getattr(self, f"{which}_weight")
+        w.copy_(self._tile(rows.to(w.device)))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:
+            for which in ("gate_up", "down"):
+                destination[f"{prefix}{which}_weight"] = self.fp8_weight(which)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.tiled:
+            state_dict = dict(state_dict)
+            for which in ("gate_up", "down"):
+                key, mine = f"{prefix}{which}_weight", getattr(self, f"{which}_weight")
+                rows = state_dict.get(key)
+                if rows is not None and rows.shape == mine.shape:
+                    state_dict[key] = self._tile(rows.contiguous())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_experts(
@@ -218,7 +252,7 @@ class QuantExperts(nn.Module):
             from miles_core.kernels.fp8_gemm import grouped_fp8_linear
 
             w, s = getattr(self, f"{which}_weight"), getattr(self, f"{which}_weight_scale_inv")
-            return grouped_fp8_linear(xs, w, s, counts)
+            return grouped_fp8_linear(xs, w, s, counts, tiled=self.tiled)
         from miles_core.kernels.w4a16_gemm import grouped_w4a16_linear
 
         p = getattr(self, f"{which}_weight_packed")
@@ -248,7 +282,7 @@ class QuantExperts(nn.Module):
         if self.takes_fp8_rows(xs, rows):
             w1, s1 = self.gate_up_weight, self.gate_up_weight_scale_inv  # [E, 2I, H] e4m3, its block scales
             w2, s2 = self.down_weight, self.down_weight_scale_inv  # [E, H, I]
-            return fp8_gemm.grouped_fp8_experts(xs, counts, w1, s1, w2, s2, src, xq)
+            return fp8_gemm.grouped_fp8_experts(xs, counts, w1, s1, w2, s2, src, xq, tiled=self.tiled)
         if src is not None and self.fmt == "fp8":
             xs, src = xs.index_select(0, src), None
         h = self._linear(xs, "gate_up", counts, src)  # [M, 2I]

@@ -29,7 +29,8 @@ def _named_tensors(source: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
             owner, _, attr = name.rpartition(".")
             module = source.get_submodule(owner)
             rows = attr == "weight_packed" and hasattr(module, "packed_rows")  # Int4Linear's stored tile order
-            yield name, module.packed_rows() if rows else buf
+            boxes = attr in ("gate_up_weight", "down_weight") and getattr(module, "tiled", False)  # QuantExperts'
+            yield name, module.packed_rows() if rows else module.fp8_weight(attr[: -len("_weight")]) if boxes else buf
     elif isinstance(source, Mapping):
         yield from source.items()
     else:
@@ -54,6 +55,11 @@ def _requantize(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
         # packed words from an INT4 source, in the checkpoint's layout
         module.set_packed_(value.detach())
         return True
+    fp8_experts = isinstance(module, QuantExperts) and module.fmt == "fp8"
+    if fp8_experts and attr in ("gate_up_weight", "down_weight") and value.shape == getattr(module, attr).shape:
+        # e4m3 weights from an FP8 source, in the checkpoint's layout
+        module.set_fp8_weight_(attr[: -len("_weight")], value.detach())
+        return True
     if isinstance(module, Fp8Linear | Int4Linear) and attr == "weight":
         prefix = ""
         fmt = "fp8" if isinstance(module, Fp8Linear) else "int4"
@@ -66,7 +72,10 @@ def _requantize(module: nn.Module, attr: str, value: torch.Tensor) -> bool:
     w = value.detach().to(scale.device)
     if fmt == "fp8":
         q, s = fp8_block_quantize(w)
-        getattr(module, f"{prefix}weight").copy_(q)
+        if isinstance(module, QuantExperts):
+            module.set_fp8_weight_(prefix[:-1], q)  # in its stored box order
+        else:
+            getattr(module, f"{prefix}weight").copy_(q)
     else:
         q, s = int4_group_quantize(w, module.group_size, scale.dtype)
         if isinstance(module, Int4Linear):
